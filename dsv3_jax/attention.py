@@ -1,0 +1,111 @@
+"""Multi-head latent attention (MLA): the full-sequence path and the absorbed path on the latent KV cache.
+
+Legend: B batch, T query tokens, S key tokens (cache slots), H heads, n qk_nope_head_dim, r qk_rope_head_dim,
+v v_head_dim, k = n + r, c kv_lora_rank, q q_lora_rank, D hidden size.
+
+The cache per layer holds only the normalised latent c_kv (B, S, c) and the rotated shared key k_rope (B, S, r).
+Decode absorbs W_kb into the query and W_vb into the output, so keys and values are never expanded per head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, RMSNorm, apply_rope
+from dsv3_jax.precision import einsum as policy_einsum
+from dsv3_jax.sharding import constrain
+
+
+class LatentCache(NamedTuple):
+    """One layer's MLA cache (or a stack of them with a leading layer axis)."""
+
+    c_kv: jax.Array  # (B, S, c)
+    k_rope: jax.Array  # (B, S, r), already rotated
+
+    @staticmethod
+    def zeros(cfg: ModelConfig, batch: int, slots: int, layers: int | None = None, dtype=None) -> LatentCache:
+        lead = () if layers is None else (layers,)
+        dt = jnp.dtype(dtype or cfg.dtype)
+        return LatentCache(jnp.zeros(lead + (batch, slots, cfg.kv_lora_rank), dt),
+                           jnp.zeros(lead + (batch, slots, cfg.qk_rope_head_dim), dt))
+
+
+def _softmax_attend(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Masked softmax over keys in float32."""
+    scores = jnp.where(mask_bts[:, None], scores_bhts.astype(jnp.float32), -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention with low-rank query/key/value compression and a shared rotary key."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, c, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.cfg = cfg
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear("btd,dhk->bthk", (d, h, cfg.qk_head_dim), ("embed", "heads", "head_dim"), cfg, rngs)
+        else:
+            q = cfg.q_lora_rank
+            self.q_a_proj = Linear("btd,dq->btq", (d, q), ("embed", "q_lora"), cfg, rngs)
+            self.q_a_norm = RMSNorm(q, cfg.rms_norm_eps, cfg, rngs)
+            self.q_b_proj = Linear("btq,qhk->bthk", (q, h, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), cfg,
+                                   rngs)
+        self.kv_a_proj = Linear("btd,dc->btc", (d, c + r), ("embed", "kv_lora"), cfg, rngs)
+        self.kv_a_norm = RMSNorm(c, cfg.rms_norm_eps, cfg, rngs)
+        self.kv_b_proj = Linear("btc,chk->bthk", (c, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                ("kv_lora", "heads", "head_dim"), cfg, rngs)
+        self.o_proj = Linear("bthv,hvd->btd", (h, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, rngs)
+
+    def _queries(self, x_btd, cos, sin):
+        if self.cfg.q_lora_rank is None:
+            q_bthk = self.q_proj(x_btd)
+        else:
+            q_bthk = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_btd)))
+        q_nope, q_rope = jnp.split(q_bthk, [self.cfg.qk_nope_head_dim], axis=-1)
+        return constrain(q_nope, ("batch", "seq", "act_heads", None)), apply_rope(q_rope, cos, sin)
+
+    def _latents(self, x_btd, cos, sin):
+        kv_btc = self.kv_a_proj(x_btd)
+        c_kv, k_rope = jnp.split(kv_btc, [self.cfg.kv_lora_rank], axis=-1)
+        return self.kv_a_norm(c_kv), apply_rope(k_rope, cos, sin)  # (B, T, c), (B, T, r)
+
+    def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array,
+                 positions_bt: jax.Array, cache: LatentCache | None = None):
+        """Full causal attention within segments (cache None), or write the new tokens' latents into the cache
+        at their positions and attend over the cache with the absorbed projections. Returns (out, cache)."""
+        q_nope, q_rope = self._queries(x_btd, cos, sin)  # (B, T, H, n), (B, T, H, r)
+        c_kv, k_rope = self._latents(x_btd, cos, sin)
+        scale = self.cfg.softmax_scale()
+        if cache is None:
+            kv_bthk = self.kv_b_proj(c_kv)
+            k_nope, v = jnp.split(kv_bthk, [self.cfg.qk_nope_head_dim], axis=-1)  # (B, T, H, n), (B, T, H, v)
+            scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+                      + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+            t = x_btd.shape[1]
+            causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+            mask = causal[None] & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])  # (B, T, S)
+            probs = _softmax_attend(scores * scale, mask)
+            out_bthv = jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+            return self.o_proj(out_bthv), None
+        # Decode / prefill on the latent cache: scatter the new latents to their slots, then attend.
+        b_idx = jnp.arange(x_btd.shape[0])[:, None]
+        cache = LatentCache(cache.c_kv.at[b_idx, positions_bt].set(c_kv.astype(cache.c_kv.dtype)),
+                            cache.k_rope.at[b_idx, positions_bt].set(k_rope.astype(cache.k_rope.dtype)))
+        w_kvb = self.kv_b_proj.weight[...]  # (c, H, n + v)
+        w_kb, w_vb = w_kvb[..., : self.cfg.qk_nope_head_dim], w_kvb[..., self.cfg.qk_nope_head_dim:]
+        q_lat = policy_einsum("bthn,chn->bthc", q_nope, w_kb, self.kv_b_proj.policy)  # absorbed query
+        scores = (jnp.einsum("bthc,bsc->bhts", q_lat, cache.c_kv.astype(q_lat.dtype),
+                             preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, cache.k_rope.astype(q_rope.dtype),
+                               preferred_element_type=jnp.float32))
+        slots = cache.c_kv.shape[1]
+        mask = jnp.arange(slots)[None, None, :] <= positions_bt[:, :, None]  # (B, T, S)
+        probs = _softmax_attend(scores * scale, mask)
+        out_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(q_lat.dtype), cache.c_kv.astype(q_lat.dtype))
+        out_bthv = policy_einsum("bthc,chv->bthv", out_lat, w_vb, self.kv_b_proj.policy)  # absorbed output
+        return self.o_proj(out_bthv), cache

@@ -1,0 +1,455 @@
+"""Frozen dataclass configs, YAML presets, `key=value` overrides and validation with one-line errors.
+
+Every config error is a `ConfigError` whose message names the offending field, so the CLIs can print it as a
+single line. `python -m dsv3_jax.config PRESET` prints the parameter counts of a preset from abstract shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import pathlib
+import sys
+import types
+import typing
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line and names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnConfig:
+    """YaRN rotary scaling (the fields of HF `rope_scaling` with type "yarn")."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    attention_factor: float | None = None  # cos/sin multiplier; derived from mscale / mscale_all_dim when None
+    truncate: bool = True  # floor/ceil the correction range (HF default)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture. Field names follow the HF DeepSeek-V3 `config.json` where one exists."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_hidden_layers: int = 3
+    first_k_dense_replace: int = 1
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    n_group: int = 2
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    q_lora_rank: int | None = 32
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: YarnConfig | None = None
+    max_position_embeddings: int = 2048
+    num_nextn_predict_layers: int = 1
+    initializer_range: float = 0.006
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    # Implementation choices (not part of the HF format).
+    dtype: str = "float32"  # activation / compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
+    moe_impl: str = "auto"  # auto | ragged_dot | blocked | dense : grouped-matmul backend (moe.py)
+    moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under YaRN."""
+        scale = self.qk_head_dim**-0.5
+        y = self.rope_scaling
+        if y is not None and y.mscale_all_dim:
+            m = yarn_mscale(y.factor, y.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def validate(self) -> ModelConfig:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in _MAY_BE_ZERO and v <= 0:
+                raise ConfigError(f"model.{f.name} must be positive, got {v}")
+        for name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers", "bos_token_id",
+                     "eos_token_id"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"model.q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ConfigError(f"model.first_k_dense_replace ({self.first_k_dense_replace}) exceeds "
+                              f"num_hidden_layers ({self.num_hidden_layers})")
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"model.n_routed_experts ({self.n_routed_experts}) is not divisible by "
+                              f"model.n_group ({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"model.topk_group ({self.topk_group}) exceeds model.n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_group * per_group < self.num_experts_per_tok:
+            raise ConfigError(f"model.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
+                              f"{self.topk_group * per_group} experts in the topk_group={self.topk_group} kept groups")
+        if self.n_group > 1 and per_group < 2:
+            raise ConfigError(f"model.n_group ({self.n_group}) leaves fewer than 2 experts per group; the group "
+                              "score is the sum of each group's top-2")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        for name, allowed in (("remat", _REMAT), ("moe_impl", _MOE_IMPLS), ("dtype", _DTYPES),
+                              ("param_dtype", _DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if self.bos_token_id >= self.vocab_size or self.eos_token_id >= self.vocab_size:
+            raise ConfigError(f"model.bos_token_id/eos_token_id must be < vocab_size ({self.vocab_size})")
+        y = self.rope_scaling
+        if y is not None:
+            if y.factor < 1:
+                raise ConfigError(f"model.rope_scaling.factor must be >= 1, got {y.factor}")
+            if y.original_max_position_embeddings <= 0:
+                raise ConfigError("model.rope_scaling.original_max_position_embeddings must be positive")
+        return self
+
+
+_MAY_BE_ZERO = {"first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers", "bos_token_id",
+                "eos_token_id", "routed_scaling_factor"}
+_REMAT = {"none", "full", "dots"}
+_MOE_IMPLS = {"auto", "ragged_dot", "blocked", "dense"}
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; -1 on one axis takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it is tokenised and packed."""
+
+    source: str = "stdlib"  # "stdlib" (Python's own sources) or a glob of local files
+    format: str = "auto"  # auto | text | jsonl | parquet | arrayrecord
+    text_field: str = "text"
+    tokenizer: str = "byte"  # "byte" or a path to an HF tokenizer.json
+    seq_len: int = 256
+    eval_fraction: float = 0.02
+    shuffle_seed: int = 0
+    max_documents: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe, schedules, logging and checkpointing."""
+
+    steps: int = 600
+    global_batch_size: int = 16
+    micro_batches: int = 1
+    learning_rate: float = 2.2e-4
+    min_learning_rate: float = 2.2e-5
+    warmup_steps: int = 50
+    constant_steps: int = 0  # after warmup; then cosine to min_learning_rate until `steps`
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_switch_step: int | None = None  # step where lambda drops to mtp_lambda_late (None: never)
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    bias_gamma_stop_step: int | None = None  # step from which gamma is 0 (None: never)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    run_dir: str = "runs/default"
+    peak_tflops: float | None = None  # device peak for MFU; None: measured (CPU) or looked up per device kind
+    sample_tokens: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Generation settings."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+    def validate(self) -> Config:
+        self.model.validate()
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the field.
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type of a dataclass field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where + ".")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} expects {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type, d: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a dict; unknown keys raise with the closest valid name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            raise _unknown(key, names, where)
+        kwargs[key] = _coerce(value, hints[key], where + key)
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` (or `field=value`, searched in all sections) overrides."""
+    d = dataclasses.asdict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        path = key.split(".")
+        if len(path) == 1:
+            owners = [s for s in d if isinstance(d[s], dict) and path[0] in d[s]]
+            if not owners:
+                valid = [f"{s}.{k}" for s in d for k in d[s]]
+                raise _unknown(key, valid + [k for s in d for k in d[s]], "")
+            path = [owners[0]] + path
+        node = d
+        for i, p in enumerate(path[:-1]):
+            if not isinstance(node, dict) or p not in node:
+                raise _unknown(p, list(node) if isinstance(node, dict) else [], ".".join(path[:i]) + "." * bool(i))
+            if node[p] is None:
+                node[p] = {}
+            node = node[p]
+        if path[-1] not in node:
+            raise _unknown(path[-1], list(node), ".".join(path[:-1]) + ".")
+        node[path[-1]] = value
+    return from_dict(Config, d).validate()
+
+
+def resolve_preset(name_or_path: str) -> pathlib.Path:
+    """A preset name (`tiny`, `small`, ...) or a YAML path."""
+    p = pathlib.Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        return p
+    q = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not q.exists():
+        presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name_or_path, presets, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; presets: {', '.join(presets)}"
+        raise ConfigError(f"unknown preset {name_or_path!r}{hint}")
+    return q
+
+
+def load_config(name_or_path: str = "small", overrides: list[str] = ()) -> Config:
+    """Load a YAML preset (which may `base:` another preset), then apply overrides and validate."""
+    path = resolve_preset(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    cfg = load_config(base) if base else Config()
+    merged = dataclasses.asdict(cfg)
+    for section, values in raw.items():
+        if section not in merged:
+            raise _unknown(section, list(merged), "")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        for k, v in values.items():
+            if k not in merged[section]:
+                raise _unknown(k, list(merged[section]), section + ".")
+            merged[section][k] = v
+    return apply_overrides(from_dict(Config, merged).validate(), list(overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF config.json <-> ModelConfig.
+
+_HF_IGNORED = {
+    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "pad_token_id", "pretraining_tp", "attention_dropout", "hidden_act", "num_key_value_heads",
+    "scoring_func", "topk_method", "tie_word_embeddings", "attention_bias", "rope_interleave", "aux_loss_alpha",
+    "seq_aux", "quantization_config", "moe_layer_freq", "ep_size", "output_router_logits", "head_dim",
+    "qk_head_dim", "num_local_experts", "num_mtp_layers", "output_attentions", "output_hidden_states",
+    "return_dict", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+    "tokenizer_class", "rope_parameters", "rope_scaling", "_name_or_path", "initializer_range", "router_aux_loss_coef",
+}
+
+
+def from_hf_config(hf: dict, **impl) -> ModelConfig:
+    """ModelConfig from an HF DeepSeek-V3 `config.json` dict; unsupported variants fail naming the field."""
+    checks = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+              "tie_word_embeddings": False, "attention_bias": False}
+    for key, want in checks.items():
+        if key in hf and hf[key] != want:
+            raise ConfigError(f"config.json {key}={hf[key]!r} is not supported (DeepSeek-V3 uses {want!r})")
+    heads = hf.get("num_attention_heads")
+    if hf.get("num_key_value_heads") not in (None, heads):
+        raise ConfigError(f"config.json num_key_value_heads={hf['num_key_value_heads']} must equal "
+                          f"num_attention_heads={heads} (MLA)")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    kw = {k: v for k, v in hf.items() if k in names and k not in ("rope_scaling", "rope_theta")}
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = kw["eos_token_id"][0]
+    for k in ("bos_token_id", "eos_token_id"):
+        if kw.get(k) is None:
+            kw.pop(k, None)
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        kw["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+    kw.setdefault("num_nextn_predict_layers", 0)
+    if "initializer_range" in hf:
+        kw["initializer_range"] = hf["initializer_range"]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kw["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "yarn":
+        fields = {f.name for f in dataclasses.fields(YarnConfig)}
+        y = {k: v for k, v in rope.items() if k in fields and v is not None}
+        for k in ("mscale", "mscale_all_dim"):
+            y.setdefault(k, 0.0)
+        kw["rope_scaling"] = YarnConfig(**y)
+    elif rope_type not in ("default", None):
+        raise ConfigError(f"config.json rope_scaling type {rope_type!r} is not supported (default or yarn)")
+    unknown = set(hf) - names - _HF_IGNORED
+    if unknown:
+        print(f"note: ignoring config.json keys {sorted(unknown)}", file=sys.stderr)
+    return ModelConfig(**kw, **impl).validate()
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+    """The HF `config.json` dict for this architecture (rope dims stored interleaved, as released)."""
+    d = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_attention_heads,
+        "n_shared_experts": cfg.n_shared_experts, "n_routed_experts": cfg.n_routed_experts,
+        "routed_scaling_factor": cfg.routed_scaling_factor, "kv_lora_rank": cfg.kv_lora_rank,
+        "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "first_k_dense_replace": cfg.first_k_dense_replace,
+        "norm_topk_prob": cfg.norm_topk_prob, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "initializer_range": cfg.initializer_range,
+        "rms_norm_eps": cfg.rms_norm_eps, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": False, "rope_theta": cfg.rope_theta, "rope_interleave": True,
+        "attention_bias": False, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers, "torch_dtype": "float32",
+    }
+    if cfg.rope_scaling is not None:
+        y = dataclasses.asdict(cfg.rope_scaling)
+        y = {k: v for k, v in y.items() if v is not None}
+        d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **y}
+    return d
+
+
+def main(argv: list[str]) -> None:
+    from dsv3_jax.params import count_params  # noqa: PLC0415  (heavy import only for the CLI)
+
+    if not argv:
+        print("usage: python -m dsv3_jax.config PRESET [key=value ...]", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(count_params(cfg.model), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

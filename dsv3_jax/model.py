@@ -1,0 +1,173 @@
+"""The DeepSeek-V3 transformer: blocks stacked and scanned (dense prefix, then MoE layers), final norm, untied head,
+and the multi-token-prediction (MTP) modules that share the embedding and the head.
+
+forward(input_ids) -> ModelOutput(logits, mtp_logits, aux, ...). `aux` carries, per MoE layer, the expert token
+counts that the train step turns into the bias update, and the sequence-wise balance-loss terms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.attention import MLA, LatentCache
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
+from dsv3_jax.moe import MoE
+from dsv3_jax.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # (B, T, V)
+    mtp_logits: jax.Array | None  # (D_mtp, B, T, V); depth k is valid at positions t < T - k
+    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (D_mtp, E), mtp_balance_loss
+    hidden: jax.Array  # (B, T, D) last hidden state before the final norm
+    cache: Any = None  # updated latent caches when decoding
+    hidden_states: jax.Array | None = None  # (L, B, T, D) output of every layer when requested
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)) with a dense SwiGLU or the MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.attn = MLA(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs)
+        self.is_moe = moe
+
+    def __call__(self, x_btd, cos, sin, segment_ids, positions, valid, cache=None):
+        h, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, positions, cache)
+        x_btd = constrain(x_btd + h, ("batch", "seq", "act_embed"))
+        if self.is_moe:
+            h, aux = self.mlp(self.mlp_norm(x_btd), valid)
+        else:
+            h, aux = self.mlp(self.mlp_norm(x_btd)), {}
+        return constrain(x_btd + h, ("batch", "seq", "act_embed")), aux, cache
+
+
+def stacked(make, n: int, rngs: nnx.Rngs):
+    """n independently initialised copies of a module, parameters stacked on a leading layer axis."""
+    if n == 0:
+        return None
+    keys = jax.random.split(rngs.params(), n)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    state = jax.vmap(lambda key: nnx.state(make(nnx.Rngs(key))))(keys)
+    return nnx.merge(graphdef, state)
+
+
+def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, remat: str, keep_hidden: bool):
+    """Run a stacked Block over its layer axis with lax.scan (compile time independent of depth)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer):
+        layer_state, layer_cache = layer
+        x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, *consts, cache=layer_cache)
+        return x, (aux, layer_cache, x if keep_hidden else None)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x_btd, (state, cache))
+
+
+class MTPModule(nnx.Module):
+    """Depth-k MTP: h' = W_eh [RMSNorm(Emb(t_{t+k})) ; RMSNorm(h^{k-1}_t)], one MoE block, own final norm."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
+        self.eh_proj = Linear("bti,id->btd", (2 * d, d), ("mlp", "embed"), cfg, rngs)
+        self.block = Block(cfg, moe=True, rngs=rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
+
+    def __call__(self, emb_btd, h_btd, consts, cache=None):
+        h = self.eh_proj(jnp.concatenate([self.enorm(emb_btd), self.hnorm(h_btd)], axis=-1))
+        h, aux, cache = self.block(h, *consts, cache=cache)
+        return h, aux, cache
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V3: embedding, dense blocks, MoE blocks, final norm, head, MTP modules."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)
+        self.dense_layers = stacked(lambda r: Block(cfg, False, r), cfg.first_k_dense_replace, rngs)
+        self.moe_layers = stacked(lambda r: Block(cfg, True, r), cfg.num_moe_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, rngs)
+        self.mtp = nnx.List([MTPModule(cfg, rngs) for _ in range(cfg.num_nextn_predict_layers)])
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: dict | None = None, *, mtp: bool = True,
+                 return_hidden_states: bool = False) -> ModelOutput:
+        """input_ids (B, T). positions default to 0..T-1 and segment_ids to all-ones (one document per row;
+        0 marks padding). With `cache` (see `init_cache`), new tokens are written at `positions`."""
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        valid = segment_ids != 0
+        cos, sin = rope_cos_sin(positions, cfg)
+        consts = (cos, sin, segment_ids, positions, valid)
+        cache = cache or {}
+        new_cache = {}
+
+        x = constrain(self.embed(input_ids), ("batch", "seq", "act_embed"))
+        hidden_states, aux = [], {}
+        for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+            if stack is None:
+                continue
+            x, (layer_aux, layer_cache, hs) = scan_blocks(stack, x, consts, cache.get(name), cfg.remat,
+                                                          return_hidden_states)
+            new_cache[name] = layer_cache
+            hidden_states.append(hs)
+            if name == "moe":
+                aux = {"expert_counts": layer_aux["expert_counts"], "balance_loss": layer_aux["balance_loss"]}
+        if not aux:
+            aux = {"expert_counts": jnp.zeros((0, cfg.n_routed_experts)), "balance_loss": jnp.zeros((0,))}
+        hidden = x
+        logits = self.head(self.norm(x))
+
+        mtp_logits = None
+        if mtp and len(self.mtp):
+            h, all_logits, counts, balance, mtp_caches = x, [], [], [], []
+            mtp_cache = cache.get("mtp") or [None] * len(self.mtp)
+            for k, module in enumerate(self.mtp, start=1):
+                # token t+k at position t; the last k positions have no such token and are never used as targets
+                shifted = jnp.concatenate([input_ids[:, k:], jnp.zeros((b, min(k, t)), input_ids.dtype)], axis=1)
+                h, m_aux, c = module(self.embed(shifted), h, consts, cache=mtp_cache[k - 1])
+                mtp_caches.append(c)
+                all_logits.append(self.head(module.norm(h)))
+                counts.append(m_aux["expert_counts"])
+                balance.append(m_aux["balance_loss"])
+            mtp_logits = jnp.stack(all_logits)
+            aux["mtp_expert_counts"] = jnp.stack(counts)
+            aux["mtp_balance_loss"] = jnp.stack(balance)
+            new_cache["mtp"] = mtp_caches
+        hs = jnp.concatenate([h for h in hidden_states if h is not None]) if return_hidden_states else None
+        return ModelOutput(logits, mtp_logits, aux, hidden, new_cache if cache else None, hs)
+
+    def init_cache(self, batch: int, slots: int, dtype=None) -> dict:
+        """Empty latent caches for every layer (and MTP module): (c_kv, k_rope) per token and layer."""
+        cfg = self.cfg
+        cache = {}
+        if cfg.first_k_dense_replace:
+            cache["dense"] = LatentCache.zeros(cfg, batch, slots, cfg.first_k_dense_replace, dtype)
+        if cfg.num_moe_layers:
+            cache["moe"] = LatentCache.zeros(cfg, batch, slots, cfg.num_moe_layers, dtype)
+        if cfg.num_nextn_predict_layers:
+            cache["mtp"] = [LatentCache.zeros(cfg, batch, slots, None, dtype)
+                            for _ in range(cfg.num_nextn_predict_layers)]
+        return cache
