@@ -438,7 +438,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from dsv3_jax.params import count_params  # noqa: PLC0415  (heavy import only for the CLI)
+    from dsv3_jax.params import count_params, human  # noqa: PLC0415  (heavy import only for the CLI)
 
     if not argv:
         print("usage: python -m dsv3_jax.config PRESET [key=value ...]", file=sys.stderr)
@@ -448,7 +448,11 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps(count_params(cfg.model), indent=2))
+    counts = count_params(cfg.model)
+    print(json.dumps(counts, indent=2))
+    print(f"{argv[0]}: {human(counts['total'])} total, {human(counts['activated'])} activated per token; "
+          f"MTP {human(counts['mtp_total'])} ({human(counts['mtp_with_shared_embed_head'])} with its embedding and "
+          f"head copies)")
 
 
 if __name__ == "__main__":

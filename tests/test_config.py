@@ -1,0 +1,98 @@
+"""Config presets, overrides, HF config.json mapping and one-line validation errors."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig, from_hf_config, load_config, to_hf_config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "dsv3-16b", "deepseek-v3-671b"])
+def test_presets_load_and_validate(preset):
+    cfg = load_config(preset)
+    assert cfg.model.hidden_size > 0
+
+
+def test_671b_preset_is_the_released_architecture():
+    m = load_config("deepseek-v3-671b").model
+    assert (m.vocab_size, m.hidden_size, m.num_hidden_layers, m.first_k_dense_replace) == (129280, 7168, 61, 3)
+    assert (m.n_routed_experts, m.n_shared_experts, m.num_experts_per_tok, m.n_group, m.topk_group) == (256, 1, 8, 8, 4)
+    assert (m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (1536, 512, 128, 64,
+                                                                                                      128)
+    assert m.rope_scaling == YarnConfig(40.0, 4096, 32.0, 1.0, 1.0, 1.0)
+    # mscale = 0.1 * ln(40) + 1 ~ 1.369; the softmax scale grows by its square ~ 1.874
+    assert m.softmax_scale() * (192**0.5) == pytest.approx((0.1 * 3.6888794541139363 + 1) ** 2, rel=1e-9)
+
+
+def test_overrides_by_section_and_by_bare_name():
+    cfg = load_config("tiny", ["model.hidden_size=64", "steps=7", "model.q_lora_rank=null"])
+    assert cfg.model.hidden_size == 64 and cfg.train.steps == 7 and cfg.model.q_lora_rank is None
+
+
+def _error(**kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        dataclasses.replace(ModelConfig(), **kw).validate()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(n_routed_experts=10, n_group=4), "n_group"),
+    (dict(topk_group=3, n_group=2), "topk_group"),
+    (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "num_experts_per_tok"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(num_attention_heads=-2), "num_attention_heads"),
+    (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(q_lora_rank=0), "q_lora_rank"),
+    (dict(moe_impl="magic"), "moe_impl"),
+    (dict(first_k_dense_replace=9), "first_k_dense_replace"),
+])
+def test_impossible_configs_name_the_field(kw, field):
+    assert field in _error(**kw)
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match="did you mean model.hidden_size"):
+        load_config("tiny", ["model.hiden_size=3"])
+    with pytest.raises(ConfigError, match="did you mean n_routed_experts"):
+        load_config("tiny", ["n_routed_expert=3"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("base: tiny\nmodel:\n  num_experts_per_token: 2\n")
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        load_config(str(p))
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError, match="model.hidden_size expects int"):
+        load_config("tiny", ["model.hidden_size=abc"])
+
+
+def test_hf_config_round_trip():
+    cfg = load_config("tiny").model
+    back = from_hf_config(to_hf_config(cfg), moe_block_size=cfg.moe_block_size)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in ("initializer_range",):
+            assert getattr(back, f.name) == getattr(cfg, f.name), f.name
+
+
+def test_hf_config_rejects_unsupported_variants():
+    hf = to_hf_config(load_config("tiny").model)
+    with pytest.raises(ConfigError, match="scoring_func"):
+        from_hf_config({**hf, "scoring_func": "softmax"})
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        from_hf_config({**hf, "num_key_value_heads": 1})
+
+
+def test_param_count_cli_and_error_exit():
+    ok = subprocess.run([sys.executable, "-m", "dsv3_jax.config", "deepseek-v3-671b"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "671.03B total" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "dsv3_jax.config", "tiny", "model.n_group=3"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "n_group" in bad.stderr

@@ -1,0 +1,211 @@
+"""Routing computed by hand, the grouped matmul against a naive per-expert loop, and the bias rule."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import moe
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.precision import Policy
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=True,
+                routed_scaling_factor=2.5)
+    return ModelConfig(**{**base, **kw}).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing by hand.
+
+
+def test_bias_changes_choice_but_not_gate_values():
+    s = jnp.array([[0.9, 0.8, 0.3, 0.2]])
+    cfg = _cfg()
+    idx, gates = moe.select_experts(s, jnp.zeros(4), cfg)
+    assert sorted(idx[0].tolist()) == [0, 1]
+    # bias lifts expert 3 above expert 1 for selection; its gate still comes from the unbiased 0.2
+    idx_b, gates_b = moe.select_experts(s, jnp.array([0.0, 0.0, 0.0, 0.7]), cfg)
+    got = dict(zip(idx_b[0].tolist(), gates_b[0].tolist()))
+    assert set(got) == {0, 3}
+    np.testing.assert_allclose(got[0], 0.9 / 1.1 * 2.5, rtol=1e-6)
+    np.testing.assert_allclose(got[3], 0.2 / 1.1 * 2.5, rtol=1e-6)
+    base = dict(zip(idx[0].tolist(), gates[0].tolist()))
+    np.testing.assert_allclose(base[0], 0.9 / 1.7 * 2.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_scaling_with_and_without_norm_topk_prob(norm):
+    s = jnp.array([[0.6, 0.1, 0.4, 0.3]])
+    idx, gates = moe.select_experts(s, jnp.zeros(4), _cfg(norm_topk_prob=norm, routed_scaling_factor=2.0))
+    got = dict(zip(idx[0].tolist(), gates[0].tolist()))
+    assert set(got) == {0, 2}
+    want = {0: 0.6 / 1.0 * 2.0, 2: 0.4 / 1.0 * 2.0} if norm else {0: 0.6 * 2.0, 2: 0.4 * 2.0}
+    for e in want:
+        np.testing.assert_allclose(got[e], want[e], rtol=1e-6)
+
+
+def test_group_score_is_sum_of_top2_not_max():
+    # 8 experts in 4 groups of 2, keep 2 groups. Group maxima: g0 0.95, g1 0.6, g2 0.7, g3 0.5;
+    # group sums of top-2: g0 0.95+0.0=0.95, g1 0.6+0.59=1.19, g2 0.7+0.1=0.8, g3 0.5+0.45=0.95 (g0 first on ties).
+    s = jnp.array([[0.95, 0.0, 0.6, 0.59, 0.7, 0.1, 0.5, 0.45]])
+    cfg = _cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
+    idx, _ = moe.select_experts(s, jnp.zeros(8), cfg)
+    # kept groups by sum: g1 (1.19) and one of g0/g3 (0.95); by max it would be g0 and g2 (expert 4 = 0.7).
+    chosen = set(idx[0].tolist())
+    assert 4 not in chosen and {2, 3} <= chosen
+
+
+def test_masked_groups_are_minus_inf_not_zero():
+    # E=6 in 2 groups of 3, keep 1 group, K=3. Biased scores: g0 [0.9, 0.8, -0.5] (top-2 sum 1.7), g1 [0.5] * 3
+    # (sum 1.0), so g0 is kept. Expert 2's negative biased score must still beat the masked g1 experts: a mask
+    # filled with 0 instead of -inf would pick one of experts 3..5 instead.
+    cfg = _cfg(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=3)
+    s = jnp.array([[0.9, 0.8, 0.1, 0.5, 0.5, 0.5]])
+    bias = jnp.array([0.0, 0.0, -0.6, 0.0, 0.0, 0.0])
+    idx, gates = moe.select_experts(s, bias, cfg)
+    assert sorted(idx[0].tolist()) == [0, 1, 2]
+    got = dict(zip(idx[0].tolist(), gates[0].tolist()))
+    np.testing.assert_allclose(got[2], 0.1 / 1.8 * 2.5, rtol=1e-6)  # gate from the unbiased 0.1
+
+
+def test_router_is_float32_even_for_bf16_inputs():
+    x = jax.random.normal(jax.random.key(0), (5, 16), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (16, 8), jnp.float32)
+    s = moe.router_scores(x, w)
+    assert s.dtype == jnp.float32
+    ref = jax.nn.sigmoid(np.asarray(x, np.float32) @ np.asarray(w))
+    np.testing.assert_allclose(s, ref, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bias rule, counts, balance loss, MaxVio.
+
+
+def test_update_bias_moves_by_exactly_gamma():
+    counts = jnp.array([[10.0, 2.0, 6.0, 6.0], [1.0, 1.0, 1.0, 1.0]])  # means 6 and 1
+    bias = jnp.array([[0.5, -0.25, 0.0, 0.125], [0.0, 0.0, 0.0, 0.0]])
+    new = moe.update_bias(bias, counts, 0.001)
+    signs = np.array([[-1, 1, 0, 0], [0, 0, 0, 0]], np.float32)  # sign(mean - c): over-loaded experts go down
+    np.testing.assert_array_equal(new, np.asarray(bias) + np.float32(0.001) * signs)
+
+
+def test_counts_balance_loss_and_maxvio_by_hand():
+    idx = jnp.array([[0, 1], [0, 2], [3, 0]])
+    valid = jnp.array([True, True, False])
+    np.testing.assert_array_equal(moe.expert_counts(idx, valid, 4), [2.0, 1.0, 1.0, 0.0])
+    np.testing.assert_allclose(moe.max_violation(jnp.array([4.0, 2.0, 0.0, 2.0])), 4 / 2 - 1)
+    # one sequence of 2 valid tokens, E=4, K=2
+    s = jnp.array([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.2, 0.6, 0.4], [0.1, 0.9, 0.1, 0.9]]])
+    loss = moe.sequence_balance_loss(s, idx[None], valid[None], k=2)
+    f = 4 / (2 * 2) * np.array([2, 1, 1, 0])
+    p = (np.array([0.25, 0.25, 0.25, 0.25]) + np.array([0.8, 0.2, 0.6, 0.4]) / 2.0) / 2
+    np.testing.assert_allclose(loss, (f * p).sum(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped matmul against a naive loop.
+
+
+def _naive(x, idx, gates, wg, wu, wd):
+    """Per token, per chosen expert, in numpy float64."""
+    x, idx, gates = np.asarray(x, np.float64), np.asarray(idx), np.asarray(gates, np.float64)
+    wg, wu, wd = (np.asarray(w, np.float64) for w in (wg, wu, wd))
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = idx[n, j]
+            h = x[n] @ wg[e]
+            h = h / (1 + np.exp(-h)) * (x[n] @ wu[e])
+            out[n] += gates[n, j] * (h @ wd[e])
+    return out
+
+
+def _problem(n=40, d=12, f=10, e=6, k=2, seed=0, skip=(4,)):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(keys[0], (n, d))
+    allowed = np.array([i for i in range(e) if i not in skip])
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(allowed, k, replace=False) for _ in range(n)]).astype(np.int32)
+    gates = jax.random.uniform(keys[1], (n, k))
+    wg = jax.random.normal(keys[2], (e, d, f)) * 0.3
+    wu = jax.random.normal(keys[3], (e, d, f)) * 0.3
+    wd = jax.random.normal(keys[4], (e, f, d)) * 0.3
+    return x, jnp.asarray(idx), gates, wg, wu, wd
+
+
+@pytest.mark.parametrize("impl,block", [("blocked", 4), ("blocked", 16), ("ragged_dot", 0), ("dense", 0)])
+def test_grouped_ffn_matches_naive_loop(impl, block):
+    x, idx, gates, wg, wu, wd = _problem()
+    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, impl, block, Policy("float32"))
+    np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_grouped_ffn_gradients_match_and_empty_expert_gets_exact_zero(impl):
+    x, idx, gates, wg, wu, wd = _problem(skip=(4,))
+    cot = jax.random.normal(jax.random.key(9), x.shape)
+
+    def loss(fn_impl, x, gates, wg, wu, wd):
+        return jnp.sum(moe.grouped_ffn(x, idx, gates, wg, wu, wd, fn_impl, 8, Policy("float32")) * cot)
+
+    grads = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(impl, x, gates, wg, wu, wd)
+    ref = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("dense", x, gates, wg, wu, wd)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    for g in grads[2:]:  # expert 4 received no token: its weight gradients are exactly zero
+        assert np.all(np.asarray(g[4]) == 0.0)
+        assert np.any(np.asarray(g[3]) != 0.0)
+
+
+def test_blocked_handles_all_tokens_on_one_expert_and_tiny_batches():
+    x, _, gates, wg, wu, wd = _problem(n=7)
+    idx = jnp.stack([jnp.full(7, 2), jnp.full(7, 5)], axis=1).astype(jnp.int32)
+    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy("float32"))
+    np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
+    y1 = moe.grouped_ffn(x[:1], idx[:1], gates[:1], wg, wu, wd, "blocked", 32, Policy("float32"))
+    np.testing.assert_allclose(y1, _naive(x[:1], idx[:1], gates[:1], wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+def _compiled_flops(impl, n, d, f, e, k, block=64):
+    x = jnp.zeros((n, d))
+    idx = jnp.zeros((n, k), jnp.int32)
+    gates = jnp.zeros((n, k))
+    w1, w2 = jnp.zeros((e, d, f)), jnp.zeros((e, f, d))
+    fn = jax.jit(lambda *a: moe.grouped_ffn(*a, impl, block, Policy("float32")))
+    compiled = fn.lower(x, idx, gates, w1, w1, w2).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"], compiled.as_text()
+
+
+def test_compiled_blocked_moe_does_not_run_every_expert_on_every_token():
+    n, d, f, e, k = 2048, 64, 48, 16, 2
+    useful = 2 * n * k * d * f * 3
+    flops_blocked, hlo = _compiled_flops("blocked", n, d, f, e, k)
+    flops_dense, _ = _compiled_flops("dense", n, d, f, e, k)
+    # padded rows are at most n*k + e*(block-1): the compiled matmul work stays within that bound
+    bound = 2 * (n * k + e * 63) * d * f * 3
+    assert flops_blocked < 1.3 * bound, (flops_blocked, bound)
+    assert flops_dense > 6 * flops_blocked, (flops_dense, flops_blocked, useful)
+    # and no dot in the optimised HLO has an (all tokens x all experts) operand
+    for line in hlo.splitlines():
+        if " dot(" in line:
+            assert f"[{n},{e}," not in line and f"{n},{e}]" not in line, line
+
+
+def test_moe_layer_aux_counts_only_valid_tokens():
+    from flax import nnx
+
+    cfg = dataclasses.replace(ModelConfig(), n_routed_experts=8, n_group=2, topk_group=1).validate()
+    layer = moe.MoE(cfg, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, cfg.hidden_size))
+    valid = jnp.array([[True] * 5, [True, True, False, False, False]])
+    _, aux = layer(x, valid)
+    assert float(aux["expert_counts"].sum()) == 7 * cfg.num_experts_per_tok
+    chex.assert_shape(aux["expert_counts"], (8,))
+    assert np.isfinite(float(aux["balance_loss"]))
