@@ -64,13 +64,23 @@ def param_axes(variable) -> tuple[str | None, ...]:
     return ("layers",) * extra + axes
 
 
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Replicate the dims whose size the mapped mesh axes do not divide (e.g. 3 heads on tensor=2)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else (axes or ())
+        out.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return PartitionSpec(*out)
+
+
 def state_shardings(state, mesh: Mesh, rules: dict = RULES):
     """NamedShardings for every variable of an nnx State (abstract or concrete), from its logical axes."""
     import flax.nnx as nnx  # noqa: PLC0415
 
     def one(v):
         if isinstance(v, nnx.Variable):
-            return v.replace(NamedSharding(mesh, logical_spec(param_axes(v), rules)))
+            spec = fit_spec(logical_spec(param_axes(v), rules), v.value.shape, mesh)
+            return v.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -81,7 +91,7 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(axes))
+    return jax.lax.with_sharding_constraint(x, fit_spec(logical_spec(axes), x.shape, mesh))
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
