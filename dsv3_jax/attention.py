@@ -52,11 +52,11 @@ class MLA(nnx.Module):
         else:
             q = cfg.q_lora_rank
             self.q_a_proj = Linear("btd,dq->btq", (d, q), ("embed", "q_lora"), cfg, rngs)
-            self.q_a_norm = RMSNorm(q, cfg.rms_norm_eps, cfg, rngs)
+            self.q_a_norm = RMSNorm(q, 1e-6, cfg, rngs)  # latent norms use a fixed eps in the released model
             self.q_b_proj = Linear("btq,qhk->bthk", (q, h, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), cfg,
                                    rngs)
         self.kv_a_proj = Linear("btd,dc->btc", (d, c + r), ("embed", "kv_lora"), cfg, rngs)
-        self.kv_a_norm = RMSNorm(c, cfg.rms_norm_eps, cfg, rngs)
+        self.kv_a_norm = RMSNorm(c, 1e-6, cfg, rngs)
         self.kv_b_proj = Linear("btc,chk->bthk", (c, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 ("kv_lora", "heads", "head_dim"), cfg, rngs)
         self.o_proj = Linear("bthv,hvd->btd", (h, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, rngs)

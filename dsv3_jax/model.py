@@ -171,3 +171,17 @@ class Transformer(nnx.Module):
             cache["mtp"] = [LatentCache.zeros(cfg, batch, slots, None, dtype)
                             for _ in range(cfg.num_nextn_predict_layers)]
         return cache
+
+
+def create(cfg: ModelConfig, seed: int = 0, mesh=None) -> Transformer:
+    """A freshly initialised model, built by one jitted init so that the parameters are created directly in their
+    shardings when a mesh is given (a model larger than one device never materialises on one). Init runs once,
+    so it is compiled without backend optimisation: on CPU that cuts its compile time about 4x."""
+    from dsv3_jax.sharding import state_shardings  # noqa: PLC0415
+
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
+    init = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed)))[1], out_shardings=out_shardings)
+    state = init.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()
+    return nnx.merge(graphdef, state)

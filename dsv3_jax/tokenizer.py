@@ -71,7 +71,8 @@ class HFTokenizer(Tokenizer):
         try:
             import tokenizers  # optional dependency, only for this tokenizer
         except ImportError:
-            raise DataError(f"data.tokenizer={path!r} needs the `tokenizers` package (pip install tokenizers)") from None
+            raise DataError(f"data.tokenizer={path!r} needs the `tokenizers` package (pip install tokenizers)") \
+                from None
         p = pathlib.Path(path).expanduser()
         if p.is_dir():
             p = p / "tokenizer.json"

@@ -10,7 +10,7 @@ from flax import nnx
 
 from dsv3_jax.config import load_config
 from dsv3_jax.layers import RMSNorm, rope_cos_sin, rope_inv_freq
-from dsv3_jax.model import Transformer
+from dsv3_jax.model import Transformer, create
 from dsv3_jax.moe import RouterBias
 
 
@@ -27,7 +27,7 @@ def _randomise_norms(model: Transformer, seed: int = 0) -> Transformer:
 @pytest.fixture(scope="module")
 def tiny():
     cfg = load_config("tiny").model
-    return cfg, _randomise_norms(Transformer(cfg, nnx.Rngs(0)))
+    return cfg, _randomise_norms(create(cfg, 0))
 
 
 def test_packed_documents_do_not_see_each_other(tiny):
@@ -93,7 +93,7 @@ def test_remat_changes_neither_values_nor_gradients(tiny, remat):
         graphdef, params, rest = nnx.split(m, nnx.Param, ...)
         return jax.grad(loss_fn)(params, graphdef, rest)
 
-    other = Transformer(dataclasses.replace(cfg, remat=remat), nnx.Rngs(0))
+    other = create(dataclasses.replace(cfg, remat=remat), 0)
     nnx.update(other, nnx.state(model))
     g0, g1 = grads(model), grads(other)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):

@@ -17,21 +17,17 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import PartitionSpec
     from flax import nnx
     from dsv3_jax.config import load_config, MeshConfig
-    from dsv3_jax.model import Transformer
-    from dsv3_jax.sharding import make_mesh, state_shardings
+    from dsv3_jax.model import create
+    from dsv3_jax.sharding import make_mesh
     assert jax.device_count() == 8
     cfg = load_config("tiny").model
-    ref_model = Transformer(cfg, nnx.Rngs(0))
+    ref_model = create(cfg, 0)
     ids = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
     ref = ref_model(ids)
     for shape in [dict(data=2, fsdp=2, expert=2, tensor=1), dict(data=1, fsdp=2, expert=2, tensor=2)]:
         mesh = make_mesh(MeshConfig(**shape))
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-        graphdef, abs_state = nnx.split(abstract)
-        shardings = state_shardings(abs_state, mesh)
-        init = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1], out_shardings=shardings)
         with jax.sharding.set_mesh(mesh):
-            state = init()
+            graphdef, state = nnx.split(create(cfg, 0, mesh))
             w = state["moe_layers"]["mlp"]["w_gate"][...]
             assert w.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor"), w.sharding.spec
             assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape[1] == cfg.n_routed_experts // 2
