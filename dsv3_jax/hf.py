@@ -1,0 +1,435 @@
+"""Import and export of the HF DeepSeek-V3 checkpoint format: config.json plus safetensors shards.
+
+`load(path) -> Transformer` and `save(model, path)`. Torch stores linear weights [out, in]; ours are [in, out] with
+per-head dims split out, and layers stacked into the dense / MoE stacks. The released weights keep each rotary pair
+interleaved ((0,1),(2,3),...) (`rope_interleave`), while our rotary uses the half-split layout, so the q_rope rows of
+q_b_proj / q_proj and the k_rope rows of kv_a_proj_with_mqa are de-interleaved on import and re-interleaved on
+export (dot products are unchanged by a common permutation of q and k dims). MTP module k is HF layer
+`num_hidden_layers + k - 1`: a full MoE layer plus enorm, hnorm, eh_proj, shared_head.norm and copies of the shared
+embedding and head. FP8 (E4M3) weights come with a `weight_scale_inv` per 128x128 block and are dequantised here.
+Every tensor in the files must be used; anything missing or extra is one `HFError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import struct
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+_MAX_LISTED = 6
+_F8 = "F8_E4M3"
+_SCALE = "_scale_inv"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class HFError(ValueError):
+    """A checkpoint that cannot be read as DeepSeek-V3; the message is one line naming the file or key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The key map: one Entry per HF tensor, saying which part of which of our leaves it fills.
+
+
+class Target(NamedTuple):
+    path: tuple  # flat-state path of our leaf
+    index: tuple  # leading indices into the leaf (layer, expert)
+    to_ours: Callable[[np.ndarray], np.ndarray]  # torch-layout array -> leaf[index]
+
+
+class Entry(NamedTuple):
+    key: str
+    shape: tuple[int, ...]  # HF (torch) shape
+    targets: tuple[Target, ...]
+    to_hf: Callable[[np.ndarray], np.ndarray] | None  # leaf[index] -> torch layout (single-target entries)
+
+
+def _same(a):
+    return a
+
+
+def _transpose(a):
+    return a.T
+
+
+def _rope_rows(lead: int, rope: int, interleave: bool) -> np.ndarray:
+    """Row order that keeps the first `lead` rows and de-interleaves the `rope` rows after them."""
+    order = np.arange(rope)
+    if interleave:
+        order = np.concatenate([order[0::2], order[1::2]])
+    return np.concatenate([np.arange(lead), lead + order])
+
+
+def _linear(rows: np.ndarray | None = None):
+    """torch [out, in] -> ours [in, out], reordering the out rows first."""
+    inv = None if rows is None else np.argsort(rows)
+    return ((lambda a: a[rows].T) if rows is not None else _transpose,
+            (lambda w: w.T[inv]) if rows is not None else _transpose)
+
+
+def _heads_out(h: int, rows: np.ndarray | None = None):
+    """torch [h*k, in] -> ours [in, h, k] (per-head outputs), with per-head row reordering."""
+    inv = None if rows is None else np.argsort(rows)
+
+    def to_ours(a):
+        a = a.reshape(h, -1, a.shape[-1])
+        return (a if rows is None else a[:, rows]).transpose(2, 0, 1)
+
+    def to_hf(w):
+        a = w.transpose(1, 2, 0)
+        return (a if inv is None else a[:, inv]).reshape(-1, w.shape[0])
+
+    return to_ours, to_hf
+
+
+def _heads_in(h: int):
+    """torch [D, h*v] -> ours [h, v, D] (per-head inputs)."""
+    return (lambda a: a.T.reshape(h, -1, a.shape[0])), (lambda w: w.reshape(-1, w.shape[-1]).T)
+
+
+def _block_entries(cfg, prefix: str, path: tuple, idx: tuple, moe: bool, fused: bool, interleave: bool):
+    """Entries of one decoder layer `prefix` (e.g. "model.layers.3.") stored at our `path`[idx]."""
+    d, h, c, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    k, n, v = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    out = []
+
+    def add(name, shape, sub, fns):
+        out.append(Entry(prefix + name, shape, (Target(path + sub, idx, fns[0]),), fns[1]))
+
+    identity = (_same, _same)
+    add("input_layernorm.weight", (d,), ("attn_norm", "weight"), identity)
+    add("post_attention_layernorm.weight", (d,), ("mlp_norm", "weight"), identity)
+    q_heads = _heads_out(h, _rope_rows(n, r, interleave))
+    if cfg.q_lora_rank is None:
+        add("self_attn.q_proj.weight", (h * k, d), ("attn", "q_proj", "weight"), q_heads)
+    else:
+        q = cfg.q_lora_rank
+        add("self_attn.q_a_proj.weight", (q, d), ("attn", "q_a_proj", "weight"), _linear())
+        add("self_attn.q_a_layernorm.weight", (q,), ("attn", "q_a_norm", "weight"), identity)
+        add("self_attn.q_b_proj.weight", (h * k, q), ("attn", "q_b_proj", "weight"), q_heads)
+    add("self_attn.kv_a_proj_with_mqa.weight", (c + r, d), ("attn", "kv_a_proj", "weight"),
+        _linear(_rope_rows(c, r, interleave)))
+    add("self_attn.kv_a_layernorm.weight", (c,), ("attn", "kv_a_norm", "weight"), identity)
+    add("self_attn.kv_b_proj.weight", (h * (n + v), c), ("attn", "kv_b_proj", "weight"), _heads_out(h))
+    add("self_attn.o_proj.weight", (d, h * v), ("attn", "o_proj", "weight"), _heads_in(h))
+    if not moe:
+        f = cfg.intermediate_size
+        for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            add(f"mlp.{name}_proj.weight", shape, ("mlp", name, "weight"), _linear())
+        return out
+    e, f = cfg.n_routed_experts, cfg.moe_intermediate_size
+    add("mlp.gate.weight", (e, d), ("mlp", "router"), _linear())
+    add("mlp.gate.e_score_correction_bias", (e,), ("mlp", "bias"), identity)
+    if cfg.n_shared_experts:
+        fs = f * cfg.n_shared_experts
+        for name, shape in (("gate", (fs, d)), ("up", (fs, d)), ("down", (d, fs))):
+            add(f"mlp.shared_experts.{name}_proj.weight", shape, ("mlp", "shared", name, "weight"), _linear())
+    mlp = path + ("mlp",)
+    if fused:  # transformers v5 in-memory layout: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]
+        out.append(Entry(prefix + "mlp.experts.gate_up_proj", (e, 2 * f, d), (
+            Target(mlp + ("w_gate",), idx, lambda a: a[:, :f].transpose(0, 2, 1)),
+            Target(mlp + ("w_up",), idx, lambda a: a[:, f:].transpose(0, 2, 1))), None))
+        out.append(Entry(prefix + "mlp.experts.down_proj", (e, d, f),
+                         (Target(mlp + ("w_down",), idx, lambda a: a.transpose(0, 2, 1)),), None))
+        return out
+    for i in range(e):
+        for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            out.append(Entry(f"{prefix}mlp.experts.{i}.{name}_proj.weight", shape,
+                             (Target(mlp + (f"w_{name}",), idx + (i,), _transpose),), _transpose))
+    return out
+
+
+def entries(cfg, interleave: bool = True, fused_layers: frozenset = frozenset()) -> tuple[list[Entry], list[Entry]]:
+    """(entries that fill the model, MTP copies of the shared embedding/head that are only checked)."""
+    d, v, n = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    head = (("head", "weight"), (), _transpose)
+    main = [Entry("model.embed_tokens.weight", (v, d), (Target(("embed", "weight"), (), _same),), _same),
+            Entry("model.norm.weight", (d,), (Target(("norm", "weight"), (), _same),), _same),
+            Entry("lm_head.weight", (v, d), (Target(*head),), _transpose)]
+    for layer in range(n):
+        moe = layer >= cfg.first_k_dense_replace
+        stack, i = ("moe_layers", layer - cfg.first_k_dense_replace) if moe else ("dense_layers", layer)
+        main += _block_entries(cfg, f"model.layers.{layer}.", (stack,), (i,), moe, layer in fused_layers, interleave)
+    copies = []
+    for depth in range(cfg.num_nextn_predict_layers):
+        layer, prefix, path = n + depth, f"model.layers.{n + depth}.", ("mtp", depth)
+        main += _block_entries(cfg, prefix, path + ("block",), (), True, layer in fused_layers, interleave)
+        for name, sub in (("enorm", "enorm"), ("hnorm", "hnorm"), ("shared_head.norm", "norm")):
+            main.append(Entry(f"{prefix}{name}.weight", (d,), (Target(path + (sub, "weight"), (), _same),), _same))
+        main.append(Entry(f"{prefix}eh_proj.weight", (d, 2 * d), (Target(path + ("eh_proj", "weight"), (),
+                                                                           _transpose),), _transpose))
+        copies.append(Entry(f"{prefix}embed_tokens.weight", (v, d), (Target(("embed", "weight"), (), _same),), _same))
+        copies.append(Entry(f"{prefix}shared_head.head.weight", (v, d), (Target(*head),), _transpose))
+    return main, copies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading.
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    more = f", ... (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _read_json(file: pathlib.Path) -> dict:
+    if not file.is_file():
+        raise HFError(f"{file} not found")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFError(f"{file}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise HFError(f"{file}: top level must be a JSON object")
+    return data
+
+
+def _header(file: pathlib.Path) -> tuple[dict, int]:
+    """The safetensors header {key: {dtype, shape, data_offsets}} and where the data starts; corrupt files fail."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(fh.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise HFError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            if end > size - 8 - n or begin > end:
+                raise HFError(f"{file}: tensor {key} lies outside the file (truncated or corrupt)")
+            info["dtype"], info["shape"] = str(info["dtype"]), list(info["shape"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, HFError):
+            raise
+        raise HFError(f"{file}: malformed safetensors header ({_first_line(e)})") from None
+    return header, 8 + n
+
+
+def _shards(root: pathlib.Path) -> tuple[list[pathlib.Path], dict | None]:
+    """The shard files, and the index's weight_map when there is one."""
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise HFError(f"{index}: no weight_map")
+        return [root / f for f in sorted(set(weight_map.values()))], weight_map
+    single = root / "model.safetensors"
+    if single.exists():
+        return [single], None
+    raise HFError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+
+def _model_config(hf_cfg: dict, dtype: str, impl: dict):
+    from dsv3_jax.config import ConfigError, from_hf_config
+
+    impl = {"dtype": dtype, "param_dtype": dtype, **impl}
+    try:
+        return from_hf_config(hf_cfg, **impl)
+    except (ConfigError, TypeError) as e:
+        raise HFError(f"config.json: {e}") from None
+
+
+def _check_keys(root, cfg, reader: _Reader, main: list[Entry], copies: list[Entry]) -> None:
+    """Every expected tensor present and every tensor in the files used (block scales by their FP8 weight),
+    else one error listing the keys."""
+    keys = reader.where
+    expected = {e.key for e in main}
+    present = {k for k in keys if not (k.endswith(_SCALE) and k[: -len(_SCALE)] in keys
+                                       and reader.info(k[: -len(_SCALE)])["dtype"] == _F8)}
+    missing = expected - present
+    unexpected = present - expected - {e.key for e in copies}
+    n = cfg.num_hidden_layers
+    for layer in range(n, n + cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{layer}."
+        lost = {k for k in missing if k.startswith(prefix)}
+        if lost and any(k.startswith(prefix) for k in present):
+            raise HFError(f"{root}: MTP layer {layer} is incomplete; missing {_listing(lost)}")
+    if missing or unexpected:
+        parts = [f"missing {_listing(missing)}" if missing else "", f"unexpected {_listing(unexpected)}"
+                 if unexpected else ""]
+        raise HFError(f"{root}: tensors do not match config.json: {'; '.join(p for p in parts if p)}")
+
+
+class _Reader:
+    """Reads one tensor at a time from the shards (FP8 weights dequantised with their block scales)."""
+
+    def __init__(self, files: list[pathlib.Path], stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.where, self.headers, self.handles = {}, {}, {}
+        for file in files:
+            if not file.is_file():
+                raise HFError(f"{file} not found (listed in the index)")
+            self.headers[file] = _header(file)
+            for key in self.headers[file][0]:
+                if key in self.where:
+                    raise HFError(f"{file}: tensor {key} also appears in {self.where[key]}")
+                self.where[key] = file
+            try:
+                self.handles[file] = stack.enter_context(safe_open(str(file), framework="np"))
+            except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+                raise HFError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+    def info(self, key: str) -> dict:
+        return self.headers[self.where[key]][0][key]
+
+    def raw(self, key: str) -> np.ndarray:
+        file = self.where[key]
+        info = self.info(key)
+        try:
+            if info["dtype"] == _F8:  # safetensors' numpy backend has no float8: read the bytes directly
+                import ml_dtypes
+
+                return np.fromfile(file, ml_dtypes.float8_e4m3fn, count=math.prod(info["shape"]),
+                                   offset=self.headers[file][1] + info["data_offsets"][0]).reshape(info["shape"])
+            return self.handles[file].get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise HFError(f"{file}: cannot read tensor {key} ({_first_line(e)})") from None
+
+    def get(self, key: str) -> np.ndarray:
+        from dsv3_jax.precision import dequantize_blocks
+
+        a = self.raw(key)
+        if self.info(key)["dtype"] != _F8:
+            return a
+        if key + _SCALE not in self.where:
+            raise HFError(f"{self.where[key]}: FP8 tensor {key} has no {key + _SCALE}")
+        try:
+            return dequantize_blocks(a, self.raw(key + _SCALE))
+        except ValueError as e:
+            raise HFError(f"{self.where[key]}: {key}: {e}") from None
+
+
+def load(path, dtype: str = "float32", **impl_overrides):
+    """Transformer from an HF DeepSeek-V3 directory (config.json + safetensors), filled tensor by tensor into the
+    abstract model's leaves (one host copy of the weights). `dtype` sets the parameter and compute dtypes;
+    `impl_overrides` are further ModelConfig implementation fields (moe_impl, remat, ...)."""
+    from flax import nnx
+
+    from dsv3_jax.model import Transformer
+
+    root = pathlib.Path(path)
+    if not root.is_dir():
+        raise HFError(f"{root} is not a directory")
+    hf_cfg = _read_json(root / "config.json")
+    cfg = _model_config(hf_cfg, dtype, impl_overrides)
+    files, weight_map = _shards(root)
+    with contextlib.ExitStack() as stack:
+        reader = _Reader(files, stack)
+        keys = reader.where
+        unlisted = set(weight_map or ()) - set(keys)
+        if unlisted:
+            raise HFError(f"{root / 'model.safetensors.index.json'} lists tensors its shards lack: "
+                          f"{_listing(unlisted)}")
+        n = cfg.num_hidden_layers
+        if cfg.num_nextn_predict_layers and not any(int(m.group(1)) >= n for k in keys if (m := _LAYER.match(k))):
+            print(f"note: {root} has no MTP tensors (model.layers.{n}.*); loading with MTP off "
+                  "(num_nextn_predict_layers=0)", file=sys.stderr)
+            cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+        fused = frozenset(int(m.group(1)) for k in keys if k.endswith("mlp.experts.gate_up_proj")
+                          and (m := _LAYER.match(k)))
+        main, copies = entries(cfg, hf_cfg.get("rope_interleave", True) is not False, fused)
+        _check_keys(root, cfg, reader, main, copies)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+        _fill(root, reader, dict(nnx.to_flat_state(state)), main, copies)
+    return nnx.merge(graphdef, state)
+
+
+def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry]) -> None:
+    """Assign every entry's tensor into numpy buffers shaped like the abstract leaves, then set the leaves."""
+    import jax.numpy as jnp
+
+    buffers = {p: np.empty(var.shape, np.dtype(var.dtype)) for p, var in leaves.items()}
+    filled = dict.fromkeys(buffers, 0)
+    for entry in main:
+        a = reader.get(entry.key)
+        if tuple(a.shape) != entry.shape:
+            raise HFError(f"{reader.where[entry.key]}: {entry.key} has shape {list(a.shape)}, config.json "
+                          f"implies {list(entry.shape)}")
+        for t in entry.targets:
+            part = t.to_ours(a)
+            buffers[t.path][t.index] = part
+            filled[t.path] += part.size
+    for entry in copies:
+        if entry.key in reader.where:
+            t = entry.targets[0]
+            a, shared = reader.get(entry.key), buffers[t.path]
+            if tuple(a.shape) != entry.shape or not np.array_equal(t.to_ours(a).astype(shared.dtype), shared):
+                print(f"warning: {entry.key} differs from the shared {'/'.join(t.path)}; using the shared tensor",
+                      file=sys.stderr)
+    unfilled = ["/".join(map(str, p)) for p in buffers if filled[p] != buffers[p].size]
+    if unfilled:
+        raise HFError(f"{root}: parameters not covered by the checkpoint: {_listing(unfilled)}")
+    for p, var in leaves.items():
+        var.set_value(jnp.asarray(buffers.pop(p)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def save(model, path, dtype: str = "float32", shard_size_mb: float = 4096) -> None:
+    """Write config.json and safetensors shards + index in the HF layout (per-expert keys, MTP as layer
+    num_hidden_layers with copies of the embedding and head), readable by `load` and by transformers."""
+    import ml_dtypes
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from dsv3_jax.config import to_hf_config
+
+    cfg = model.cfg
+    out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(dtype)
+    if out_dtype is None:
+        raise HFError(f"save dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    hf_cfg = to_hf_config(cfg)
+    hf_cfg["torch_dtype"] = dtype
+    (root / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+    leaves = {p: var.get_value() for p, var in nnx.to_flat_state(nnx.state(model))}
+    main, copies = entries(cfg)
+    todo = main + copies
+
+    def dtype_of(entry):  # the router and its bias stay float32, as in the released weights
+        return np.float32 if entry.targets[0].path[-1] in ("router", "bias") else out_dtype
+
+    limit = shard_size_mb * 2**20
+    shards, size = [[]], 0
+    for entry in todo:
+        nbytes = math.prod(entry.shape) * np.dtype(dtype_of(entry)).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for entry in shard:
+            t = entry.targets[0]
+            tensors[entry.key] = np.ascontiguousarray(entry.to_hf(np.asarray(leaves[t.path][t.index]))
+                                                      .astype(dtype_of(entry)))
+            weight_map[entry.key] = name
+            total += tensors[entry.key].nbytes
+        save_file(tensors, str(root / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
