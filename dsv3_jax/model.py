@@ -45,12 +45,14 @@ class Block(nnx.Module):
         self.is_moe = moe
 
     def __call__(self, x_btd, cos, sin, segment_ids, positions, valid, cache=None):
-        h, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, positions, cache)
+        with jax.named_scope("attention"):
+            h, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, positions, cache)
         x_btd = constrain(x_btd + h, ("batch", "seq", "act_embed"))
-        if self.is_moe:
-            h, aux = self.mlp(self.mlp_norm(x_btd), valid)
-        else:
-            h, aux = self.mlp(self.mlp_norm(x_btd)), {}
+        with jax.named_scope("moe" if self.is_moe else "mlp"):
+            if self.is_moe:
+                h, aux = self.mlp(self.mlp_norm(x_btd), valid)
+            else:
+                h, aux = self.mlp(self.mlp_norm(x_btd)), {}
         return constrain(x_btd + h, ("batch", "seq", "act_embed")), aux, cache
 
 

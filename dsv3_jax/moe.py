@@ -16,7 +16,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, param
-from dsv3_jax.precision import Policy
+from dsv3_jax.precision import Policy, ragged_dot
 from dsv3_jax.precision import einsum as policy_einsum
 
 
@@ -89,11 +89,6 @@ def max_violation(counts_e: jax.Array) -> jax.Array:
 # Grouped matmul backends: (R, D) rows sorted by expert, group sizes (E,) -> (R, F).
 
 
-def _ragged(x_rd, w_edf, group_sizes_e, policy):
-    dt = policy.dtype
-    return jax.lax.ragged_dot(x_rd.astype(dt), w_edf.astype(dt), group_sizes_e, preferred_element_type=dt)
-
-
 def _blocked_layout(sorted_expert_r: jax.Array, group_sizes_e: jax.Array, block: int, num_blocks: int):
     """Where each sorted row lands in an expert-aligned padded buffer, and each block's expert."""
     padded_sizes = (group_sizes_e + block - 1) // block * block
@@ -128,8 +123,8 @@ def grouped_ffn(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_gate:
     group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
 
     if impl == "ragged_dot":
-        h = jax.nn.silu(_ragged(x_rd, w_gate, group_sizes, policy)) * _ragged(x_rd, w_up, group_sizes, policy)
-        y_rd = _ragged(h, w_down, group_sizes, policy)
+        h = jax.nn.silu(ragged_dot(x_rd, w_gate, group_sizes, policy)) * ragged_dot(x_rd, w_up, group_sizes, policy)
+        y_rd = ragged_dot(h, w_down, group_sizes, policy)
     elif impl == "blocked":
         r = x_rd.shape[0]
         num_blocks = min(-(-r // block) + e, r)

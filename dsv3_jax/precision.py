@@ -1,4 +1,5 @@
-"""The precision policy and the ONE einsum every linear layer calls; FP8 block (de)quantisation lives here.
+"""The precision policy and the ONE einsum (plus its grouped form) every linear layer calls; FP8 block
+(de)quantisation lives here.
 
 A policy fixes the compute dtype of the matmuls. Float32 runs at HIGHEST precision so that parity with the
 reference holds on accelerators that would otherwise use TF32. FP8 checkpoints use E4M3 with one float32
@@ -33,6 +34,14 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, policy: Policy) -> jax.Array:
     dt = policy.dtype
     precision = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
     return jnp.einsum(spec, x.astype(dt), w.astype(dt), precision=precision, preferred_element_type=dt)
+
+
+def ragged_dot(x_rd: jax.Array, w_edf: jax.Array, group_sizes_e: jax.Array, policy: Policy) -> jax.Array:
+    """Grouped matmul of rows sorted by group under the policy (the MoE's other linear entry point)."""
+    dt = policy.dtype
+    precision = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
+    return jax.lax.ragged_dot(x_rd.astype(dt), w_edf.astype(dt), group_sizes_e, precision=precision,
+                              preferred_element_type=dt)
 
 
 def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
