@@ -1,0 +1,178 @@
+"""Generate from a checkpoint: ours (a run dir or step dir, `checkpoint.load_model`) or an HF-format directory
+(config.json + safetensors, `hf.load`), with the byte tokenizer or the directory's tokenizer.json.
+
+  python sample.py --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
+  python sample.py --checkpoint path/to/hf_dir --prompt-ids 0,72,105 --speculative mtp --json
+
+Text prompts start with the tokenizer's bos id (as in training); --prompt-ids are used verbatim. Several --prompt /
+--prompt-ids flags make one batch. A single prompt streams its text as it is generated; a batch prints each
+completion at the end. Bad input prints `error: <one line>` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CLIError(message)
+
+
+def parse_args(argv):
+    p = _Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="our run/step dir, or an HF dir with config.json")
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-ids", default=None, help="comma-separated stop ids; default the eos id; '' for none")
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
+    p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json path (default: the checkpoint's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (HF dirs)")
+    p.add_argument("--no-bos", action="store_true", help="do not start text prompts with the bos id")
+    p.add_argument("--chunk-size", type=int, default=16, help="decode steps per compiled call while streaming")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timing, acceptance)")
+    return p.parse_args(argv)
+
+
+def parse_ids(text: str, what: str) -> list[int]:
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        return [int(s) for s in parts]
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def load(path_str: str, dtype: str, tokenizer_spec: str | None):
+    """(model, tokenizer, SampleConfig defaults) from either checkpoint format."""
+    from dsv3_jax import checkpoint, hf
+    from dsv3_jax.config import SampleConfig
+    from dsv3_jax.data import make_tokenizer
+
+    path = pathlib.Path(path_str)
+    if not path.is_dir():
+        raise CLIError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    try:
+        if (path / "config.json").is_file():
+            model, spec, defaults = hf.load(path, dtype=dtype), "byte", SampleConfig()
+            if (path / "tokenizer.json").is_file():
+                spec = str(path / "tokenizer.json")
+        else:
+            model, cfg = checkpoint.load_model(path)
+            spec, defaults = cfg.data.tokenizer, cfg.sample
+    except Exception as e:  # noqa: BLE001  (any failure to read the directory is a bad checkpoint, one line)
+        raise CLIError(f"cannot load checkpoint {path}: {one_line(e)}") from None
+    return model, make_tokenizer(tokenizer_spec or spec), defaults
+
+
+def one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class Streamer:
+    """Prints one row's text as tokens arrive, holding back an incomplete UTF-8 tail."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, new: list[list[int]], final: bool = False) -> None:
+        self.ids += new[0]
+        text = self.tokenizer.decode(self.ids)
+        text = text if final else text.rstrip("\ufffd")
+        if text.startswith(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def run(args) -> int:
+    prompts = [("text", t) for t in args.prompt] + [("ids", parse_ids(s, "--prompt-ids")) for s in args.prompt_ids]
+    if not prompts:
+        raise CLIError("give at least one --prompt or --prompt-ids")
+    for i, (_, p) in enumerate(prompts):
+        if len(p) == 0:
+            raise CLIError(f"prompt {i} is empty")
+
+    from dsv3_jax import sampling
+
+    model, tok, defaults = load(args.checkpoint, args.dtype, args.tokenizer)
+    bos = [] if args.no_bos else [tok.bos_id]
+    ids = [bos + tok.encode(p) if kind == "text" else p for kind, p in prompts]
+
+    def pick(value, default):
+        return default if value is None else value
+
+    settings = {
+        "max_new_tokens": pick(args.max_new_tokens, defaults.max_new_tokens),
+        "temperature": pick(args.temperature, defaults.temperature),
+        "top_k": pick(args.top_k, defaults.top_k),
+        "top_p": pick(args.top_p, defaults.top_p),
+        "seed": pick(args.seed, defaults.seed),
+        "stop_tokens": [tok.eos_id] if args.stop_ids is None else parse_ids(args.stop_ids, "--stop-ids"),
+        "speculative": args.speculative,
+        "chunk_size": args.chunk_size,
+    }
+    cfg = model.cfg
+    rule = sampling.SamplingRule(settings["temperature"], settings["top_k"], settings["top_p"])
+    sampling.check_request(cfg, ids, settings["max_new_tokens"], rule, settings["stop_tokens"], args.speculative,
+                           args.chunk_size)
+    use_mtp = args.speculative == "mtp"
+    cache_bytes = sampling.cache_bytes_per_token(cfg, mtp=use_mtp)
+    cache_note = (f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers"
+                  f"{' + MTP' if use_mtp else ''} x {cfg.dtype}")
+    streamer = Streamer(tok) if len(ids) == 1 and not args.json else None
+    if not args.json:
+        print(f"cache: {cache_bytes} bytes/token {cache_note}", file=sys.stderr)
+        if streamer:
+            print(tok.decode(ids[0]), end="", flush=True)
+    result = sampling.generate(model, ids, on_tokens=streamer, **settings)
+    texts = [tok.decode(t) for t in result.tokens]
+    if args.json:
+        rows = [{"prompt_ids": p, "tokens": t, "text": s, "finish_reason": f}
+                for p, t, s, f in zip(ids, result.tokens, texts, result.finish_reasons)]
+        print(json.dumps({"results": rows, "cache_bytes_per_token": cache_bytes, "cache": cache_note,
+                          "timing": result.timing, "acceptance": result.acceptance, "drafts": result.drafts,
+                          "accepted": result.accepted}))
+        return 0
+    if streamer:
+        streamer([[]], final=True)
+        print()
+    else:
+        for i, (p, text) in enumerate(zip(ids, texts)):
+            print(f"--- [{i}] {tok.decode(p)}{text}")
+    t = result.timing
+    spec = "" if result.acceptance is None else f", acceptance {result.accepted}/{result.drafts} drafts"
+    print(f"{t['new_tokens']} tokens in {t['prefill_s'] + t['decode_s']:.2f} s ({t['tokens_per_s']:.1f} tok/s, "
+          f"decode {t['decode_tokens_per_s']:.1f} tok/s; compile {t['compile_s']:.1f} s){spec}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from dsv3_jax.config import ConfigError
+        from dsv3_jax.sampling import GenerateError
+        from dsv3_jax.tokenizer import DataError
+
+        if not isinstance(e, (CLIError, GenerateError, ConfigError, DataError)):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

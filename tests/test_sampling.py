@@ -1,0 +1,285 @@
+"""Generation: cached decode against the full forward, greedy against transformers' generate, MTP speculative
+decoding against plain greedy, sampling rules, stops, streaming, and the cache size formula.
+
+Compiles are the cost here: every test of one model reuses the same prompts and budget so that the prefill and the
+decode loop compile once per (shapes, sampling rule)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import sampling
+from dsv3_jax.config import load_config
+from dsv3_jax.model import Transformer, create
+from dsv3_jax.moe import RouterBias
+
+PROMPTS = [[5, 9, 33, 2, 7], [100, 3], [4] * 17 + [8]]  # different lengths; the longest spans two 16-buckets
+NEW = 12
+
+
+def randomize(model: Transformer, seed: int) -> Transformer:
+    """Norm scales ~ 1 + N(0, 0.1^2) and routing bias ~ N(0, 0.05^2) (ones and zeros would hide bugs)."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        if isinstance(var, RouterBias):
+            var.set_value(jnp.asarray(0.05 * rng.standard_normal(shape), dtype))
+        elif "norm" in str(path[-2]):
+            var.set_value(jnp.asarray(1 + 0.1 * rng.standard_normal(shape), dtype))
+    return model
+
+
+def make_drafter(model: Transformer, alpha: float) -> Transformer:
+    """A model whose MTP head is a good drafter: every block's output projections scaled by alpha, so the next
+    token is mostly a function of the current one, and an MTP module that applies the main model's final norm to
+    the embedding of token t+1 (eh_proj = [I; 0], enorm = 1). alpha trades acceptance for non-trivial text."""
+    d = model.cfg.hidden_size
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] in ("w_down",) or path[-2] in ("o_proj", "down"):
+            var.set_value(var.get_value() * alpha)
+    m = model.mtp[0]
+    m.eh_proj.weight.set_value(jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], axis=0))
+    m.enorm.weight.set_value(jnp.ones((d,)))
+    m.norm.weight.set_value(model.norm.weight.get_value())
+    return model
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dataclasses.replace(load_config("tiny").model, initializer_range=0.1)  # logits of order 1
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return randomize(create(cfg, seed=0), seed=0)
+
+
+@pytest.fixture(scope="module")
+def greedy(model):
+    return sampling.generate(model, PROMPTS, NEW)
+
+
+@pytest.fixture(scope="module")
+def drafter(model):
+    return make_drafter(nnx.clone(model), alpha=0.05)
+
+
+def full_logits(model: Transformer, seqs: list[list[int]]) -> np.ndarray:
+    """Logits of the full forward (no cache) for right-padded sequences, (B, T, V)."""
+    t = max(map(len, seqs))
+    ids = np.zeros((len(seqs), t), np.int32)
+    seg = np.zeros((len(seqs), t), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], seg[i, : len(s)] = s, 1
+    fwd = nnx.jit(lambda m, x, s: m(x, segment_ids=s, mtp=False).logits)
+    return np.asarray(fwd(model, jnp.asarray(ids), jnp.asarray(seg)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (1) The latent cache reproduces the full forward.
+
+
+def test_cached_decode_matches_full_forward_logits(model, cfg):
+    """Prefill a right-padded batch of different lengths in one pass, then decode teacher-forced tokens one at a
+    time, each row at its own position: logits equal the full forward's at every position."""
+    lens, steps = [5, 2, 11], 6
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(2, cfg.vocab_size, n + steps).tolist() for n in lens]
+    ref = full_logits(model, seqs)
+
+    graphdef, *state = nnx.split(model, nnx.Param, RouterBias, ...)
+    slots = max(lens) + steps + 3
+
+    @jax.jit
+    def run_prefill(state, ids, lens):
+        logits, _, cache, _ = sampling.prefill(nnx.merge(graphdef, *state), ids, lens, slots)
+        return logits, cache
+
+    @jax.jit
+    def run_step(state, tok_b, pos_b, cache):
+        logits, _, cache = sampling.decode_step(nnx.merge(graphdef, *state), tok_b[:, None], pos_b[:, None], cache)
+        return logits[:, 0], cache
+
+    ids = np.zeros((len(lens), max(lens)), np.int32)
+    for i, (s, n) in enumerate(zip(seqs, lens)):
+        ids[i, :n] = s[:n]
+    logits, cache = run_prefill(state, ids, np.array(lens, np.int32))
+    for i, n in enumerate(lens):
+        np.testing.assert_allclose(np.asarray(logits[i, :n]), ref[i, :n], atol=1e-4, rtol=1e-4)
+    for k in range(steps):
+        pos = np.array(lens, np.int32) + k
+        tok = np.array([s[p] for s, p in zip(seqs, pos)], np.int32)
+        step_logits, cache = run_step(state, tok, pos, cache)
+        np.testing.assert_allclose(np.asarray(step_logits), ref[np.arange(len(lens)), pos], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_is_argmax_of_full_forward(model, greedy):
+    """Each generated token is the full forward's argmax given the prompt and the tokens before it."""
+    assert [len(t) for t in greedy.tokens] == [NEW] * len(PROMPTS)
+    assert greedy.finish_reasons == ["length"] * len(PROMPTS)
+    ref = full_logits(model, [p + t for p, t in zip(PROMPTS, greedy.tokens)])
+    for i, (p, t) in enumerate(zip(PROMPTS, greedy.tokens)):
+        assert ref[i, len(p) - 1: len(p) - 1 + NEW].argmax(-1).tolist() == t
+    assert greedy.timing["decode_forwards"] == NEW - 1  # the first token comes from the prefill
+    assert greedy.timing["new_tokens"] == NEW * len(PROMPTS) and greedy.acceptance is None
+
+
+def test_stop_tokens_end_rows_independently(model, greedy):
+    stop = greedy.tokens[0][3]
+    got = sampling.generate(model, PROMPTS, NEW, stop_tokens=[stop])
+    for row, full in zip(got.tokens, greedy.tokens):
+        cut = full.index(stop) + 1 if stop in full else NEW
+        assert row == full[:cut]
+    assert got.finish_reasons[0] == "stop"
+    assert got.finish_reasons == ["stop" if stop in full else "length" for full in greedy.tokens]
+
+
+def test_streaming_chunks_concatenate_to_the_result(model, greedy):
+    calls = []
+    got = sampling.generate(model, PROMPTS, NEW, on_tokens=calls.append, chunk_size=4)
+    assert got.tokens == greedy.tokens
+    assert len(calls) == 1 + -(-(NEW - 1) // 4)  # the prefill's token, then one call per compiled chunk
+    assert all(len(row) == 1 for row in calls[0])
+    assert [[t for c in calls for t in c[i]] for i in range(len(PROMPTS))] == greedy.tokens
+
+
+def test_sampling_is_seeded(model, greedy):
+    kw = {"temperature": 0.8, "top_p": 0.9}
+    a = sampling.generate(model, PROMPTS, NEW, seed=1, **kw)
+    b = sampling.generate(model, PROMPTS, NEW, seed=1, **kw)
+    c = sampling.generate(model, PROMPTS, NEW, seed=2, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens and a.tokens != greedy.tokens
+    assert all(0 <= t < 258 for row in a.tokens for t in row)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ({"temperature": 1.0, "top_k": 2}, [0.625, 0.375, 0, 0]),
+    ({"temperature": 1.0, "top_p": 0.7}, [0.625, 0.375, 0, 0]),  # mass before token 1 is 0.5 < 0.7, before 2 is 0.8
+    ({"temperature": 1.0, "top_p": 0.85}, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+    ({"temperature": 2.0}, np.sqrt([0.5, 0.3, 0.15, 0.05]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum()),
+])
+def test_sampling_rule_frequencies(rule, expected):
+    n = 20000
+    logits = jnp.tile(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), (n, 1))
+    draws = np.asarray(sampling.sample_tokens(logits, jax.random.key(0), sampling.SamplingRule(**rule)))
+    freq = np.bincount(draws, minlength=4) / n
+    np.testing.assert_allclose(freq, expected, atol=0.015)  # 4 sigma of a binomial frequency at n = 20000
+    assert all(freq[np.asarray(expected) == 0] == 0)
+
+
+def test_greedy_rule_is_argmax():
+    logits = jax.random.normal(jax.random.key(3), (64, 50))
+    got = sampling.sample_tokens(logits, jax.random.key(0), sampling.SamplingRule())
+    assert got.tolist() == np.asarray(logits).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prompts": [[3], []]}, "prompt 1 is empty"),
+    ({"prompts": [[3, 258]]}, "token id 258 is outside the vocabulary"),
+    ({"prompts": [[3] * 500], "max_new_tokens": 13}, "max_position_embeddings=512"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"stop_tokens": [999]}, "stop token id 999"),
+    ({"speculative": "medusa"}, "speculative"),
+])
+def test_bad_input_raises_one_line_error(model, kwargs, match):
+    kw = {"prompts": [[3, 4]], "max_new_tokens": 4} | kwargs
+    with pytest.raises(sampling.GenerateError, match=match) as e:
+        sampling.generate(model, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_speculative_needs_an_mtp_module():
+    cfg = dataclasses.replace(load_config("tiny").model, num_nextn_predict_layers=0)
+    with pytest.raises(sampling.GenerateError, match="num_nextn_predict_layers"):
+        sampling.generate(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), [[3]], 2, speculative="mtp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (3) MTP speculative decoding.
+
+
+def test_speculative_greedy_equals_plain_greedy_random_model(model, greedy):
+    """A random MTP head drafts badly: almost every draft is rejected, output unchanged."""
+    spec = sampling.generate(model, PROMPTS, NEW, speculative="mtp")
+    assert spec.tokens == greedy.tokens
+    assert spec.drafts > 0 and spec.acceptance == spec.accepted / spec.drafts
+
+
+def test_speculative_greedy_equals_plain_greedy_good_drafter(drafter):
+    plain = sampling.generate(drafter, PROMPTS, NEW)
+    spec = sampling.generate(drafter, PROMPTS, NEW, speculative="mtp")
+    print(f"acceptance {spec.accepted}/{spec.drafts} = {spec.acceptance:.3f}; forwards "
+          f"{spec.timing['decode_forwards']} vs {plain.timing['decode_forwards']}")
+    assert spec.tokens == plain.tokens
+    assert len({t for row in plain.tokens for t in row}) > 8  # the text is not a constant
+    assert 0.3 < spec.acceptance < 1.0  # both the accept and the reject paths run
+    assert spec.timing["decode_forwards"] < plain.timing["decode_forwards"]
+    # with stop tokens the rows end exactly where plain decoding ends them, also inside an accepted pair
+    stops = sorted({row[k] for row in plain.tokens for k in (4, 7)})
+    assert (sampling.generate(drafter, PROMPTS, NEW, stop_tokens=stops, speculative="mtp").tokens
+            == sampling.generate(drafter, PROMPTS, NEW, stop_tokens=stops).tokens)
+
+
+def test_acceptance_is_per_call(drafter, model):
+    first = sampling.generate(drafter, PROMPTS, NEW, speculative="mtp")
+    sampling.generate(model, PROMPTS, NEW, speculative="mtp")
+    again = sampling.generate(drafter, PROMPTS, NEW, speculative="mtp")
+    assert (again.drafts, again.accepted, again.acceptance) == (first.drafts, first.accepted, first.acceptance)
+
+
+def test_speculative_sampling_with_one_candidate_is_greedy(drafter):
+    """The sampled verification path (top_k=1 leaves one candidate) reproduces greedy decoding."""
+    plain = sampling.generate(drafter, PROMPTS, NEW)
+    spec = sampling.generate(drafter, PROMPTS, NEW, temperature=0.7, top_k=1, seed=5, speculative="mtp")
+    assert spec.tokens == plain.tokens and spec.accepted > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (2) Parity with transformers' greedy generate.
+
+
+HF_CFG = {"q_lora_rank": 20, "num_hidden_layers": 3, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+          "max_position_embeddings": 64,
+          "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}}
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    hf_util = pytest.importorskip("tests.hf_util")
+    from dsv3_jax import hf
+
+    ref = hf_util.make_hf_model(hf_util.hf_config(**HF_CFG), seed=11)  # every weight random, incl. norms and bias
+    ref.save_pretrained(tmp_path)
+    ours = hf.load(tmp_path, dtype="float32")
+    prompts, n = [[5, 9, 33, 2, 7, 60], [40], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]], 16
+    got = sampling.generate(ours, prompts, n, stop_tokens=[ref.config.eos_token_id])
+    for p, row in zip(prompts, got.tokens):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert row == out[0, len(p):].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (5) Cache size.
+
+
+def test_cache_bytes_per_token_formula(model, cfg):
+    v3 = load_config("deepseek-v3-671b").model
+    assert sampling.cache_bytes_per_token(v3, "bfloat16") == (512 + 64) * 61 * 2  # 70,272 bytes per token
+    assert sampling.cache_bytes_per_token(v3, "bfloat16", mtp=True) == (512 + 64) * 62 * 2
+    assert sampling.cache_bytes_per_token(cfg) == (20 + 6) * 3 * 4
+    cache = model.init_cache(2, 5)  # what decoding really allocates, MTP cache included
+    measured = sum(x.nbytes for x in jax.tree.leaves(cache)) // (2 * 5)
+    assert measured == sampling.cache_bytes_per_token(cfg, mtp=True)
+    main_only = sum(x.nbytes for k, v in cache.items() if k != "mtp" for x in jax.tree.leaves(v)) // (2 * 5)
+    assert main_only == sampling.cache_bytes_per_token(cfg)
