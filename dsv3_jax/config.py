@@ -203,6 +203,31 @@ class TrainConfig:
     run_dir: str = "runs/default"
     peak_tflops: float | None = None  # device peak for MFU; None: measured (CPU) or looked up per device kind
     sample_tokens: int = 200
+    sample_prompt: str = "def "
+    tensorboard: bool = True
+    progress: bool = True  # the \r progress line on process 0 (only when stderr is a terminal)
+    async_checkpoint: bool = True
+
+    def validate(self) -> TrainConfig:
+        for name in ("steps", "global_batch_size", "micro_batches", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "mtp_lambda",
+                     "mtp_lambda_late", "balance_alpha", "bias_gamma", "warmup_steps", "constant_steps",
+                     "eval_every", "eval_batches", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batches:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
+                              f"train.micro_batches ({self.micro_batches})")
+        if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
+            raise ConfigError(f"train.b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops must be positive or null, got {self.peak_tflops}")
+        if not self.run_dir:
+            raise ConfigError("train.run_dir must not be empty")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +253,7 @@ class Config:
 
     def validate(self) -> Config:
         self.model.validate()
+        self.train.validate()
         return self
 
 
@@ -383,7 +409,7 @@ def from_hf_config(hf: dict, **impl) -> ModelConfig:
         raise ConfigError(f"config.json num_key_value_heads={hf['num_key_value_heads']} must equal "
                           f"num_attention_heads={heads} (MLA)")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    kw = {k: v for k, v in hf.items() if k in names and k not in ("rope_scaling", "rope_theta")}
+    kw = {k: v for k, v in hf.items() if k in names and k not in _HF_IGNORED and k != "rope_theta"}
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
     for k in ("bos_token_id", "eos_token_id"):
@@ -402,6 +428,9 @@ def from_hf_config(hf: dict, **impl) -> ModelConfig:
         y = {k: v for k, v in rope.items() if k in fields and v is not None}
         for k in ("mscale", "mscale_all_dim"):
             y.setdefault(k, 0.0)
+        if "original_max_position_embeddings" in hf:  # as transformers: a top-level value wins, then the rope dict's
+            y["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        y.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
         kw["rope_scaling"] = YarnConfig(**y)
     elif rope_type not in ("default", None):
         raise ConfigError(f"config.json rope_scaling type {rope_type!r} is not supported (default or yarn)")

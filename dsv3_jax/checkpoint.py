@@ -1,0 +1,172 @@
+"""Checkpoints: an orbax CheckpointManager around the train state, the data iterator state and the config.
+
+Layout: `RUN_DIR/checkpoints/<step>/{state, data, config}`. `state` is the train state (step, params, router bias,
+optimizer state, rng) as plain dicts of arrays; `data` holds one JSON iterator state per process (grain's handler);
+`config` is the full Config as JSON, so a step directory is self-contained. Saves are asynchronous and the manager
+keeps the last `keep` steps. Restoring walks back from the newest step: a checkpoint that fails to restore is
+reported in one line and the one before it is used. `load_model` rebuilds a Transformer from a run or step dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from dsv3_jax.config import Config, ConfigError, from_dict
+
+ITEMS = ("state", "data", "config")
+
+
+class _IteratorSnapshot:
+    """The state of a data iterator frozen at save time (async saves must not read a moving iterator)."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """Called by grain's restore; nothing to prefetch."""
+
+
+def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(run_dir).absolute() / "checkpoints"
+
+
+def existing_steps(run_dir: str | pathlib.Path) -> list[int]:
+    """Finished checkpoint steps in a run dir, without creating anything."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def saved_config(run_dir: str | pathlib.Path) -> dict | None:
+    """The config dict stored with the newest checkpoint that has one (None for a fresh run dir)."""
+    for step in reversed(existing_steps(run_dir)):
+        for p in (checkpoint_dir(run_dir) / str(step) / "config").glob("*"):
+            if p.is_file():
+                try:
+                    return json.loads(p.read_text())
+                except (OSError, ValueError):
+                    continue
+    return None
+
+
+class Checkpointer:
+    """Save every `every` steps (async, keep last `keep`) and restore the newest restorable checkpoint."""
+
+    def __init__(self, run_dir: str | pathlib.Path, every: int, keep: int, async_save: bool = True):
+        self.every = every
+        self.dir = checkpoint_dir(run_dir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
+
+    def save(self, step: int, state: dict, data_state: Any, cfg: Config, force: bool = False) -> bool:
+        """Start saving `state` at `step` when due (or forced). Returns whether a save started."""
+        if not force and step % self.every:
+            return False
+        if step in self.manager.all_steps():
+            self._set_aside(step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
+            config=ocp.args.JsonSave(dataclasses.asdict(cfg)),
+        )
+        return bool(self.manager.save(step, args=args, force=True))
+
+    def _set_aside(self, step: int) -> None:
+        """A step that exists but did not restore is renamed, never deleted, before a new save of that step."""
+        src = self.dir / str(step)
+        dst = self.dir / f"{step}.unrestorable-{int(time.time())}"
+        if jax.process_index() == 0 and src.exists():
+            src.rename(dst)
+            print(f"warning: moved unrestorable checkpoint {src} to {dst}", file=sys.stderr)
+        self.manager.reload()
+
+    def restore_latest(self, abstract_state: dict) -> tuple[int, dict, Any] | None:
+        """(step, state, data_state) of the newest checkpoint that restores; None when there is none."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()),
+                ))
+                return step, restored["state"], restored["data"].state
+            except Exception as e:  # noqa: BLE001  (any failure means: fall back to the previous checkpoint)
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+                print(f"warning: checkpoint step {step} in {self.dir} failed to restore "
+                      f"({type(e).__name__}: {reason}); {nxt}", file=sys.stderr)
+        if steps:
+            raise ConfigError(f"no checkpoint in {self.dir} could be restored (steps {sorted(steps)}); "
+                              "fix or move them, or choose a new train.run_dir")
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _resolve_step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """(checkpoints dir, step) for a run dir (newest step) or a step dir."""
+    path = path.absolute()
+    if (path / "state").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    steps = existing_steps(path)
+    if steps:
+        return checkpoint_dir(path), steps[-1]
+    if path.is_dir() and path.name == "checkpoints":
+        return _resolve_step_dir(path.parent)
+    raise ConfigError(f"{path} is neither a run dir with checkpoints nor a checkpoint step dir")
+
+
+def load_config_of(path: str | pathlib.Path) -> tuple[Config, pathlib.Path, int]:
+    """The Config saved with a checkpoint, its checkpoints dir and step."""
+    ckpt_dir, step = _resolve_step_dir(pathlib.Path(path))
+    files = [p for p in (ckpt_dir / str(step) / "config").glob("*") if p.is_file()]
+    if not files:
+        raise ConfigError(f"checkpoint {ckpt_dir / str(step)} has no saved config")
+    return from_dict(Config, json.loads(files[0].read_text())).validate(), ckpt_dir, step
+
+
+def load_model(path: str | pathlib.Path):
+    """(Transformer, Config) from a run dir (newest checkpoint) or a step dir: params and router bias restored
+    into a fresh model on the default device."""
+    from flax import nnx
+
+    from dsv3_jax import trainer
+    from dsv3_jax.model import Transformer
+    from dsv3_jax.moe import RouterBias
+
+    cfg, ckpt_dir, step = load_config_of(path)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            trainer.abstract_state(cfg))
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+    finally:
+        manager.close()
+    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))), nnx.Param, RouterBias)
+    return nnx.merge(graphdef, state["params"], state["bias"]), cfg

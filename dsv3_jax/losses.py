@@ -1,0 +1,64 @@
+"""Training losses as pure functions: masked next-token cross-entropy, multi-token prediction, balance loss.
+
+Batches are packed: `tokens`, `segment_ids` (0 = padding, equal ids = one document) and `positions`, each (B, T+1).
+The model reads the first T columns; the target of column t is column t+1 (depth k of MTP: column t+k+1).
+A target counts only when every token from the input to the target lies in one non-padding document, so no
+prediction crosses a packed-document boundary. Cross-entropies are taken in float32 and returned as (sum, count)
+so that gradient accumulation can divide by the token count of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def same_document_mask(segment_ids: jax.Array, depth: int) -> jax.Array:
+    """valid[b, t] for t < T: columns t..t+depth+1 of segment_ids (B, T+1) share one non-padding segment.
+
+    Returns (B, T - depth) booleans (depth 0 is the next-token mask; depth k the MTP mask of module k)."""
+    t_in = segment_ids.shape[1] - 1
+    n = t_in - depth
+    seg = segment_ids
+    valid = seg[:, :n] != 0
+    for j in range(1, depth + 2):
+        valid = valid & (seg[:, j:j + n] == seg[:, :n])
+    return valid
+
+
+def cross_entropy_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of float32 token cross-entropies over masked positions, and the number of those positions."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    nll_bt = -jnp.take_along_axis(logp, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask_bt.astype(jnp.float32)
+    return (nll_bt * mask).sum(), mask.sum()
+
+
+def next_token_loss(logits_btv: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
+    """(sum, count) of the main next-token cross-entropy; logits (B, T, V) for tokens[:, :T]."""
+    return cross_entropy_sum(logits_btv, tokens[:, 1:], same_document_mask(segment_ids, 0))
+
+
+def mtp_losses(mtp_logits_kbtv: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
+    """Per-depth (sums (D,), counts (D,)): depth k at column t predicts token t+k+1 within one document."""
+    sums, counts = [], []
+    for k in range(1, mtp_logits_kbtv.shape[0] + 1):
+        n = tokens.shape[1] - 1 - k
+        s, c = cross_entropy_sum(mtp_logits_kbtv[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k))
+        sums.append(s)
+        counts.append(c)
+    return jnp.stack(sums), jnp.stack(counts)
+
+
+def mtp_loss(per_depth_ce: jax.Array, lam: float | jax.Array) -> jax.Array:
+    """L_MTP = lambda / D * sum_k CE_k for per-depth mean cross-entropies (D,)."""
+    d = per_depth_ce.shape[0]
+    return lam / max(d, 1) * per_depth_ce.sum() if d else jnp.zeros((), jnp.float32)
+
+
+def balance_loss(aux: dict, alpha: float | jax.Array) -> jax.Array:
+    """alpha * sum over MoE layers and MTP layers of the sequence-wise balance term sum_i f_i P_i."""
+    total = aux["balance_loss"].sum()
+    if "mtp_balance_loss" in aux:
+        total = total + aux["mtp_balance_loss"].sum()
+    return alpha * total

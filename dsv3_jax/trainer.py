@@ -1,0 +1,454 @@
+"""TrainState, the pure jitted train step, evaluation and the training loop with metrics and checkpoints.
+
+The train state is plain pytrees: `params` (the nnx.Param values) and `bias` (the RouterBias values) are pure
+dicts that `nnx.merge(graphdef, params, bias)` turns back into a model inside jit. Gradients are taken with respect
+to `params` only; the router bias is updated afterwards from the expert counts the forward pass returns, counted
+over the whole global batch (a global jax.Array: the sum over the batch axis spans every shard and process) and
+summed over micro-batches. Under remat the counts are forward outputs, so recomputation cannot count them twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dsv3_jax import checkpoint, losses, metrics
+from dsv3_jax.config import Config, ConfigError, TrainConfig
+from dsv3_jax.model import Transformer
+from dsv3_jax.moe import RouterBias, max_violation, update_bias
+from dsv3_jax.sharding import constrain, make_mesh, state_shardings
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # () int32: optimizer steps taken
+    params: dict  # pure dict of parameter arrays (differentiated, in the optimizer)
+    bias: dict  # pure dict of router biases (not differentiated, not in the optimizer)
+    opt_state: Any  # optax state over `params`
+    rng: jax.Array  # (2,) uint32 PRNG key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules and the optimizer.
+
+
+def learning_rate(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+    """Linear warmup to the peak, constant for `constant_steps`, then cosine to `min_learning_rate` at `steps`."""
+    s = jnp.asarray(step, jnp.float32)
+    warm = cfg.learning_rate * jnp.minimum(1.0, (s + 1) / max(cfg.warmup_steps, 1))
+    flat_end = cfg.warmup_steps + cfg.constant_steps
+    frac = jnp.clip((s - flat_end) / max(cfg.steps - flat_end, 1), 0.0, 1.0)
+    cosine = cfg.min_learning_rate + (cfg.learning_rate - cfg.min_learning_rate) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    return jnp.where(s < flat_end, warm, cosine)
+
+
+def mtp_lambda(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+    switch = cfg.mtp_lambda_switch_step
+    return jnp.asarray(cfg.mtp_lambda if switch is None else jnp.where(step < switch, cfg.mtp_lambda,
+                                                                         cfg.mtp_lambda_late), jnp.float32)
+
+
+def bias_gamma(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+    stop = cfg.bias_gamma_stop_step
+    return jnp.asarray(cfg.bias_gamma if stop is None else jnp.where(step < stop, cfg.bias_gamma, 0.0), jnp.float32)
+
+
+def decay_mask(abstract_params) -> dict:
+    """Weight decay on matrices only: not on norm scales or any 1-D (per stacked layer) parameter."""
+    def decays(v):
+        axes = v.get_metadata().get("axes", ())
+        return len(axes) >= 2 and "norm" not in axes
+
+    return nnx.to_pure_dict(jax.tree.map(decays, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def make_optimizer(cfg: TrainConfig, mask: dict) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(functools.partial(learning_rate, cfg=cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=mask),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State creation (already sharded) and the abstract state for restores.
+
+
+def split_abstract(cfg: Config):
+    """(graphdef, abstract Param state, abstract RouterBias state) without allocating anything."""
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed)))
+    return nnx.split(model, nnx.Param, RouterBias)
+
+
+def _init_fn(cfg: Config):
+    def init():
+        model = Transformer(cfg.model, nnx.Rngs(cfg.train.seed))
+        _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+        return jnp.zeros((), jnp.int32), nnx.to_pure_dict(params), nnx.to_pure_dict(bias), \
+            jax.random.PRNGKey(cfg.train.seed)
+    return init
+
+
+def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransformation]:
+    """A fresh TrainState whose parameters are created directly in their shardings (jit with out_shardings)."""
+    graphdef, abs_params, abs_bias = split_abstract(cfg)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out_shardings = (replicated, nnx.to_pure_dict(state_shardings(abs_params, mesh)),
+                     nnx.to_pure_dict(state_shardings(abs_bias, mesh)), replicated)
+    tx = make_optimizer(cfg.train, decay_mask(abs_params))
+    with jax.set_mesh(mesh):
+        step, params, bias, rng = jax.jit(_init_fn(cfg), out_shardings=out_shardings)()
+        opt_state = jax.jit(tx.init)(params)
+    return TrainState(step, params, bias, opt_state, rng), graphdef, tx
+
+
+def abstract_state(cfg: Config) -> dict:
+    """ShapeDtypeStructs of the TrainState (as a dict), for restoring without initialising."""
+    _, abs_params, _ = split_abstract(cfg)
+    tx = make_optimizer(cfg.train, decay_mask(abs_params))
+
+    def build():
+        step, params, bias, rng = _init_fn(cfg)()
+        return TrainState(step, params, bias, tx.init(params), rng)._asdict()
+
+    return jax.eval_shape(build)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step.
+
+
+def update_router_bias(bias: dict, counts_le: jax.Array, mtp_counts_ke: jax.Array, gamma: jax.Array) -> dict:
+    """Apply `moe.update_bias` to every MoE layer (stacked) and every MTP block from the global-batch counts."""
+    new = jax.tree.map(lambda x: x, bias)
+    if "moe_layers" in new:
+        mlp = new["moe_layers"]["mlp"]
+        mlp["bias"] = update_bias(mlp["bias"], counts_le, gamma)
+    for k, module in new.get("mtp", {}).items():
+        mlp = module["block"]["mlp"]
+        mlp["bias"] = update_bias(mlp["bias"], mtp_counts_ke[int(k)], gamma)
+    return new
+
+
+def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
+    """The model on the input columns [:, :-1] of a packed batch."""
+    model = nnx.merge(graphdef, params, bias)
+    return model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp)
+
+
+def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTransformation,
+               cfg: Config) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch (B, T+1), accumulating gradients over `micro_batches`."""
+    tcfg, depth = cfg.train, cfg.model.num_nextn_predict_layers
+    m = tcfg.micro_batches
+    seg = batch["segment_ids"]
+    n_tok = jnp.maximum(losses.same_document_mask(seg, 0).sum(), 1).astype(jnp.float32)
+    n_mtp = jnp.stack([losses.same_document_mask(seg, k).sum() for k in range(1, depth + 1)]) if depth else \
+        jnp.zeros((0,))
+    n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (D,) targets per MTP depth in the whole global batch
+    lam, gamma = mtp_lambda(state.step, tcfg), bias_gamma(state.step, tcfg)
+
+    def micro_loss(params, mb):
+        out = forward(graphdef, params, state.bias, mb)
+        ce_sum, _ = losses.next_token_loss(out.logits, mb["tokens"], mb["segment_ids"])
+        ce = ce_sum / n_tok
+        if depth:
+            sums, _ = losses.mtp_losses(out.mtp_logits, mb["tokens"], mb["segment_ids"])
+            mtp_ce = sums / n_mtp
+            mtp_counts = out.aux["mtp_expert_counts"]
+        else:
+            mtp_ce, mtp_counts = jnp.zeros((0,)), jnp.zeros((0, cfg.model.n_routed_experts))
+        bal = losses.balance_loss(out.aux, tcfg.balance_alpha) / m
+        total = ce + losses.mtp_loss(mtp_ce, lam) + bal
+        return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "counts": out.aux["expert_counts"],
+                       "mtp_counts": mtp_counts}
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # (B, ...) -> (m, B/m, ...) taking rows i, i+m, ...: each micro-batch keeps the batch sharding of dim 0
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(acc, mb):
+        mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
+        (total, aux), grads = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, acc, (total, aux, grads)), None
+
+    (total_shape, aux_shape), grads_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (total_shape, aux_shape, grads_shape))
+    (total, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    bias = update_router_bias(state.bias, aux["counts"], aux["mtp_counts"], gamma)
+    all_bias = jnp.concatenate([b.reshape(-1) for b in jax.tree.leaves(bias)] or [jnp.zeros((1,))])
+    out = {
+        "loss": aux["ce"], "total_loss": total, "mtp_loss": aux["mtp_ce"].mean() if depth else jnp.zeros(()),
+        "balance_loss": aux["balance"], "grad_norm": grad_norm, "lr": learning_rate(state.step, tcfg),
+        "mtp_lambda": lam, "bias_gamma": gamma, "maxvio": max_violation(aux["counts"]),
+        "maxvio_mean": max_violation(aux["counts"]).mean() if aux["counts"].shape[0] else jnp.zeros(()),
+        "dead_experts": (aux["counts"] == 0).sum(), "bias_mean": all_bias.mean(), "bias_std": all_bias.std(),
+        "tokens": n_tok,
+    }
+    if depth:
+        out["mtp_maxvio"] = max_violation(aux["mtp_counts"])
+    return TrainState(state.step + 1, params, bias, opt_state, state.rng), out
+
+
+def eval_step(params: dict, bias: dict, batch: dict, graphdef) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token cross-entropies, number of targets) on one batch, without MTP."""
+    out = forward(graphdef, params, bias, batch, mtp=False)
+    return losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks that run before anything in the run dir is touched.
+
+
+def data_parallel_size(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+
+
+def check_run(cfg: Config, mesh) -> None:
+    """Shape checks across config sections and the mesh, with one-line errors naming the fields."""
+    t, b = cfg.train, cfg.train.global_batch_size
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_position_embeddings "
+                          f"({cfg.model.max_position_embeddings})")
+    dp = data_parallel_size(mesh)
+    if b % dp:
+        raise ConfigError(f"train.global_batch_size ({b}) is not divisible by the data-parallel size {dp} "
+                          f"(mesh data*fsdp*expert = {dict(mesh.shape)})")
+    if (b // t.micro_batches) % dp:
+        raise ConfigError(f"the micro-batch size ({b} / train.micro_batches {t.micro_batches}) is not divisible "
+                          f"by the data-parallel size {dp}")
+    if b % jax.process_count():
+        raise ConfigError(f"train.global_batch_size ({b}) is not divisible by the {jax.process_count()} processes")
+
+
+def check_run_dir(cfg: Config) -> None:
+    """A run dir that already holds checkpoints must belong to the same model."""
+    t = cfg.train
+    saved = checkpoint.saved_config(t.run_dir)
+    if saved is not None:
+        now = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
+        diff = [k for k in now if saved.get("model", {}).get(k) != now[k]]
+        if diff:
+            raise ConfigError(f"train.run_dir {t.run_dir} holds a run with a different model (model.{diff[0]}: "
+                              f"{saved['model'].get(diff[0])!r} there, {now[diff[0]]!r} now); choose a new run_dir")
+
+
+def check_batch(batch: dict, cfg: Config) -> None:
+    from dsv3_jax.tokenizer import DataError
+
+    want = cfg.data.seq_len + 1
+    for k in BATCH_KEYS:
+        if k not in batch or batch[k].ndim != 2 or batch[k].shape[1] != want:
+            raise DataError(f"batch field {k!r} must have shape (batch, {want}), got "
+                            f"{None if k not in batch else batch[k].shape}")
+    top = int(batch["tokens"].max())
+    if top >= cfg.model.vocab_size:
+        raise DataError(f"token id {top} in the training data is >= model.vocab_size {cfg.model.vocab_size}")
+
+
+def to_global(batch: dict, sharding, global_batch: int) -> dict:
+    """This process's rows (b, T+1) -> global arrays (B, T+1) sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]),
+                                                      (global_batch,) + batch[k].shape[1:]) for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint after the current step and exit."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def evaluate(cfg: Config, eval_fn, state: TrainState, batch_sharding) -> float:
+    """Mean next-token loss (nats) over `eval_batches` batches of a fresh eval iterator (0: the whole split)."""
+    from dsv3_jax import data
+
+    it = data.make_dataset(cfg.data, "eval", cfg.train.global_batch_size, jax.process_index(), jax.process_count(),
+                           seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(it):
+        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+            break
+        s, c = eval_fn(state.params, state.bias, to_global(batch, batch_sharding, cfg.train.global_batch_size))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def generate_sample(cfg: Config, graphdef, state: TrainState) -> str:
+    """A short continuation of `train.sample_prompt` from the trained model (sampling.generate when present)."""
+    from dsv3_jax.data import make_tokenizer
+
+    tok = make_tokenizer(cfg.data.tokenizer)
+    prompt = [tok.bos_id] + list(tok.encode(cfg.train.sample_prompt))
+    model = nnx.merge(graphdef, state.params, state.bias)
+    try:
+        from dsv3_jax.sampling import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        s = cfg.sample
+        out = generate(model, [prompt], cfg.train.sample_tokens, temperature=s.temperature, top_k=s.top_k,
+                       top_p=s.top_p, seed=s.seed, stop_tokens=[tok.eos_id]).tokens[0]
+    else:
+        out = _greedy(model, prompt, cfg.train.sample_tokens, tok.eos_id)
+    return cfg.train.sample_prompt + tok.decode([t for t in out if t != tok.eos_id])
+
+
+def _greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
+    """Minimal greedy decoding without a cache: one fixed-size forward per new token (causal, so the padding
+    after the current position does not matter)."""
+    length = min(len(prompt) + n, model.cfg.max_position_embeddings)
+    ids = np.zeros((1, length), np.int32)
+    ids[0, :len(prompt)] = prompt
+    fwd = nnx.jit(lambda m, x: m(x, mtp=False).logits)
+    out = []
+    for i in range(len(prompt), length):
+        nxt = int(jnp.argmax(fwd(model, jnp.asarray(ids))[0, i - 1]))
+        out.append(nxt)
+        if nxt == eos:
+            break
+        ids[0, i] = nxt
+    return out
+
+
+def train(cfg: Config) -> dict:
+    """Train `cfg` (resuming from the newest checkpoint in train.run_dir); returns the final metrics."""
+    from dsv3_jax import data
+
+    tcfg, b = cfg.train, cfg.train.global_batch_size
+    lead = jax.process_index() == 0
+    # Everything that can reject the input runs before the run dir is touched.
+    mesh = make_mesh(cfg.mesh)
+    check_run(cfg, mesh)
+    train_it = data.make_dataset(cfg.data, "train", b, jax.process_index(), jax.process_count(), seed=tcfg.seed,
+                                 vocab_size=cfg.model.vocab_size)
+    start_data = train_it.get_state()
+    check_batch(next(train_it), cfg)
+    train_it.set_state(start_data)
+    bytes_per_token = data.split_info(cfg.data, "eval").bytes_per_token if tcfg.eval_every else math.nan
+    check_run_dir(cfg)
+
+    state, graphdef, tx = init_state(cfg, mesh)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                      donate_argnums=() if jax.default_backend() == "cpu" else (0,))
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+    run_dir = pathlib.Path(tcfg.run_dir)
+    ckpt = checkpoint.Checkpointer(run_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints, tcfg.async_checkpoint)
+    shardings = jax.tree.map(lambda x: x.sharding, state._asdict())
+    restored = ckpt.restore_latest(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                state._asdict(), shardings))
+    if restored is not None:
+        start, saved, data_state = restored
+        state = TrainState(**saved)
+        train_it.set_state(data_state)
+        if lead:
+            print(f"resumed from {ckpt.dir / str(start)}", file=sys.stderr)
+    start = int(state.step)
+    writer = metrics.Writer(run_dir, tcfg.tensorboard)
+    writer.truncate_after(start)
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    tokens_per_step = b * cfg.data.seq_len
+    flops_per_step = metrics.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak, peak_source = metrics.peak_flops(tcfg.peak_tflops, mesh.devices.reshape(-1))
+    if lead:
+        print(f"model {cfg.model.hidden_size}d x {cfg.model.num_hidden_layers} layers, {len(jax.devices())} devices "
+              f"{dict(mesh.shape)}, {tokens_per_step} tokens/step, peak {peak / 1e12:.3g} TFLOP/s ({peak_source})",
+              file=sys.stderr)
+    progress = metrics.Progress(tcfg.steps, tcfg.progress)
+    last: dict = {}
+    t_begin = time.perf_counter()
+    window = [0, 0.0]  # steps and seconds since the last log line, the compiling first step excluded
+    overall = [0, 0.0]
+    with jax.set_mesh(mesh), _StopSignal() as stop:
+        for step in range(start + 1, tcfg.steps + 1):
+            t0 = time.perf_counter()
+            batch = to_global(next(train_it), batch_sharding, b)
+            state, m = step_fn(state, batch)
+            values = metrics.scalars(jax.device_get(m))
+            if step > start + 1:
+                dt = time.perf_counter() - t0
+                window, overall = [window[0] + 1, window[1] + dt], [overall[0] + 1, overall[1] + dt]
+            rate = window[0] * tokens_per_step / window[1] if window[0] else math.nan
+            mean_step_s = overall[1] / overall[0] if overall[0] else math.nan
+            progress.update(step, values["loss"], values["mtp_loss"], tokens_per_step / mean_step_s,
+                            (tcfg.steps - step) * mean_step_s)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                now = time.perf_counter()
+                window = [0, 0.0]
+                values["tokens_per_s"] = rate
+                values["mfu"] = rate * flops_per_step / tokens_per_step / peak
+                values["elapsed_s"] = now - t_begin
+                writer.write(step, "train", values)
+                progress.clear()
+                if lead:
+                    print(f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | mtp {values['mtp_loss']:.4f} | "
+                          f"bal {values['balance_loss']:.2e} | gnorm {values['grad_norm']:.3f} | lr {values['lr']:.2e}"
+                          f" | {rate:,.0f} tok/s | mfu {100 * values['mfu']:.2f}% | maxvio "
+                          f"{values['maxvio_mean']:.3f} | dead {int(values['dead_experts'])}", flush=True)
+                last = values
+            if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+                loss = evaluate(cfg, eval_fn, state, batch_sharding)
+                ev = {"loss": loss, "bits_per_byte": loss / math.log(2) / bytes_per_token}
+                writer.write(step, "eval", ev)
+                last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
+                progress.clear()
+                if lead:
+                    print(f"eval step {step} | loss {loss:.4f} | bits/byte {ev['bits_per_byte']:.4f}", flush=True)
+            ckpt.save(step, state._asdict(), train_it.get_state(), cfg,
+                      force=step == tcfg.steps or stop.signum is not None)
+            if stop.signum is not None:
+                ckpt.close()
+                progress.clear()
+                print(f"stopped by signal {stop.signum} after step {step}; checkpoint saved in {ckpt.dir}",
+                      file=sys.stderr)
+                raise SystemExit(128 + stop.signum)
+    ckpt.close()
+    progress.clear()
+    if tcfg.sample_tokens and jax.process_count() == 1 and lead:
+        with jax.set_mesh(mesh):
+            text = generate_sample(cfg, graphdef, state)
+        writer.text(int(state.step), "sample", text)
+        print(f"--- sample ---\n{text}\n--------------", flush=True)
+    writer.close()
+    return last

@@ -1,0 +1,70 @@
+"""train.py on bad input: one `error:` line, exit status 2, and an existing checkpoint left exactly as it was."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BASE = ["--config", "tiny", "train.steps=2", "train.checkpoint_every=2", "train.eval_every=0", "train.sample_tokens=0",
+        "data.seq_len=32", "data.max_documents=100", "train.tensorboard=false"]
+
+
+def _env(extra: dict | None = None) -> dict:
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)
+    e.update(extra or {})
+    return e
+
+
+def _listing(run_dir: pathlib.Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "run"
+    r = subprocess.run([sys.executable, "train.py", *BASE, f"train.run_dir={d}"], cwd=REPO, env=_env(),
+                       check=False, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (d / "checkpoints" / "2").is_dir()
+    return d
+
+
+CASES = {
+    "missing data glob": (["data.source=/nonexistent/dir/*.txt"], {}, "/nonexistent/dir"),
+    "empty data glob": (["data.source={empty}/*.txt"], {}, "empty"),
+    "token id beyond vocab": (["model.vocab_size=200"], {}, "vocab_size"),
+    "seq_len beyond max positions": (["data.seq_len=1024"], {}, "max_position_embeddings"),
+    "batch not divisible by data parallel": (["train.global_batch_size=6"],
+                                             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                                             "data-parallel"),
+    "batch not divisible by micro batches": (["train.micro_batches=3"], {}, "micro_batches"),
+    "unknown config key": (["train.stepz=3"], {}, "stepz"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_and_leaves_the_checkpoint_alone(case, run_dir, tmp_path):
+    overrides, extra_env, must_name = CASES[case]
+    (tmp_path / "empty").mkdir()
+    overrides = [o.format(empty=tmp_path / "empty") for o in overrides]
+    before = _listing(run_dir)
+    r = subprocess.run([sys.executable, "train.py", *BASE, f"train.run_dir={run_dir}", *overrides], cwd=REPO,
+                       env=_env(extra_env), check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert must_name in errors[0], errors[0]
+    assert _listing(run_dir) == before
+
+
+def test_default_arguments_name_the_small_preset():
+    sys.path.insert(0, str(REPO))
+    import train
+
+    args = train.parse_args([])
+    assert args.config == "small" and args.overrides == []

@@ -1,0 +1,152 @@
+"""The train step: bias rule from global counts, bias outside gradients and optimizer, gradient accumulation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import trainer
+from dsv3_jax.config import load_config
+from dsv3_jax.moe import update_bias
+from dsv3_jax.sharding import make_mesh
+
+SEQ, BATCH = 16, 4
+
+
+def packed_batch(seed: int, vocab: int) -> dict:
+    """Rows of two documents each (the split point varies per row), random tokens."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, vocab, size=(BATCH, SEQ + 1)).astype(np.int32)
+    seg = np.ones((BATCH, SEQ + 1), np.int32)
+    pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (BATCH, 1))
+    for r in range(BATCH):
+        cut = 3 + 2 * r
+        seg[r, cut:] = 2
+        pos[r, cut:] = np.arange(SEQ + 1 - cut)
+    seg[-1, -3:] = 0  # padding at the end of the last row
+    return {"tokens": tokens, "segment_ids": seg, "positions": pos}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
+                               "train.balance_alpha=0.01"])
+    mesh = make_mesh(cfg.mesh)
+    state, graphdef, tx = trainer.init_state(cfg, mesh)
+    return cfg, mesh, state, graphdef, tx
+
+
+@functools.cache
+def _jitted_step(cfg, graphdef, tx):
+    return jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))
+
+
+def run_step(cfg, mesh, state, graphdef, tx, batch):
+    step = _jitted_step(cfg, graphdef, tx)
+    with jax.set_mesh(mesh):
+        return step(state, jax.tree.map(jnp.asarray, batch))
+
+
+def _paths(tree) -> set[str]:
+    return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_update_router_bias_moves_each_expert_by_gamma_towards_the_mean():
+    counts = jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])  # means 5 and 3
+    mtp_counts = jnp.array([[4.0, 4.0, 0.0, 8.0]])  # mean 4
+    bias = {"moe_layers": {"mlp": {"bias": jnp.zeros((2, 4))}}, "mtp": {0: {"block": {"mlp": {"bias": jnp.ones(4)}}}}}
+    new = trainer.update_router_bias(bias, counts, mtp_counts, jnp.float32(0.5))
+    np.testing.assert_array_equal(np.asarray(new["moe_layers"]["mlp"]["bias"]),
+                                  [[-0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, -0.5]])
+    np.testing.assert_array_equal(np.asarray(new["mtp"][0]["block"]["mlp"]["bias"]), [1.0, 1.0, 1.5, 0.5])
+    np.testing.assert_array_equal(np.asarray(bias["moe_layers"]["mlp"]["bias"]), np.zeros((2, 4)))  # pure
+
+
+def test_bias_is_in_no_gradient_and_no_optimizer_state(setup):
+    cfg, _, state, graphdef, _ = setup
+    bias_paths = _paths(state.bias)
+    assert bias_paths and all("bias" in p for p in bias_paths)
+    assert not bias_paths & _paths(state.params)
+    assert not any("'bias'" in p for p in _paths(state.opt_state))
+    # every optimizer leaf that mirrors a parameter mirrors one of `params`, never the bias
+    param_shapes = sorted(x.shape for x in jax.tree.leaves(state.params))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert sorted(x.shape for x in moments) == sorted(param_shapes * 2)
+
+    batch = packed_batch(0, cfg.model.vocab_size)
+
+    def loss(params):
+        out = trainer.forward(graphdef, params, state.bias, jax.tree.map(jnp.asarray, batch))
+        return out.logits.sum() + out.mtp_logits.sum()
+
+    grads = jax.grad(loss)(state.params)
+    assert _paths(grads) == _paths(state.params)
+    assert not any("bias" in p.split("]")[-2] for p in _paths(grads))
+
+
+def test_bias_update_uses_the_counts_of_the_whole_batch(setup):
+    cfg, mesh, state, graphdef, tx = setup
+    batch = packed_batch(1, cfg.model.vocab_size)
+    new_state, metrics = run_step(cfg, mesh, state, graphdef, tx, batch)
+    # reference counts: one forward over the whole batch with the pre-step parameters and bias
+    out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias,
+                                                                 jax.tree.map(jnp.asarray, batch))
+    counts = np.asarray(out.aux["expert_counts"])
+    valid_tokens = (batch["segment_ids"][:, :-1] != 0).sum()
+    np.testing.assert_array_equal(counts.sum(-1), valid_tokens * cfg.model.num_experts_per_tok)
+    gamma = cfg.train.bias_gamma
+    old = np.asarray(state.bias["moe_layers"]["mlp"]["bias"])
+    new = np.asarray(new_state.bias["moe_layers"]["mlp"]["bias"])
+    np.testing.assert_allclose(new - old, gamma * np.sign(counts.mean(-1, keepdims=True) - counts), atol=1e-9)
+    moved = np.abs(new - old)[np.abs(new - old) > 0]
+    np.testing.assert_allclose(moved, gamma, rtol=1e-6)  # exactly +/- gamma (or 0 for an expert at the mean)
+    assert (np.abs(new - old) > 0).any()
+    mtp_counts = np.asarray(out.aux["mtp_expert_counts"][0])
+    np.testing.assert_allclose(np.asarray(new_state.bias["mtp"][0]["block"]["mlp"]["bias"]),
+                               np.asarray(update_bias(state.bias["mtp"][0]["block"]["mlp"]["bias"],
+                                                      jnp.asarray(mtp_counts), gamma)), atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(metrics["dead_experts"]), (counts == 0).sum())
+    assert int(new_state.step) == 1
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup):
+    cfg, mesh, state, graphdef, tx = setup
+    batch = packed_batch(2, cfg.model.vocab_size)
+    one, m_one = run_step(cfg, mesh, state, graphdef, tx, batch)
+    cfg2 = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
+                                "train.balance_alpha=0.01", "train.micro_batches=2"])
+    two, m_two = run_step(cfg2, mesh, state, graphdef, tx, batch)
+    # identical routing counts (so identical bias updates), counted once
+    np.testing.assert_array_equal(np.asarray(m_one["maxvio"]), np.asarray(m_two["maxvio"]))
+    for a, b in zip(jax.tree.leaves(one.bias), jax.tree.leaves(two.bias)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(float(m_one["loss"]), float(m_two["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_one["mtp_loss"]), float(m_two["mtp_loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_one["grad_norm"]), float(m_two["grad_norm"]), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_schedules():
+    cfg = load_config("tiny", ["train.steps=100", "train.warmup_steps=10", "train.constant_steps=20",
+                               "train.learning_rate=1e-3", "train.min_learning_rate=1e-4",
+                               "train.mtp_lambda_switch_step=50", "train.bias_gamma_stop_step=80"]).train
+    lr = [float(trainer.learning_rate(jnp.int32(s), cfg)) for s in (0, 9, 10, 29, 30, 65, 100)]
+    np.testing.assert_allclose(lr, [1e-4, 1e-3, 1e-3, 1e-3, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
+    assert float(trainer.mtp_lambda(jnp.int32(49), cfg)) == pytest.approx(0.3)
+    assert float(trainer.mtp_lambda(jnp.int32(50), cfg)) == pytest.approx(0.1)
+    assert float(trainer.bias_gamma(jnp.int32(79), cfg)) == pytest.approx(1e-3)
+    assert float(trainer.bias_gamma(jnp.int32(80), cfg)) == 0.0
+
+
+def test_weight_decay_mask_skips_norms_and_vectors(setup):
+    cfg, *_ = setup
+    _, abs_params, _ = trainer.split_abstract(cfg)
+    mask = trainer.decay_mask(abs_params)
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert not any(m for p, m in flat.items() if "norm" in p)  # stacked norm scales are 2-D but not decayed
+    assert flat["['embed']['weight']"] and flat["['moe_layers']['mlp']['w_gate']"]
+    assert isinstance(abs_params, nnx.State)
