@@ -60,7 +60,7 @@ def logical_spec(axes: tuple[str | None, ...], rules: dict = RULES) -> Partition
 def param_axes(variable) -> tuple[str | None, ...]:
     """Logical axes of a parameter, with `layers` prepended for stacked (scanned) parameters."""
     axes = tuple(variable.get_metadata().get("axes", ()))
-    extra = variable.value.ndim - len(axes)
+    extra = len(variable.get_value().shape) - len(axes)
     return ("layers",) * extra + axes
 
 
@@ -79,7 +79,7 @@ def state_shardings(state, mesh: Mesh, rules: dict = RULES):
 
     def one(v):
         if isinstance(v, nnx.Variable):
-            spec = fit_spec(logical_spec(param_axes(v), rules), v.value.shape, mesh)
+            spec = fit_spec(logical_spec(param_axes(v), rules), v.get_value().shape, mesh)
             return v.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 
