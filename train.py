@@ -30,15 +30,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     """The exception types that mean bad input (printed as one line), not a bug."""
+    from dsv3_jax.hf import HFError
+    from dsv3_jax.sampling import GenerateError
     from dsv3_jax.tokenizer import DataError
 
-    errors = [ConfigError, DataError, FileNotFoundError]
-    for module, name in (("dsv3_jax.hf", "HFError"), ("dsv3_jax.sampling", "GenerateError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return ConfigError, DataError, HFError, GenerateError, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:

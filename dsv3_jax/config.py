@@ -264,7 +264,7 @@ class Config:
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

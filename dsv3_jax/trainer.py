@@ -312,40 +312,17 @@ def evaluate(cfg: Config, eval_fn, state: TrainState, batch_sharding) -> float:
 
 
 def generate_sample(cfg: Config, graphdef, state: TrainState) -> str:
-    """A short continuation of `train.sample_prompt` from the trained model (sampling.generate when present)."""
+    """A short continuation of `train.sample_prompt` from the trained model, with the `sample` settings."""
     from dsv3_jax.data import make_tokenizer
+    from dsv3_jax.sampling import generate
 
     tok = make_tokenizer(cfg.data.tokenizer)
     prompt = [tok.bos_id] + list(tok.encode(cfg.train.sample_prompt))
     model = nnx.merge(graphdef, state.params, state.bias)
-    try:
-        from dsv3_jax.sampling import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        s = cfg.sample
-        out = generate(model, [prompt], cfg.train.sample_tokens, temperature=s.temperature, top_k=s.top_k,
-                       top_p=s.top_p, seed=s.seed, stop_tokens=[tok.eos_id]).tokens[0]
-    else:
-        out = _greedy(model, prompt, cfg.train.sample_tokens, tok.eos_id)
+    s = cfg.sample
+    out = generate(model, [prompt], cfg.train.sample_tokens, temperature=s.temperature, top_k=s.top_k,
+                   top_p=s.top_p, seed=s.seed, stop_tokens=[tok.eos_id]).tokens[0]
     return cfg.train.sample_prompt + tok.decode([t for t in out if t != tok.eos_id])
-
-
-def _greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
-    """Minimal greedy decoding without a cache: one fixed-size forward per new token (causal, so the padding
-    after the current position does not matter)."""
-    length = min(len(prompt) + n, model.cfg.max_position_embeddings)
-    ids = np.zeros((1, length), np.int32)
-    ids[0, :len(prompt)] = prompt
-    fwd = nnx.jit(lambda m, x: m(x, mtp=False).logits)
-    out = []
-    for i in range(len(prompt), length):
-        nxt = int(jnp.argmax(fwd(model, jnp.asarray(ids))[0, i - 1]))
-        out.append(nxt)
-        if nxt == eos:
-            break
-        ids[0, i] = nxt
-    return out
 
 
 def train(cfg: Config) -> dict:
