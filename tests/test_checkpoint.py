@@ -143,3 +143,30 @@ def test_load_model_restores_params_and_bias(runs):
     w_new = np.asarray(nnx.state(model, nnx.Param)["head"]["weight"][...])
     w_old = np.asarray(nnx.state(older, nnx.Param)["head"]["weight"][...])
     assert not np.array_equal(w_new, w_old)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tmp_path_factory):
+    """SIGTERM mid-run: the step in progress finishes, a checkpoint of it is written, the exit status is 128+15,
+    and the run resumes from that step."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith(("train.steps=", "train.checkpoint_every="))]
+    cmd = [sys.executable, "train.py", *args, "train.steps=500", "train.checkpoint_every=1000", f"train.run_dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path_factory), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.time() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 2/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+    steps = checkpoint.existing_steps(run)
+    assert len(steps) == 1 and 2 <= steps[0] < 500, steps
+    assert "stopped by signal 15" in rest
+    _, cfg = checkpoint.load_model(run)
+    assert cfg.train.steps == 500
