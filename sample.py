@@ -64,7 +64,8 @@ def load(path_str: str, dtype: str, tokenizer_spec: str | None):
     if not path.is_dir():
         raise CLIError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
     try:
-        if (path / "config.json").is_file():
+        ours = (path / "checkpoints").is_dir() or (path / "state").is_dir()  # a run dir or one of its step dirs
+        if (path / "config.json").is_file() and not ours:
             model, spec, defaults = hf.load(path, dtype=dtype), "byte", SampleConfig()
             if (path / "tokenizer.json").is_file():
                 spec = str(path / "tokenizer.json")

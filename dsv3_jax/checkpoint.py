@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import sys
 import time
@@ -159,6 +160,9 @@ def load_model(path: str | pathlib.Path):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             trainer.abstract_state(cfg))
+    absl_log = logging.getLogger("absl")  # orbax announces read-only mode as warnings; reading is all we do
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
     manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
@@ -168,5 +172,6 @@ def load_model(path: str | pathlib.Path):
                           f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     finally:
         manager.close()
+        absl_log.setLevel(level)
     graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))), nnx.Param, RouterBias)
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg

@@ -363,7 +363,7 @@ def train(cfg: Config) -> dict:
     writer = metrics.Writer(run_dir, tcfg.tensorboard)
     writer.truncate_after(start)
     if lead:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     tokens_per_step = b * cfg.data.seq_len
     flops_per_step = metrics.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step

@@ -152,6 +152,7 @@ def test_our_checkpoint_end_to_end(tmp_path):
     saver = checkpoint.Checkpointer(cfg.train.run_dir, every=1, keep=1, async_save=False)
     saver.save(0, state._asdict(), {}, cfg, force=True)
     saver.close()
+    (tmp_path / "run" / "config.json").write_text("{}")  # a stray config.json must not make it look like HF
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", cfg.train.run_dir,
                            "--prompt", "ab", "--prompt", "abcd", "--max-new-tokens", "5", "--speculative", "mtp",
                            "--json"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
