@@ -402,7 +402,8 @@ def train(cfg: Config) -> dict:
                     print(f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | mtp {values['mtp_loss']:.4f} | "
                           f"bal {values['balance_loss']:.2e} | gnorm {values['grad_norm']:.3f} | lr {values['lr']:.2e}"
                           f" | {rate:,.0f} tok/s | mfu {100 * values['mfu']:.2f}% | maxvio "
-                          f"{values['maxvio_mean']:.3f} | dead {int(values['dead_experts'])}", flush=True)
+                          f"{values['maxvio_mean']:.3f} | dead {int(values['dead_experts'])} | ETA "
+                          f"{metrics.format_duration((tcfg.steps - step) * mean_step_s)}", flush=True)
                 last = values
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                 loss = evaluate(cfg, eval_fn, state, batch_sharding)
