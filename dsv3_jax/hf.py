@@ -317,10 +317,11 @@ class _Reader:
             raise HFError(f"{self.where[key]}: {key}: {e}") from None
 
 
-def load(path, dtype: str = "float32", **impl_overrides):
-    """Transformer from an HF DeepSeek-V3 directory (config.json + safetensors), filled tensor by tensor into the
-    abstract model's leaves (one host copy of the weights). `dtype` sets the parameter and compute dtypes;
-    `impl_overrides` are further ModelConfig implementation fields (moe_impl, remat, ...)."""
+def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
+    """Transformer from an HF DeepSeek-V3 directory (config.json + safetensors), filled leaf by leaf from the
+    tensors of the files (the host holds one parameter at a time). With a `mesh`, each parameter is placed
+    directly in its logical-axis sharding (each process keeps only its addressable shards). `dtype` sets the
+    parameter and compute dtypes; `impl_overrides` are further ModelConfig implementation fields (moe_impl, ...)."""
     from flax import nnx
 
     from dsv3_jax.model import Transformer
@@ -348,37 +349,56 @@ def load(path, dtype: str = "float32", **impl_overrides):
         main, copies = entries(cfg, hf_cfg.get("rope_interleave", True) is not False, fused)
         _check_keys(root, cfg, reader, main, copies)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-        _fill(root, reader, dict(nnx.to_flat_state(state)), main, copies)
+        shardings = None
+        if mesh is not None:
+            from dsv3_jax.sharding import state_shardings
+
+            shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh))}
+        _fill(root, reader, dict(nnx.to_flat_state(state)), main, copies, shardings)
     return nnx.merge(graphdef, state)
 
 
-def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry]) -> None:
-    """Assign every entry's tensor into numpy buffers shaped like the abstract leaves, then set the leaves."""
+def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry], shardings=None) -> None:
+    """Build each leaf from the entries that target it, place it (sharded when `shardings` is given) and drop the
+    host buffer before the next leaf."""
+    import jax
     import jax.numpy as jnp
 
-    buffers = {p: np.empty(var.shape, np.dtype(var.dtype)) for p, var in leaves.items()}
-    filled = dict.fromkeys(buffers, 0)
+    parts = {p: [] for p in leaves}  # leaf path -> [(entry, target)]
     for entry in main:
-        a = reader.get(entry.key)
-        if tuple(a.shape) != entry.shape:
-            raise HFError(f"{reader.where[entry.key]}: {entry.key} has shape {list(a.shape)}, config.json "
-                          f"implies {list(entry.shape)}")
         for t in entry.targets:
+            parts[t.path].append((entry, t))
+    shared = {}  # leaf path -> the copies of it stored with the MTP layers
+    for e in copies:
+        if e.key in reader.where:
+            shared.setdefault(e.targets[0].path, []).append(e)
+    unfilled = []
+    for path, var in leaves.items():
+        buffer, filled = np.empty(var.shape, np.dtype(var.dtype)), 0
+        for entry, t in parts[path]:
+            a = reader.get(entry.key)
+            if tuple(a.shape) != entry.shape:
+                raise HFError(f"{reader.where[entry.key]}: {entry.key} has shape {list(a.shape)}, config.json "
+                              f"implies {list(entry.shape)}")
             part = t.to_ours(a)
-            buffers[t.path][t.index] = part
-            filled[t.path] += part.size
-    for entry in copies:
-        if entry.key in reader.where:
-            t = entry.targets[0]
-            a, shared = reader.get(entry.key), buffers[t.path]
-            if tuple(a.shape) != entry.shape or not np.array_equal(t.to_ours(a).astype(shared.dtype), shared):
-                print(f"warning: {entry.key} differs from the shared {'/'.join(t.path)}; using the shared tensor",
+            buffer[t.index] = part
+            filled += part.size
+        if filled != buffer.size:
+            unfilled.append("/".join(map(str, path)))
+            continue
+        for entry in shared.get(path, ()):
+            a = reader.get(entry.key)
+            if tuple(a.shape) != entry.shape or not np.array_equal(entry.targets[0].to_ours(a).astype(buffer.dtype),
+                                                                   buffer):
+                print(f"warning: {entry.key} differs from the shared {'/'.join(path)}; using the shared tensor",
                       file=sys.stderr)
-    unfilled = ["/".join(map(str, p)) for p in buffers if filled[p] != buffers[p].size]
+        if shardings is None:
+            var.set_value(jnp.asarray(buffer))
+        else:
+            var.set_value(jax.make_array_from_callback(buffer.shape, shardings[path], lambda i, b=buffer: b[i]))
+        del buffer
     if unfilled:
         raise HFError(f"{root}: parameters not covered by the checkpoint: {_listing(unfilled)}")
-    for p, var in leaves.items():
-        var.set_value(jnp.asarray(buffers.pop(p)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

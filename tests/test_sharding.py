@@ -1,5 +1,5 @@
-"""Sharding on 8 fake CPU devices: parameters are created in their logical-axis shardings and the sharded forward
-equals the single-device forward. Runs in a subprocess because the device count is fixed at JAX start-up."""
+"""Sharding on 8 fake CPU devices: parameters are created (or loaded from HF files) in their logical-axis shardings
+and the sharded forward equals the single-device forward. Runs in a subprocess because the device count is fixed at JAX start-up."""
 
 import os
 import subprocess
@@ -37,6 +37,20 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=2e-5)
         np.testing.assert_allclose(np.asarray(out.mtp_logits), np.asarray(ref.mtp_logits), atol=2e-5)
         np.testing.assert_array_equal(np.asarray(out.aux["expert_counts"]), np.asarray(ref.aux["expert_counts"]))
+    # an HF-format directory loads straight into the shardings: each device holds only its shard
+    import sys, tempfile
+    from dsv3_jax import hf
+    with tempfile.TemporaryDirectory() as d:
+        hf.save(ref_model, d)
+        mesh = make_mesh(MeshConfig(data=2, fsdp=2, expert=2, tensor=1))
+        with jax.sharding.set_mesh(mesh):
+            loaded = hf.load(d, mesh=mesh)
+            w = loaded.moe_layers.mlp.w_gate[...]
+            assert w.sharding.spec == PartitionSpec(None, "expert", "fsdp", "tensor"), w.sharding.spec
+            assert w.addressable_shards[0].data.shape == (2, 4, 24, 24), w.addressable_shards[0].data.shape
+            graphdef, state = nnx.split(loaded)
+            out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids)
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=2e-5)
     print("SHARDING_OK")
 """)
 
