@@ -42,6 +42,11 @@ class _IteratorSnapshot:
         """Called by grain's restore; nothing to prefetch."""
 
 
+def _reason(e: Exception) -> str:
+    """An exception as `Type: first line` (at most 200 characters), for one-line reports."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(run_dir).absolute() / "checkpoints"
 
@@ -108,10 +113,9 @@ class Checkpointer:
                 ))
                 return step, restored["state"], restored["data"].state
             except Exception as e:  # noqa: BLE001  (any failure means: fall back to the previous checkpoint)
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
                 nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
-                print(f"warning: checkpoint step {step} in {self.dir} failed to restore "
-                      f"({type(e).__name__}: {reason}); {nxt}", file=sys.stderr)
+                print(f"warning: checkpoint step {step} in {self.dir} failed to restore ({_reason(e)}); {nxt}",
+                      file=sys.stderr)
         if steps:
             raise ConfigError(f"no checkpoint in {self.dir} could be restored (steps {sorted(steps)}); "
                               "fix or move them, or choose a new train.run_dir")
@@ -153,8 +157,6 @@ def load_model(path: str | pathlib.Path):
     from flax import nnx
 
     from dsv3_jax import trainer
-    from dsv3_jax.model import Transformer
-    from dsv3_jax.moe import RouterBias
 
     cfg, ckpt_dir, step = load_config_of(path)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -168,10 +170,9 @@ def load_model(path: str | pathlib.Path):
     try:
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({type(e).__name__}: "
-                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+        raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
     finally:
         manager.close()
         absl_log.setLevel(level)
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))), nnx.Param, RouterBias)
+    graphdef, _, _ = trainer.split_abstract(cfg)
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg

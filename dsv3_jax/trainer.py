@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax import checkpoint, losses, metrics
 from dsv3_jax.config import Config, ConfigError, TrainConfig
-from dsv3_jax.model import Transformer
+from dsv3_jax.model import Transformer, create
 from dsv3_jax.moe import RouterBias, max_violation, update_bias
-from dsv3_jax.sharding import constrain, make_mesh, state_shardings
+from dsv3_jax.sharding import RULES, constrain, logical_spec, make_mesh
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
@@ -95,36 +95,28 @@ def split_abstract(cfg: Config):
     return nnx.split(model, nnx.Param, RouterBias)
 
 
-def _init_fn(cfg: Config):
-    def init():
-        model = Transformer(cfg.model, nnx.Rngs(cfg.train.seed))
-        _, params, bias = nnx.split(model, nnx.Param, RouterBias)
-        return jnp.zeros((), jnp.int32), nnx.to_pure_dict(params), nnx.to_pure_dict(bias), \
-            jax.random.PRNGKey(cfg.train.seed)
-    return init
-
-
 def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransformation]:
-    """A fresh TrainState whose parameters are created directly in their shardings (jit with out_shardings)."""
-    graphdef, abs_params, abs_bias = split_abstract(cfg)
+    """A fresh TrainState whose parameters are created directly in their shardings (`model.create`)."""
+    graphdef, params, bias = nnx.split(create(cfg.model, cfg.train.seed, mesh), nnx.Param, RouterBias)
+    tx = make_optimizer(cfg.train, decay_mask(params))
+    params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
     replicated = NamedSharding(mesh, PartitionSpec())
-    out_shardings = (replicated, nnx.to_pure_dict(state_shardings(abs_params, mesh)),
-                     nnx.to_pure_dict(state_shardings(abs_bias, mesh)), replicated)
-    tx = make_optimizer(cfg.train, decay_mask(abs_params))
     with jax.set_mesh(mesh):
-        step, params, bias, rng = jax.jit(_init_fn(cfg), out_shardings=out_shardings)()
+        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed)),
+                            out_shardings=replicated)()
         opt_state = jax.jit(tx.init)(params)
     return TrainState(step, params, bias, opt_state, rng), graphdef, tx
 
 
 def abstract_state(cfg: Config) -> dict:
     """ShapeDtypeStructs of the TrainState (as a dict), for restoring without initialising."""
-    _, abs_params, _ = split_abstract(cfg)
+    _, abs_params, abs_bias = split_abstract(cfg)
     tx = make_optimizer(cfg.train, decay_mask(abs_params))
+    params, bias = nnx.to_pure_dict(abs_params), nnx.to_pure_dict(abs_bias)
 
     def build():
-        step, params, bias, rng = _init_fn(cfg)()
-        return TrainState(step, params, bias, tx.init(params), rng)._asdict()
+        return TrainState(jnp.zeros((), jnp.int32), params, bias, tx.init(params),
+                          jax.random.PRNGKey(cfg.train.seed))._asdict()
 
     return jax.eval_shape(build)
 
@@ -196,12 +188,13 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     bias = update_router_bias(state.bias, aux["counts"], aux["mtp_counts"], gamma)
+    maxvio = max_violation(aux["counts"])  # (L_moe,)
     all_bias = jnp.concatenate([b.reshape(-1) for b in jax.tree.leaves(bias)] or [jnp.zeros((1,))])
     out = {
         "loss": aux["ce"], "total_loss": total, "mtp_loss": aux["mtp_ce"].mean() if depth else jnp.zeros(()),
         "balance_loss": aux["balance"], "grad_norm": grad_norm, "lr": learning_rate(state.step, tcfg),
-        "mtp_lambda": lam, "bias_gamma": gamma, "maxvio": max_violation(aux["counts"]),
-        "maxvio_mean": max_violation(aux["counts"]).mean() if aux["counts"].shape[0] else jnp.zeros(()),
+        "mtp_lambda": lam, "bias_gamma": gamma, "maxvio": maxvio,
+        "maxvio_mean": maxvio.mean() if aux["counts"].shape[0] else jnp.zeros(()),
         "dead_experts": (aux["counts"] == 0).sum(), "bias_mean": all_bias.mean(), "bias_std": all_bias.std(),
         "tokens": n_tok,
     }
@@ -221,7 +214,8 @@ def eval_step(params: dict, bias: dict, batch: dict, graphdef) -> tuple[jax.Arra
 
 
 def data_parallel_size(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    """How many ways the batch is split: the product of the mesh axes the `batch` rule maps to."""
+    return math.prod(mesh.shape[a] for a in RULES["batch"])
 
 
 def check_run(cfg: Config, mesh) -> None:
@@ -233,7 +227,7 @@ def check_run(cfg: Config, mesh) -> None:
     dp = data_parallel_size(mesh)
     if b % dp:
         raise ConfigError(f"train.global_batch_size ({b}) is not divisible by the data-parallel size {dp} "
-                          f"(mesh data*fsdp*expert = {dict(mesh.shape)})")
+                          f"(mesh {'*'.join(RULES['batch'])} = {dict(mesh.shape)})")
     if (b // t.micro_batches) % dp:
         raise ConfigError(f"the micro-batch size ({b} / train.micro_batches {t.micro_batches}) is not divisible "
                           f"by the data-parallel size {dp}")
@@ -251,19 +245,6 @@ def check_run_dir(cfg: Config) -> None:
         if diff:
             raise ConfigError(f"train.run_dir {t.run_dir} holds a run with a different model (model.{diff[0]}: "
                               f"{saved['model'].get(diff[0])!r} there, {now[diff[0]]!r} now); choose a new run_dir")
-
-
-def check_batch(batch: dict, cfg: Config) -> None:
-    from dsv3_jax.tokenizer import DataError
-
-    want = cfg.data.seq_len + 1
-    for k in BATCH_KEYS:
-        if k not in batch or batch[k].ndim != 2 or batch[k].shape[1] != want:
-            raise DataError(f"batch field {k!r} must have shape (batch, {want}), got "
-                            f"{None if k not in batch else batch[k].shape}")
-    top = int(batch["tokens"].max())
-    if top >= cfg.model.vocab_size:
-        raise DataError(f"token id {top} in the training data is >= model.vocab_size {cfg.model.vocab_size}")
 
 
 def to_global(batch: dict, sharding, global_batch: int) -> dict:
@@ -336,14 +317,11 @@ def train(cfg: Config) -> dict:
     check_run(cfg, mesh)
     train_it = data.make_dataset(cfg.data, "train", b, jax.process_index(), jax.process_count(), seed=tcfg.seed,
                                  vocab_size=cfg.model.vocab_size)
-    start_data = train_it.get_state()
-    check_batch(next(train_it), cfg)
-    train_it.set_state(start_data)
     bytes_per_token = data.split_info(cfg.data, "eval").bytes_per_token if tcfg.eval_every else math.nan
     check_run_dir(cfg)
 
     state, graphdef, tx = init_state(cfg, mesh)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
+    batch_sharding = NamedSharding(mesh, logical_spec(("batch",)))
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
                       donate_argnums=() if jax.default_backend() == "cpu" else (0,))
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
