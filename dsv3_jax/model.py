@@ -56,6 +56,12 @@ class Block(nnx.Module):
         return constrain(x_btd + h, ("batch", "seq", "act_embed")), aux, cache
 
 
+def block_consts(positions_bt: jax.Array, segment_ids_bt: jax.Array, cfg: ModelConfig) -> tuple:
+    """What every block takes besides x: rotary cos/sin, segment ids, positions and the non-padding mask."""
+    cos, sin = rope_cos_sin(positions_bt, cfg)
+    return cos, sin, segment_ids_bt, positions_bt, segment_ids_bt != 0
+
+
 def stacked(make, n: int, rngs: nnx.Rngs):
     """n independently initialised copies of a module, parameters stacked on a leading layer axis."""
     if n == 0:
@@ -120,9 +126,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        valid = segment_ids != 0
-        cos, sin = rope_cos_sin(positions, cfg)
-        consts = (cos, sin, segment_ids, positions, valid)
+        consts = block_consts(positions, segment_ids, cfg)
         cache = cache or {}
         new_cache = {}
 

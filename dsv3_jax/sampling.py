@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import rope_cos_sin
+from dsv3_jax.model import block_consts
 from dsv3_jax.moe import RouterBias
 
 
@@ -132,9 +132,7 @@ def mtp_draft(model, next_ids_bt: jax.Array, hidden_btd: jax.Array, pos_bt: jax.
     """Depth-1 MTP at positions pos: from the main pre-norm hidden h_t and the embedding of token t+1, the
     logits of token t+2 (B, T, V); the entries are written to the MTP module's own cache at the same positions."""
     module = model.mtp[0]
-    cos, sin = rope_cos_sin(pos_bt, model.cfg)
-    ones = jnp.ones(pos_bt.shape, jnp.int32)
-    consts = (cos, sin, ones, pos_bt, ones.astype(bool))
+    consts = block_consts(pos_bt, jnp.ones(pos_bt.shape, jnp.int32), model.cfg)
     h_btd, _, mtp_cache = module(model.embed(next_ids_bt), hidden_btd, consts, cache=mtp_cache)
     return model.head(module.norm(h_btd)), mtp_cache
 

@@ -1,5 +1,6 @@
 """Sharding on 8 fake CPU devices: parameters are created (or loaded from HF files) in their logical-axis shardings
-and the sharded forward equals the single-device forward. Runs in a subprocess because the device count is fixed at JAX start-up."""
+and the sharded forward equals the single-device forward. Runs in a subprocess because the device count is fixed
+at JAX start-up."""
 
 import os
 import subprocess
