@@ -358,9 +358,28 @@ def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
     return nnx.merge(graphdef, state)
 
 
+def _leaf_groups(leaves: dict, parts: dict) -> list[list[tuple]]:
+    """Leaves that share a tensor (fused gate_up_proj fills w_gate and w_up) form one group, so that each tensor
+    in the files is read once."""
+    groups, seen = [], set()
+    for path in leaves:
+        if path in seen:
+            continue
+        group, frontier = [], [path]
+        while frontier:
+            p = frontier.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            group.append(p)
+            frontier += [t.path for entry, _ in parts[p] for t in entry.targets]
+        groups.append(group)
+    return groups
+
+
 def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry], shardings=None) -> None:
-    """Build each leaf from the entries that target it, place it (sharded when `shardings` is given) and drop the
-    host buffer before the next leaf."""
+    """Build each group of leaves from the entries that target it, place it (sharded when `shardings` is given)
+    and drop the host buffers before the next group."""
     import jax
     import jax.numpy as jnp
 
@@ -373,30 +392,35 @@ def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[E
         if e.key in reader.where:
             shared.setdefault(e.targets[0].path, []).append(e)
     unfilled = []
-    for path, var in leaves.items():
-        buffer, filled = np.empty(var.shape, np.dtype(var.dtype)), 0
-        for entry, t in parts[path]:
+    for group in _leaf_groups(leaves, parts):
+        buffers = {p: np.empty(leaves[p].shape, np.dtype(leaves[p].dtype)) for p in group}
+        filled = dict.fromkeys(group, 0)
+        entries_in_group = {entry.key: entry for p in group for entry, _ in parts[p]}
+        for entry in entries_in_group.values():
             a = reader.get(entry.key)
             if tuple(a.shape) != entry.shape:
                 raise HFError(f"{reader.where[entry.key]}: {entry.key} has shape {list(a.shape)}, config.json "
                               f"implies {list(entry.shape)}")
-            part = t.to_ours(a)
-            buffer[t.index] = part
-            filled += part.size
-        if filled != buffer.size:
-            unfilled.append("/".join(map(str, path)))
-            continue
-        for entry in shared.get(path, ()):
-            a = reader.get(entry.key)
-            if tuple(a.shape) != entry.shape or not np.array_equal(entry.targets[0].to_ours(a).astype(buffer.dtype),
-                                                                   buffer):
-                print(f"warning: {entry.key} differs from the shared {'/'.join(path)}; using the shared tensor",
-                      file=sys.stderr)
-        if shardings is None:
-            var.set_value(jnp.asarray(buffer))
-        else:
-            var.set_value(jax.make_array_from_callback(buffer.shape, shardings[path], lambda i, b=buffer: b[i]))
-        del buffer
+            for t in entry.targets:
+                part = t.to_ours(a)
+                buffers[t.path][t.index] = part
+                filled[t.path] += part.size
+        for path in group:
+            buffer = buffers.pop(path)
+            if filled[path] != buffer.size:
+                unfilled.append("/".join(map(str, path)))
+                continue
+            for entry in shared.get(path, ()):
+                a = reader.get(entry.key)
+                if tuple(a.shape) != entry.shape or not np.array_equal(
+                        entry.targets[0].to_ours(a).astype(buffer.dtype), buffer):
+                    print(f"warning: {entry.key} differs from the shared {'/'.join(path)}; using the shared tensor",
+                          file=sys.stderr)
+            if shardings is None:
+                leaves[path].set_value(jnp.asarray(buffer))
+            else:
+                leaves[path].set_value(jax.make_array_from_callback(buffer.shape, shardings[path],
+                                                                    lambda i, b=buffer: b[i]))
     if unfilled:
         raise HFError(f"{root}: parameters not covered by the checkpoint: {_listing(unfilled)}")
 
