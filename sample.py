@@ -129,9 +129,9 @@ def run(args) -> int:
     sampling.check_request(cfg, ids, settings["max_new_tokens"], rule, settings["stop_tokens"], args.speculative,
                            args.chunk_size)
     use_mtp = args.speculative == "mtp"
-    cache_bytes = sampling.cache_bytes_per_token(cfg, mtp=use_mtp)
+    cache_bytes = sampling.cache_bytes_per_token(cfg, model.impl.dtype, mtp=use_mtp)
     cache_note = (f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers"
-                  f"{' + MTP' if use_mtp else ''} x {cfg.dtype}")
+                  f"{' + MTP' if use_mtp else ''} x {model.impl.dtype}")
     streamer = Streamer(tok) if len(ids) == 1 and not args.json else None
     if not args.json:
         print(f"cache: {cache_bytes} bytes/token {cache_note}", file=sys.stderr)

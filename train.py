@@ -2,7 +2,7 @@
 
     python train.py                                   # configs/small.yaml on Python's own sources (CPU, ~10 min)
     python train.py --config configs/tiny.yaml train.steps=50 train.run_dir=runs/tiny
-    python train.py --config small model.remat=full mesh.fsdp=2 train.micro_batches=4
+    python train.py --config small impl.remat=full mesh.fsdp=2 train.micro_batches=4
 
 Resumes from the newest checkpoint in train.run_dir. Multi-host: pass --coordinator HOST:PORT --num-processes N
 --process-id I (or DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID); on TPU pods and SLURM nothing is needed.

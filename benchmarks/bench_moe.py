@@ -42,7 +42,7 @@ def main() -> None:
 
     def step(impl):
         def loss(x, w1, w2, w3, idx, gates):  # routing passed in, as in the model (never a folded constant)
-            return moe.grouped_ffn(x, idx, gates, w1, w2, w3, impl, a.block, Policy("float32")).sum()
+            return moe.grouped_ffn(x, idx, gates, w1, w2, w3, impl, a.block, Policy()).sum()
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope
 from dsv3_jax.precision import einsum as policy_einsum
+from dsv3_jax.precision import policy
 from dsv3_jax.sharding import constrain
 
 
@@ -28,9 +29,9 @@ class LatentCache(NamedTuple):
     k_rope: jax.Array  # (B, S, r), already rotated
 
     @staticmethod
-    def zeros(cfg: ModelConfig, batch: int, slots: int, layers: int | None = None, dtype=None) -> LatentCache:
+    def zeros(cfg: ModelConfig, batch: int, slots: int, layers: int | None, dtype) -> LatentCache:
         lead = () if layers is None else (layers,)
-        dt = jnp.dtype(dtype or cfg.dtype)
+        dt = jnp.dtype(dtype)
         return LatentCache(jnp.zeros(lead + (batch, slots, cfg.kv_lora_rank), dt),
                            jnp.zeros(lead + (batch, slots, cfg.qk_rope_head_dim), dt))
 
@@ -44,22 +45,24 @@ def _softmax_attend(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:
 class MLA(nnx.Module):
     """Multi-head latent attention with low-rank query/key/value compression and a shared rotary key."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, impl: ImplConfig, rngs: nnx.Rngs):
         d, h, c, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        pol = policy(impl)
         self.cfg = cfg
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear("btd,dhk->bthk", (d, h, cfg.qk_head_dim), ("embed", "heads", "head_dim"), cfg, rngs)
+            self.q_proj = Linear("btd,dhk->bthk", (d, h, cfg.qk_head_dim), ("embed", "heads", "head_dim"), cfg, pol,
+                                 rngs)
         else:
             q = cfg.q_lora_rank
-            self.q_a_proj = Linear("btd,dq->btq", (d, q), ("embed", "q_lora"), cfg, rngs)
-            self.q_a_norm = RMSNorm(q, 1e-6, cfg, rngs)  # latent norms use a fixed eps in the released model
+            self.q_a_proj = Linear("btd,dq->btq", (d, q), ("embed", "q_lora"), cfg, pol, rngs)
+            self.q_a_norm = RMSNorm(q, 1e-6, pol, rngs)  # latent norms use a fixed eps in the released model
             self.q_b_proj = Linear("btq,qhk->bthk", (q, h, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), cfg,
-                                   rngs)
-        self.kv_a_proj = Linear("btd,dc->btc", (d, c + r), ("embed", "kv_lora"), cfg, rngs)
-        self.kv_a_norm = RMSNorm(c, 1e-6, cfg, rngs)
+                                   pol, rngs)
+        self.kv_a_proj = Linear("btd,dc->btc", (d, c + r), ("embed", "kv_lora"), cfg, pol, rngs)
+        self.kv_a_norm = RMSNorm(c, 1e-6, pol, rngs)
         self.kv_b_proj = Linear("btc,chk->bthk", (c, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                                ("kv_lora", "heads", "head_dim"), cfg, rngs)
-        self.o_proj = Linear("bthv,hvd->btd", (h, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, rngs)
+                                ("kv_lora", "heads", "head_dim"), cfg, pol, rngs)
+        self.o_proj = Linear("bthv,hvd->btd", (h, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, pol, rngs)
 
     def _queries(self, x_btd, cos, sin):
         if self.cfg.q_lora_rank is None:

@@ -21,7 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from dsv3_jax.config import Config, ConfigError, from_dict
+from dsv3_jax.config import Config, ConfigError, from_dict, upgrade
 
 ITEMS = ("state", "data", "config")
 
@@ -148,7 +148,7 @@ def load_config_of(path: str | pathlib.Path) -> tuple[Config, pathlib.Path, int]
     files = [p for p in (ckpt_dir / str(step) / "config").glob("*") if p.is_file()]
     if not files:
         raise ConfigError(f"checkpoint {ckpt_dir / str(step)} has no saved config")
-    return from_dict(Config, json.loads(files[0].read_text())).validate(), ckpt_dir, step
+    return from_dict(Config, upgrade(json.loads(files[0].read_text()))).validate(), ckpt_dir, step
 
 
 def load_model(path: str | pathlib.Path):

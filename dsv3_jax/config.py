@@ -70,12 +70,6 @@ class ModelConfig:
     initializer_range: float = 0.006
     bos_token_id: int = 0
     eos_token_id: int = 1
-    # Implementation choices (not part of the HF format).
-    dtype: str = "float32"  # activation / compute dtype
-    param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
-    moe_impl: str = "auto"  # auto | ragged_dot | blocked | dense : grouped-matmul backend (moe.py)
-    moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
 
     @property
     def qk_head_dim(self) -> int:
@@ -122,10 +116,6 @@ class ModelConfig:
                               "score is the sum of each group's top-2")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        for name, allowed in (("remat", _REMAT), ("moe_impl", _MOE_IMPLS), ("dtype", _DTYPES),
-                              ("param_dtype", _DTYPES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"model.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         if self.bos_token_id >= self.vocab_size or self.eos_token_id >= self.vocab_size:
             raise ConfigError(f"model.bos_token_id/eos_token_id must be < vocab_size ({self.vocab_size})")
         y = self.rope_scaling
@@ -139,6 +129,32 @@ class ModelConfig:
 
 _MAY_BE_ZERO = {"first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers", "bos_token_id",
                 "eos_token_id", "routed_scaling_factor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplConfig:
+    """How the architecture is computed; none of it changes the function the model computes (up to rounding), so a
+    run may resume with a different `impl` (a run dir pins only `model`)."""
+
+    dtype: str = "float32"  # activations between layers
+    param_dtype: str = "float32"  # master weights
+    precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (precision.policy)
+    remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
+    moe_impl: str = "auto"  # auto | ragged_dot | blocked | dense : grouped-matmul backend (moe.py)
+    moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
+
+    def validate(self) -> ImplConfig:
+        for name, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("precision", PRECISIONS),
+                              ("remat", _REMAT), ("moe_impl", _MOE_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if self.moe_block_size <= 0:
+            raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
+        return self
+
+
+IMPL_FIELDS = frozenset(f.name for f in dataclasses.fields(ImplConfig))
+PRECISIONS = ("fp32", "bf16", "fp8")
 _REMAT = {"none", "full", "dots"}
 _MOE_IMPLS = {"auto", "ragged_dot", "blocked", "dense"}
 _DTYPES = {"float32", "bfloat16", "float16"}
@@ -246,6 +262,7 @@ class Config:
     """Everything a run needs."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    impl: ImplConfig = dataclasses.field(default_factory=ImplConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -253,6 +270,7 @@ class Config:
 
     def validate(self) -> Config:
         self.model.validate()
+        self.impl.validate()
         self.train.validate()
         return self
 
@@ -262,6 +280,8 @@ class Config:
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    if where == "model." and key in IMPL_FIELDS:
+        return ConfigError(f"model.{key} is an implementation choice, not architecture: set impl.{key}")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"unknown config key '{where}{key}'{hint}")
@@ -313,6 +333,15 @@ def from_dict(cls: type, d: dict, where: str = "") -> Any:
             raise _unknown(key, names, where)
         kwargs[key] = _coerce(value, hints[key], where + key)
     return cls(**kwargs)
+
+
+def upgrade(d: dict) -> dict:
+    """A saved config dict from before the `impl` section (its fields lived in `model`) in today's layout."""
+    model = dict(d.get("model") or {})
+    moved = {k: model.pop(k) for k in list(model) if k in IMPL_FIELDS}
+    if not moved:
+        return d
+    return {**d, "model": model, "impl": {**moved, **(d.get("impl") or {})}}
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -397,7 +426,7 @@ _HF_IGNORED = {
 }
 
 
-def from_hf_config(hf: dict, **impl) -> ModelConfig:
+def from_hf_config(hf: dict) -> ModelConfig:
     """ModelConfig from an HF DeepSeek-V3 `config.json` dict; unsupported variants fail naming the field."""
     checks = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
               "tie_word_embeddings": False, "attention_bias": False}
@@ -437,7 +466,7 @@ def from_hf_config(hf: dict, **impl) -> ModelConfig:
     unknown = set(hf) - names - _HF_IGNORED
     if unknown:
         print(f"note: ignoring config.json keys {sorted(unknown)}", file=sys.stderr)
-    return ModelConfig(**kw, **impl).validate()
+    return ModelConfig(**kw).validate()
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:

@@ -236,14 +236,24 @@ def _shards(root: pathlib.Path) -> tuple[list[pathlib.Path], dict | None]:
     raise HFError(f"{root}: no model.safetensors or model.safetensors.index.json")
 
 
-def _model_config(hf_cfg: dict, dtype: str, impl: dict):
+def _model_config(hf_cfg: dict):
     from dsv3_jax.config import ConfigError, from_hf_config
 
-    impl = {"dtype": dtype, "param_dtype": dtype, **impl}
     try:
-        return from_hf_config(hf_cfg, **impl)
+        return from_hf_config(hf_cfg)
     except (ConfigError, TypeError) as e:
         raise HFError(f"config.json: {e}") from None
+
+
+def _impl_config(dtype: str, overrides: dict):
+    """ImplConfig for `load`: `dtype` sets parameters and activations (bf16 matmuls when not float32)."""
+    from dsv3_jax.config import ConfigError, ImplConfig
+
+    base = {"dtype": dtype, "param_dtype": dtype, "precision": "fp32" if dtype == "float32" else "bf16"}
+    try:
+        return ImplConfig(**{**base, **overrides}).validate()
+    except (ConfigError, TypeError) as e:
+        raise HFError(f"load: {e}") from None
 
 
 def _check_keys(root, cfg, reader: _Reader, main: list[Entry], copies: list[Entry]) -> None:
@@ -321,7 +331,7 @@ def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
     """Transformer from an HF DeepSeek-V3 directory (config.json + safetensors), filled leaf by leaf from the
     tensors of the files (the host holds one parameter at a time). With a `mesh`, each parameter is placed
     directly in its logical-axis sharding (each process keeps only its addressable shards). `dtype` sets the
-    parameter and compute dtypes; `impl_overrides` are further ModelConfig implementation fields (moe_impl, ...)."""
+    parameter and activation dtypes; `impl_overrides` are further `impl` fields (precision, moe_impl, ...)."""
     from flax import nnx
 
     from dsv3_jax.model import Transformer
@@ -330,7 +340,7 @@ def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
     if not root.is_dir():
         raise HFError(f"{root} is not a directory")
     hf_cfg = _read_json(root / "config.json")
-    cfg = _model_config(hf_cfg, dtype, impl_overrides)
+    cfg, impl = _model_config(hf_cfg), _impl_config(dtype, impl_overrides)
     files, weight_map = _shards(root)
     with contextlib.ExitStack() as stack:
         reader = _Reader(files, stack)
@@ -348,7 +358,7 @@ def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
                           and (m := _LAYER.match(k)))
         main, copies = entries(cfg, hf_cfg.get("rope_interleave", True) is not False, fused)
         _check_keys(root, cfg, reader, main, copies)
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), impl)))
         shardings = None
         if mesh is not None:
             from dsv3_jax.sharding import state_shardings

@@ -29,8 +29,8 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 class RMSNorm(nnx.Module):
     """x / rms(x) * w, normalised in float32."""
 
-    def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.weight = param(rngs, (dim,), ("norm",), None, jnp.dtype(cfg.param_dtype))
+    def __init__(self, dim: int, eps: float, policy: precision.Policy, rngs: nnx.Rngs):
+        self.weight = param(rngs, (dim,), ("norm",), None, jnp.dtype(policy.param_dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,11 +43,11 @@ class Linear(nnx.Module):
     """y = einsum(spec, x, W) through the precision policy; W has `shape` and logical `axes`."""
 
     def __init__(self, spec: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
-                 rngs: nnx.Rngs, std: float | None = None):
+                 policy: precision.Policy, rngs: nnx.Rngs, std: float | None = None):
         self.spec = spec
         self.weight = param(rngs, shape, axes, cfg.initializer_range if std is None else std,
-                            jnp.dtype(cfg.param_dtype))
-        self.policy = precision.Policy(cfg.dtype)
+                            jnp.dtype(policy.param_dtype))
+        self.policy = policy
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return precision.einsum(self.spec, x, self.weight[...], self.policy)
@@ -56,10 +56,10 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table [V, D]."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, policy: precision.Policy, rngs: nnx.Rngs):
         self.weight = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.initializer_range,
-                            jnp.dtype(cfg.param_dtype))
-        self.dtype = jnp.dtype(cfg.dtype)
+                            jnp.dtype(policy.param_dtype))
+        self.dtype = policy.out_dtype
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)  # (B, T, D)
@@ -68,11 +68,11 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU FFN: down(silu(gate(x)) * up(x)); used for dense layers and shared experts."""
 
-    def __init__(self, cfg: ModelConfig, hidden: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, hidden: int, policy: precision.Policy, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.gate = Linear("btd,df->btf", (d, hidden), ("embed", "mlp"), cfg, rngs)
-        self.up = Linear("btd,df->btf", (d, hidden), ("embed", "mlp"), cfg, rngs)
-        self.down = Linear("btf,fd->btd", (hidden, d), ("mlp", "embed"), cfg, rngs)
+        self.gate = Linear("btd,df->btf", (d, hidden), ("embed", "mlp"), cfg, policy, rngs)
+        self.up = Linear("btd,df->btf", (d, hidden), ("embed", "mlp"), cfg, policy, rngs)
+        self.down = Linear("btf,fd->btd", (hidden, d), ("mlp", "embed"), cfg, policy, rngs)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd))

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.attention import MLA, LatentCache
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
 from dsv3_jax.moe import MoE
+from dsv3_jax.precision import policy
 from dsv3_jax.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -37,11 +38,12 @@ class ModelOutput(NamedTuple):
 class Block(nnx.Module):
     """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)) with a dense SwiGLU or the MoE."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
-        self.attn = MLA(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
-        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs)
+    def __init__(self, cfg: ModelConfig, impl: ImplConfig, moe: bool, rngs: nnx.Rngs):
+        pol = policy(impl)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pol, rngs)
+        self.attn = MLA(cfg, impl, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pol, rngs)
+        self.mlp = MoE(cfg, impl, rngs) if moe else MLP(cfg, cfg.intermediate_size, pol, rngs)
         self.is_moe = moe
 
     def __call__(self, x_btd, cos, sin, segment_ids, positions, valid, cache=None):
@@ -89,13 +91,14 @@ def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, remat: s
 class MTPModule(nnx.Module):
     """Depth-k MTP: h' = W_eh [RMSNorm(Emb(t_{t+k})) ; RMSNorm(h^{k-1}_t)], one MoE block, own final norm."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, impl: ImplConfig, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.enorm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
-        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
-        self.eh_proj = Linear("bti,id->btd", (2 * d, d), ("mlp", "embed"), cfg, rngs)
-        self.block = Block(cfg, moe=True, rngs=rngs)
-        self.norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
+        pol = policy(impl)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, pol, rngs)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, pol, rngs)
+        self.eh_proj = Linear("bti,id->btd", (2 * d, d), ("mlp", "embed"), cfg, pol, rngs)
+        self.block = Block(cfg, impl, moe=True, rngs=rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, pol, rngs)
 
     def __call__(self, emb_btd, h_btd, consts, cache=None):
         h = self.eh_proj(jnp.concatenate([self.enorm(emb_btd), self.hnorm(h_btd)], axis=-1))
@@ -106,14 +109,16 @@ class MTPModule(nnx.Module):
 class Transformer(nnx.Module):
     """DeepSeek-V3: embedding, dense blocks, MoE blocks, final norm, head, MTP modules."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.embed = Embed(cfg, rngs)
-        self.dense_layers = stacked(lambda r: Block(cfg, False, r), cfg.first_k_dense_replace, rngs)
-        self.moe_layers = stacked(lambda r: Block(cfg, True, r), cfg.num_moe_layers, rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
-        self.head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, rngs)
-        self.mtp = nnx.List([MTPModule(cfg, rngs) for _ in range(cfg.num_nextn_predict_layers)])
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, impl: ImplConfig | None = None):
+        impl = impl or ImplConfig()
+        pol = policy(impl)
+        self.cfg, self.impl = cfg, impl
+        self.embed = Embed(cfg, pol, rngs)
+        self.dense_layers = stacked(lambda r: Block(cfg, impl, False, r), cfg.first_k_dense_replace, rngs)
+        self.moe_layers = stacked(lambda r: Block(cfg, impl, True, r), cfg.num_moe_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pol, rngs)
+        self.head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, pol, rngs)
+        self.mtp = nnx.List([MTPModule(cfg, impl, rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None, *, mtp: bool = True,
@@ -135,7 +140,7 @@ class Transformer(nnx.Module):
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is None:
                 continue
-            x, (layer_aux, layer_cache, hs) = scan_blocks(stack, x, consts, cache.get(name), cfg.remat,
+            x, (layer_aux, layer_cache, hs) = scan_blocks(stack, x, consts, cache.get(name), self.impl.remat,
                                                           return_hidden_states)
             new_cache[name] = layer_cache
             hidden_states.append(hs)
@@ -167,7 +172,7 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> dict:
         """Empty latent caches for every layer (and MTP module): (c_kv, k_rope) per token and layer."""
-        cfg = self.cfg
+        cfg, dtype = self.cfg, dtype or self.impl.dtype
         cache = {}
         if cfg.first_k_dense_replace:
             cache["dense"] = LatentCache.zeros(cfg, batch, slots, cfg.first_k_dense_replace, dtype)
@@ -179,15 +184,15 @@ class Transformer(nnx.Module):
         return cache
 
 
-def create(cfg: ModelConfig, seed: int = 0, mesh=None) -> Transformer:
+def create(cfg: ModelConfig, seed: int = 0, mesh=None, impl: ImplConfig | None = None) -> Transformer:
     """A freshly initialised model, built by one jitted init so that the parameters are created directly in their
     shardings when a mesh is given (a model larger than one device never materialises on one). Init runs once,
     so it is compiled without backend optimisation: on CPU that cuts its compile time about 4x."""
     from dsv3_jax.sharding import state_shardings  # noqa: PLC0415
 
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed), impl))
     graphdef, abstract_state = nnx.split(abstract)
     out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
-    init = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed)))[1], out_shardings=out_shardings)
+    init = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed), impl))[1], out_shardings=out_shardings)
     state = init.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()
     return nnx.merge(graphdef, state)

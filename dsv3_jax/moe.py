@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.layers import MLP, param
-from dsv3_jax.precision import Policy, ragged_dot
+from dsv3_jax.precision import Policy, policy, ragged_dot
 from dsv3_jax.precision import einsum as policy_einsum
 
 
@@ -157,16 +157,17 @@ def resolve_impl(impl: str) -> str:
 class MoE(nnx.Module):
     """Routed experts (sigmoid, group-limited, aux-loss-free bias) plus always-on shared experts."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, impl: ImplConfig, rngs: nnx.Rngs):
         d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.cfg = cfg
+        self.policy = policy(impl)
+        pdt = jnp.dtype(self.policy.param_dtype)
+        self.cfg, self.impl = cfg, impl
         self.router = param(rngs, (d, e), ("embed", "experts"), cfg.initializer_range, jnp.float32)
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32), axes=("experts",))
         self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), cfg.initializer_range, pdt)
         self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), cfg.initializer_range, pdt)
         self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), cfg.initializer_range, pdt)
-        self.shared = MLP(cfg, f * cfg.n_shared_experts, rngs) if cfg.n_shared_experts else None
+        self.shared = MLP(cfg, f * cfg.n_shared_experts, self.policy, rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
         """Returns the layer output and aux {expert_counts (E,), balance_loss ()} over valid tokens."""
@@ -176,7 +177,7 @@ class MoE(nnx.Module):
         scores = router_scores(x_nd, self.router[...])  # (N, E) float32
         idx, gates = select_experts(scores, self.bias[...], cfg)
         y = grouped_ffn(x_nd, idx, gates, self.w_gate[...], self.w_up[...], self.w_down[...],
-                        resolve_impl(cfg.moe_impl), cfg.moe_block_size, Policy(cfg.dtype))
+                        resolve_impl(self.impl.moe_impl), self.impl.moe_block_size, self.policy)
         y_btd = y.reshape(b, t, d).astype(x_btd.dtype)
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)

@@ -1,8 +1,9 @@
 """The precision policy and the ONE einsum (plus its grouped form) every linear layer calls; FP8 block
 (de)quantisation lives here.
 
-A policy fixes the compute dtype of the matmuls. Float32 runs at HIGHEST precision so that parity with the
-reference holds on accelerators that would otherwise use TF32. FP8 checkpoints use E4M3 with one float32
+A policy (built from the `impl` config section by `policy`, nowhere else) fixes the operands of the matmuls.
+Float32 runs at HIGHEST precision so that parity with the reference holds on accelerators that would otherwise use
+TF32. FP8 checkpoints use E4M3 with one float32
 scale per 128x128 weight block (`weight_scale_inv`), edge blocks cropped.
 """
 
@@ -20,28 +21,45 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """How linear layers compute: inputs and weights are cast to `compute_dtype`, results come back in it."""
+    """How linear layers compute. `precision` fixes the matmul operands (fp32 at HIGHEST precision; bf16 with
+    float32 accumulation); `dtype` is the activation dtype results come back in; `param_dtype` the stored weights."""
 
-    compute_dtype: str = "float32"
+    precision: str = "fp32"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
 
     @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
+    def compute_dtype(self):
+        return jnp.dtype(jnp.float32 if self.precision == "fp32" else jnp.bfloat16)
+
+    @property
+    def out_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def lax_precision(self):
+        return jax.lax.Precision.HIGHEST if self.compute_dtype == jnp.float32 else None
+
+
+def policy(impl) -> Policy:
+    """The one factory: `impl` (config.ImplConfig) -> the policy every linear layer and the MoE receive."""
+    return Policy(precision=impl.precision, dtype=impl.dtype, param_dtype=impl.param_dtype)
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, policy: Policy) -> jax.Array:
     """`jnp.einsum(spec, x, w)` under the policy; every linear layer in the model goes through here."""
-    dt = policy.dtype
-    precision = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
-    return jnp.einsum(spec, x.astype(dt), w.astype(dt), precision=precision, preferred_element_type=dt)
+    dt = policy.compute_dtype
+    y = jnp.einsum(spec, x.astype(dt), w.astype(dt), precision=policy.lax_precision,
+                   preferred_element_type=jnp.float32)
+    return y.astype(policy.out_dtype)
 
 
 def ragged_dot(x_rd: jax.Array, w_edf: jax.Array, group_sizes_e: jax.Array, policy: Policy) -> jax.Array:
     """Grouped matmul of rows sorted by group under the policy (the MoE's other linear entry point)."""
-    dt = policy.dtype
-    precision = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
-    return jax.lax.ragged_dot(x_rd.astype(dt), w_edf.astype(dt), group_sizes_e, precision=precision,
-                              preferred_element_type=dt)
+    dt = policy.compute_dtype
+    y = jax.lax.ragged_dot(x_rd.astype(dt), w_edf.astype(dt), group_sizes_e, precision=policy.lax_precision,
+                           preferred_element_type=jnp.float32)
+    return y.astype(policy.out_dtype)
 
 
 def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:

@@ -76,11 +76,11 @@ class GenerateResult:
     accepted: int = 0
 
 
-def cache_bytes_per_token(cfg: ModelConfig, dtype=None, mtp: bool = False) -> int:
+def cache_bytes_per_token(cfg: ModelConfig, dtype="float32", mtp: bool = False) -> int:
     """Latent cache size of one token: (kv_lora_rank + qk_rope_head_dim) per layer. The main model's layers
     always count; the MTP layers only with `mtp=True` (speculative decoding keeps their cache too)."""
     layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
-    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * jnp.dtype(dtype or cfg.dtype).itemsize
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * jnp.dtype(dtype).itemsize
 
 
 # ----------------------------------------------------------------------------------------------------------------

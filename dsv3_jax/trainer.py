@@ -91,13 +91,13 @@ def make_optimizer(cfg: TrainConfig, mask: dict) -> optax.GradientTransformation
 
 def split_abstract(cfg: Config):
     """(graphdef, abstract Param state, abstract RouterBias state) without allocating anything."""
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed)))
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed), cfg.impl))
     return nnx.split(model, nnx.Param, RouterBias)
 
 
 def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransformation]:
     """A fresh TrainState whose parameters are created directly in their shardings (`model.create`)."""
-    graphdef, params, bias = nnx.split(create(cfg.model, cfg.train.seed, mesh), nnx.Param, RouterBias)
+    graphdef, params, bias = nnx.split(create(cfg.model, cfg.train.seed, mesh, cfg.impl), nnx.Param, RouterBias)
     tx = make_optimizer(cfg.train, decay_mask(params))
     params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
     replicated = NamedSharding(mesh, PartitionSpec())

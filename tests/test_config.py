@@ -47,7 +47,6 @@ def _error(**kw) -> str:
     (dict(num_attention_heads=-2), "num_attention_heads"),
     (dict(kv_lora_rank=0), "kv_lora_rank"),
     (dict(q_lora_rank=0), "q_lora_rank"),
-    (dict(moe_impl="magic"), "moe_impl"),
     (dict(first_k_dense_replace=9), "first_k_dense_replace"),
 ])
 def test_impossible_configs_name_the_field(kw, field):
@@ -68,6 +67,33 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(str(p))
 
 
+@pytest.mark.parametrize("override,field", [("impl.moe_impl=magic", "impl.moe_impl"),
+                                            ("impl.precision=fp4", "impl.precision"),
+                                            ("impl.remat=some", "impl.remat")])
+def test_bad_impl_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config("tiny", [override])
+
+
+def test_impl_fields_under_model_point_to_impl(tmp_path):
+    with pytest.raises(ConfigError, match="set impl.remat"):
+        load_config("tiny", ["model.remat=full"])
+    p = tmp_path / "old.yaml"
+    p.write_text("base: tiny\nmodel:\n  dtype: bfloat16\n")
+    with pytest.raises(ConfigError, match="set impl.dtype"):
+        load_config(str(p))
+
+
+def test_saved_config_from_before_impl_is_upgraded():
+    from dsv3_jax.config import Config, from_dict, upgrade
+
+    old = dataclasses.asdict(load_config("tiny"))
+    old["model"].update(remat="full", moe_block_size=4)
+    del old["impl"]
+    cfg = from_dict(Config, upgrade(old)).validate()
+    assert cfg.impl.remat == "full" and cfg.impl.moe_block_size == 4 and cfg.model == load_config("tiny").model
+
+
 def test_wrong_type_names_field():
     with pytest.raises(ConfigError, match="model.hidden_size expects int"):
         load_config("tiny", ["model.hidden_size=abc"])
@@ -75,7 +101,7 @@ def test_wrong_type_names_field():
 
 def test_hf_config_round_trip():
     cfg = load_config("tiny").model
-    back = from_hf_config(to_hf_config(cfg), moe_block_size=cfg.moe_block_size)
+    back = from_hf_config(to_hf_config(cfg))
     for f in dataclasses.fields(ModelConfig):
         if f.name not in ("initializer_range",):
             assert getattr(back, f.name) == getattr(cfg, f.name), f.name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import moe
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.precision import Policy
 
 
@@ -141,7 +141,7 @@ def _problem(n=40, d=12, f=10, e=6, k=2, seed=0, skip=(4,)):
 @pytest.mark.parametrize("impl,block", [("blocked", 4), ("blocked", 16), ("ragged_dot", 0), ("dense", 0)])
 def test_grouped_ffn_matches_naive_loop(impl, block):
     x, idx, gates, wg, wu, wd = _problem()
-    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, impl, block, Policy("float32"))
+    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, impl, block, Policy())
     np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
@@ -151,7 +151,7 @@ def test_grouped_ffn_gradients_match_and_empty_expert_gets_exact_zero(impl):
     cot = jax.random.normal(jax.random.key(9), x.shape)
 
     def loss(fn_impl, x, gates, wg, wu, wd):
-        return jnp.sum(moe.grouped_ffn(x, idx, gates, wg, wu, wd, fn_impl, 8, Policy("float32")) * cot)
+        return jnp.sum(moe.grouped_ffn(x, idx, gates, wg, wu, wd, fn_impl, 8, Policy()) * cot)
 
     grads = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(impl, x, gates, wg, wu, wd)
     ref = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("dense", x, gates, wg, wu, wd)
@@ -165,9 +165,9 @@ def test_grouped_ffn_gradients_match_and_empty_expert_gets_exact_zero(impl):
 def test_blocked_handles_all_tokens_on_one_expert_and_tiny_batches():
     x, _, gates, wg, wu, wd = _problem(n=7)
     idx = jnp.stack([jnp.full(7, 2), jnp.full(7, 5)], axis=1).astype(jnp.int32)
-    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy("float32"))
+    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy())
     np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
-    y1 = moe.grouped_ffn(x[:1], idx[:1], gates[:1], wg, wu, wd, "blocked", 32, Policy("float32"))
+    y1 = moe.grouped_ffn(x[:1], idx[:1], gates[:1], wg, wu, wd, "blocked", 32, Policy())
     np.testing.assert_allclose(y1, _naive(x[:1], idx[:1], gates[:1], wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
@@ -176,7 +176,7 @@ def _compiled_flops(impl, n, d, f, e, k, block=64):
     idx = jnp.zeros((n, k), jnp.int32)
     gates = jnp.zeros((n, k))
     w1, w2 = jnp.zeros((e, d, f)), jnp.zeros((e, f, d))
-    fn = jax.jit(lambda *a: moe.grouped_ffn(*a, impl, block, Policy("float32")))
+    fn = jax.jit(lambda *a: moe.grouped_ffn(*a, impl, block, Policy()))
     compiled = fn.lower(x, idx, gates, w1, w1, w2).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -202,7 +202,7 @@ def test_moe_layer_aux_counts_only_valid_tokens():
     from flax import nnx
 
     cfg = dataclasses.replace(ModelConfig(), n_routed_experts=8, n_group=2, topk_group=1).validate()
-    layer = moe.MoE(cfg, nnx.Rngs(0))
+    layer = moe.MoE(cfg, ImplConfig(), nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, cfg.hidden_size))
     valid = jnp.array([[True] * 5, [True, True, False, False, False]])
     _, aux = layer(x, valid)
