@@ -112,6 +112,15 @@ def shard_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+@functools.lru_cache(maxsize=2)
+def _split_abstract(model, impl, seed: int):
+    """`trainer.split_abstract`, once per architecture: a search sizes the same model on many meshes."""
+    from dsv3_jax import trainer  # noqa: PLC0415
+    from dsv3_jax.config import TrainConfig  # noqa: PLC0415
+
+    return trainer.split_abstract(Config(model=model, impl=impl, train=TrainConfig(seed=seed)))
+
+
 def abstract_inputs(cfg: Config, mesh):
     """(TrainState of ShapeDtypeStructs with the trainer's shardings, batch likewise, graphdef, optimizer)."""
     import jax  # noqa: PLC0415
@@ -122,7 +131,7 @@ def abstract_inputs(cfg: Config, mesh):
     from dsv3_jax import trainer  # noqa: PLC0415
     from dsv3_jax.sharding import logical_spec, state_shardings  # noqa: PLC0415
 
-    graphdef, abs_params, abs_bias = trainer.split_abstract(cfg)
+    graphdef, abs_params, abs_bias = _split_abstract(cfg.model, cfg.impl, cfg.train.seed)
     tx = trainer.make_optimizer(cfg.train, trainer.decay_mask(abs_params))
 
     def sds(values, shardings):
@@ -177,17 +186,17 @@ def plan(cfg: Config, mesh, hbm_bytes: float, hw: hardware.Hardware | None = Non
 
     trainer.check_run(cfg, mesh)
     n = mesh.size
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     log: list[str] = []
     with captured_stderr(log):
         state, batch, graphdef, tx = abstract_inputs(cfg, mesh)
     step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg), donate_argnums=(0,))
     with jax.set_mesh(mesh), captured_stderr(log):
         lowered = step.lower(state, batch)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         # backend optimisation only speeds up the CPU code we never run; buffer assignment is the same without it
         compiled = lowered.compile({"xla_backend_optimization_level": 0})
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     remat = sum("Involuntary full rematerialization" in line for line in log)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -224,6 +233,8 @@ def plan(cfg: Config, mesh, hbm_bytes: float, hw: hardware.Hardware | None = Non
                          "other": [line for line in log if "Involuntary full rematerialization" not in line][:20]},
         "lower_s": t1 - t0,
         "compile_s": t2 - t1,
+        "lower_cpu_s": c1 - c0,  # CPU seconds of this process: the wall times above include waiting for a core
+        "compile_cpu_s": c2 - c1,
     }
     if hw is not None:
         inter = sum(c["inter_node_link_bytes"] for c in work["collectives"].values())
@@ -287,7 +298,8 @@ def format_plan(p: dict) -> str:
     if w["involuntary_full_rematerialization"]:
         lines.append(f"XLA warned {w['involuntary_full_rematerialization']} times: \"Involuntary full "
                      "rematerialization\" (a tensor replicated on every device to change its sharding)")
-    lines.append(f"compile: trace + lower {p['lower_s']:.1f} s, compile {p['compile_s']:.1f} s")
+    lines.append(f"compile: trace + lower {p['lower_s']:.1f} s, compile {p['compile_s']:.1f} s (CPU time "
+                 f"{p['lower_cpu_s']:.1f} s + {p['compile_cpu_s']:.1f} s)")
     if "estimate" in p:
         e = p["estimate"]
         lines.append(f"roofline on {e['hardware']}: step {e['step_s']:.3g} s ({e['bound']} bound; compute "
@@ -314,8 +326,8 @@ def search(cfg: Config, n: int, hbm_bytes: float, hw, max_compiles: int, emit) -
     cands = candidate_meshes(cfg, n, hw.node if hw and hw.node < n else 8)
     sized = []
     for m in cands:  # parameter + optimizer bytes from the shardings alone: no compile needed to rule a mesh out
-        c = dataclasses.replace(cfg, mesh=m)
-        state, batch, _, _ = abstract_inputs(c, make_mesh(m))
+        with captured_stderr([]):
+            state, batch, _, _ = abstract_inputs(dataclasses.replace(cfg, mesh=m), make_mesh(m))
         sized.append((shard_bytes(state) + shard_bytes(batch), m))
     sized.sort(key=lambda s: s[0])
     results, pruned = [], 0
