@@ -130,6 +130,7 @@ SAME_STATE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_planned_state_is_the_trainers_state():
     r = subprocess.run([sys.executable, "-c", SAME_STATE], cwd=REPO, env=_env(8), capture_output=True, text=True,
                        timeout=600)
