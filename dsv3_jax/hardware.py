@@ -38,15 +38,16 @@ TABLE: dict[str, Hardware] = {h.name: h for h in (
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 / FP8 3,958 TFLOPS with sparsity, 141 GB HBM3e at
     # 4.8 TB/s, NVLink 900 GB/s; NVIDIA DGX H200 datasheet: one 400 Gb/s ConnectX-7 port per GPU.
     Hardware("H200", 989.5 * T, 1979 * T, 141 * G, 4800 * G, 450 * G, 50 * G, 8),
-    # NVIDIA DGX B200 datasheet: 8 GPUs, FP8 72 PFLOPS and 1,440 GB HBM3e at 64 TB/s in total, NVLink 5 at 1.8 TB/s
-    # per GPU, 8 x 400 Gb/s ConnectX-7; NVIDIA HGX B200 spec: BF16 4.5 PFLOPS per GPU with sparsity.
+    # NVIDIA DGX B200 datasheet: 8 GPUs, 1,440 GB HBM3e at 64 TB/s in total, NVLink 5 at 1.8 TB/s per GPU,
+    # 8 x 400 Gb/s ConnectX-7; NVIDIA HGX B200 spec (1,000 W): per GPU BF16 4.5 / FP8 9 PFLOPS with sparsity.
     Hardware("B200", 2250 * T, 4500 * T, 180 * G, 8000 * G, 900 * G, 50 * G, 8),
-    # Google Cloud TPU v5p system architecture page: 459 TFLOPS bf16 (int8 918 TOPS, no fp8), 95 GiB HBM2e at
-    # 2,765 GB/s, ICI 4,800 Gbps per chip (both directions, all links), up to 8,960 chips in a pod's 3D torus.
-    Hardware("TPU v5p", 459 * T, None, 95 * 2**30, 2765 * G, 300 * G, 300 * G, 8960),
-    # Google Cloud TPU v6e (Trillium) system architecture page: 918 TFLOPS bf16 (int8 1,836 TOPS), 32 GB HBM at
-    # 1,640 GB/s, ICI 3,584 Gbps per chip, 256 chips per pod.
-    Hardware("TPU v6e", 918 * T, None, 32 * G, 1640 * G, 224 * G, 224 * G, 256),
+    # Google Cloud TPU docs, "TPU v5p" system architecture table: 459 TFLOPs bf16 (fp8 also 459: no faster fp8 path),
+    # 95 GiB HBM2e at 2,765 GBps, bidirectional ICI 1,200 GBps per chip, DCN 50 Gbps per chip, 3D torus; the
+    # largest slice one job can use is 6,144 chips (a pod has 8,960).
+    Hardware("TPU v5p", 459 * T, None, 95 * 2**30, 2765 * G, 600 * G, 6.25 * G, 6144),
+    # Google Cloud TPU docs, "TPU v6e" system architecture table: 918 TFLOPs bf16 (int8 1,836 TOPs, no fp8),
+    # 32 GB HBM at 1,638 GBps, bidirectional ICI 800 GBps per chip, 256 chips per pod (2D torus).
+    Hardware("TPU v6e", 918 * T, None, 32 * G, 1638 * G, 400 * G, 400 * G, 256),
 )}
 
 
