@@ -48,18 +48,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def use_fake_devices(n: int, argv: list[str]) -> None:
-    """Make jax see `n` CPU devices: set XLA_FLAGS before jax is imported, or re-exec when it already was."""
+def use_fake_devices(n: int) -> None:
+    """Make jax see `n` CPU devices: XLA reads XLA_FLAGS when its backends start, so set it before they do."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip(), "JAX_PLATFORMS": "cpu"}
-    if "jax" not in sys.modules:
-        os.environ.update(env)
-        return
-    import jax  # noqa: PLC0415
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        import jax  # noqa: PLC0415
+        from jax._src import xla_bridge  # noqa: PLC0415
 
-    if jax.device_count() != n or jax.default_backend() != "cpu":
-        os.environ.update(env)
-        os.execv(sys.executable, [sys.executable, "-m", "dsv3_jax.plan", *argv])
+        if xla_bridge.backends_are_initialized() and (jax.default_backend() != "cpu" or jax.device_count() != n):
+            raise ConfigError(f"jax already started with {jax.device_count()} {jax.default_backend()} devices in "
+                              f"this process; run `python -m dsv3_jax.plan --devices {n} ...` in a fresh process")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.search:
             check_mesh(cfg, args.devices)
         hw = hardware.get(args.hardware) if args.hardware else None
-        use_fake_devices(args.devices, argv)
+        use_fake_devices(args.devices)
         return run(args, hw)
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

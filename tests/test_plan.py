@@ -223,6 +223,19 @@ def test_bad_input_is_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
 
 
+def test_in_a_process_where_jax_already_started(monkeypatch, capsys):
+    import jax
+
+    from dsv3_jax import plan
+
+    monkeypatch.setenv("XLA_FLAGS", "")  # restored afterwards: the planner sets both
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    n = jax.device_count() + 1
+    assert plan.main([*MINI, "--devices", str(n), f"mesh.data={n}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "jax already started with" in err[0] and "fresh process" in err[0]
+
+
 def test_check_mesh_resolves_the_free_axis():
     cfg = load_config("deepseek-v3-671b")  # fsdp -1, expert 8
     check_mesh(cfg, 256)
