@@ -95,6 +95,14 @@ def split_abstract(cfg: Config):
     return nnx.split(model, nnx.Param, RouterBias)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
+    """Shardings of `tx.init(params)`: every parameter-shaped leaf (AdamW mu, nu) takes its parameter's sharding,
+    the rest (step counts) is replicated. A plain jit of `tx.init` would replicate the moments on every device."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransformation]:
     """A fresh TrainState whose parameters are created directly in their shardings (`model.create`)."""
     graphdef, params, bias = nnx.split(create(cfg.model, cfg.train.seed, mesh, cfg.impl), nnx.Param, RouterBias)
@@ -104,7 +112,8 @@ def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransf
     with jax.set_mesh(mesh):
         step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed)),
                             out_shardings=replicated)()
-        opt_state = jax.jit(tx.init)(params)
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, shardings, mesh))(params)
     return TrainState(step, params, bias, opt_state, rng), graphdef, tx
 
 

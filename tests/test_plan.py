@@ -1,0 +1,284 @@
+"""The planner: HLO accounting against hand-computed counts on a real compiled loop, the CLI's JSON on fake devices,
+the fits flag at its threshold, mesh search candidates, the hardware table and one-line errors for bad input."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dsv3_jax import hardware, hlo
+from dsv3_jax.config import ConfigError, load_config
+from dsv3_jax.plan import candidate_meshes, check_mesh
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# tiny with one dense and one MoE layer and no MTP: the smallest step that still routes, so compiles stay short
+MINI = ["--config", "tiny", "model.num_hidden_layers=2", "model.num_nextn_predict_layers=0",
+        "train.global_batch_size=8", "data.seq_len=32"]
+GIB = 2**30
+
+
+def _env(devices: int | None = None) -> dict:
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    if devices:
+        e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return e
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsv3_jax.plan", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+def _json(*args: str) -> dict:
+    r = _plan(*args, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HLO accounting on a real compiled program with known answers.
+
+LOOP = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from dsv3_jax import hlo
+    mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+    gather = jax.shard_map(lambda v: jax.lax.all_gather(v, "b", axis=1, tiled=True), mesh=mesh,
+                           in_specs=P("a", "b"), out_specs=P("a", None), check_vma=False)
+
+    def f(x, w):  # x (64, 32) rows over a, w replicated; every step: matmul, tanh, all-gather of the columns over b
+        return jax.lax.scan(lambda c, _: (gather(jnp.tanh(c @ w)), None), x, None, length=5)[0]
+
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P("a", None)))
+    w = jax.ShapeDtypeStruct((32, 32), jnp.float32, sharding=NamedSharding(mesh, P()))
+    text = jax.jit(f).lower(x, w).compile().as_text()
+    print(json.dumps({"node2": hlo.analyze(text, 4, node=2), "node1": hlo.analyze(text, 4, node=1)}))
+""")
+
+
+@pytest.fixture(scope="module")
+def loop_counts():
+    r = subprocess.run([sys.executable, "-c", LOOP], cwd=REPO, env=_env(4), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_loop_work_is_counted_once_per_iteration(loop_counts):
+    c = loop_counts["node2"]
+    assert c["loop_trip_counts"] == [5]
+    # XLA computes only the (32, 16) block of c @ w that the shard_map takes in (rows over a, columns over b)
+    assert c["dot_flops"] == 5 * 2 * 32 * 16 * 32
+    ag = c["collectives"]["all-gather"]
+    assert ag["count"] == 5
+    assert ag["bytes"] == 5 * 32 * 32 * 4  # the gathered (32, 32) f32 block on each device
+    assert ag["link_bytes"] == 5 * 32 * 32 * 4 / 2  # half of it arrives from the other member of the group
+
+
+def test_inter_node_follows_the_groups(loop_counts):
+    # groups over axis b are devices {0, 1} and {2, 3}: inside 2-device nodes, across 1-device nodes
+    assert loop_counts["node2"]["collectives"]["all-gather"]["inter_node_link_bytes"] == 0
+    ag = loop_counts["node1"]["collectives"]["all-gather"]
+    assert ag["inter_node_link_bytes"] == ag["link_bytes"] > 0
+
+
+def test_replica_group_forms():
+    mesh_form = "replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=2], device_ids=([2,2,2]T(1,0,2)) {'axis_1'}, x"
+    # ids[i, j, k] = arange(8).reshape(2,2,2).transpose(1,0,2)[i, j, k] = 2i + 4j + k; groups vary j (axis_1)
+    assert hlo.replica_groups(mesh_form, 8).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert hlo.replica_groups("replica_groups=[2,4]<=[8], dims", 8).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hlo.replica_groups("replica_groups=[4,2]<=[2,2,2]T(0,2,1), d", 8).tolist() == [[0, 2], [1, 3], [4, 6],
+                                                                                          [5, 7]]
+    assert hlo.replica_groups("replica_groups={{0,3},{1,2}}, x", 4).tolist() == [[0, 3], [1, 2]]
+    assert hlo.replica_groups("replica_groups={}, x", 4).tolist() == [[0, 1, 2, 3]]
+
+
+def test_link_bytes_per_collective():
+    assert hlo.link_bytes("all-gather", 8.0, 4) == 6.0  # receives the 3 shards it lacks
+    assert hlo.link_bytes("reduce-scatter", 2.0, 4) == 6.0  # input 8, sends 3 partial shards of 2
+    assert hlo.link_bytes("all-reduce", 8.0, 4) == 12.0  # reduce-scatter + all-gather
+    assert hlo.link_bytes("all-to-all", 8.0, 4) == 6.0
+    assert hlo.link_bytes("all-reduce", 8.0, 1) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The planned state is the state the trainer creates.
+
+SAME_STATE = textwrap.dedent("""
+    import jax
+    from dsv3_jax import plan, trainer
+    from dsv3_jax.config import load_config
+    from dsv3_jax.sharding import make_mesh
+    cfg = load_config("tiny", ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=2"])
+    mesh = make_mesh(cfg.mesh)
+    state, _, _ = trainer.init_state(cfg, mesh)
+    planned, _, _, _ = plan.abstract_inputs(cfg, mesh)
+    real, abstract = jax.tree.leaves(state._asdict()), jax.tree.leaves(planned._asdict())
+    assert len(real) == len(abstract)
+    for r, a in zip(real, abstract):
+        assert (r.shape, r.dtype) == (a.shape, a.dtype) and r.sharding.is_equivalent_to(a.sharding, r.ndim), (r, a)
+    moments = jax.tree.leaves(state.opt_state[1][0].mu)
+    assert [m.sharding.spec for m in moments] == [p.sharding.spec for p in jax.tree.leaves(state.params)]
+    print("BYTES", plan.shard_bytes(planned.params), plan.shard_bytes(planned.opt_state),
+          sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.opt_state)))
+""")
+
+
+@pytest.mark.slow
+def test_planned_state_is_the_trainers_state():
+    r = subprocess.run([sys.executable, "-c", SAME_STATE], cwd=REPO, env=_env(8), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    params, opt, real_opt = (int(v) for v in r.stdout.split("BYTES")[1].split())
+    assert opt == real_opt  # one device's share of the AdamW state, as planned and as created
+    assert 2 * params <= opt <= 2 * params + 64  # mu and nu sharded like the parameters, not replicated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLI on fake devices.
+
+
+@pytest.fixture(scope="module")
+def data8():
+    return _json(*MINI, "--devices", "8", "mesh.data=8", "--hardware", "H100")
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _json(*MINI, "--devices", "1", "mesh.data=1")
+
+
+def _param_bytes(overrides: list[str]) -> int:
+    import jax
+    from flax import nnx
+
+    from dsv3_jax.trainer import split_abstract
+
+    _, params, _ = split_abstract(load_config("tiny", overrides))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.to_pure_dict(params)))
+
+
+def test_json_report(data8):
+    for key in ("devices", "mesh", "bytes_per_device", "hbm_bytes", "fits", "flops_per_step", "collectives",
+                "compile_s", "estimate"):
+        assert key in data8, key
+    assert data8["devices"] == 8 and data8["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert data8["rows_per_device"] == 1 and data8["tokens_per_step"] == 8 * 32
+    assert data8["hbm_bytes"] == hardware.TABLE["H100"].hbm_bytes and data8["fits"] is True
+    b = data8["bytes_per_device"]
+    full = _param_bytes(MINI[2:])
+    assert b["params"] == full  # pure data parallel: every device holds every parameter
+    assert 2 * full <= b["opt_state"] <= 2 * full + 64  # AdamW mu and nu (+ step counters)
+    assert b["total"] >= b["arguments"] >= b["params"] + b["opt_state"]
+    assert data8["compile_s"] > 0 and data8["estimate"]["step_s"] > 0
+
+
+def test_gradients_are_reduced_across_the_data_axis(data8, single):
+    assert single["collectives"] == {}
+    ar = data8["collectives"]["all-reduce"]
+    # every parameter's gradient (f32) is summed over the 8 devices at least once per step
+    assert ar["bytes"] >= _param_bytes(MINI[2:])
+    assert ar["link_bytes"] > 0
+    # per-device figures: each of 8 devices does at least an eighth of the single device's matmuls and well under
+    # all of them (more than an eighth today: GSPMD's MoE routes the whole batch on every device, issue 7)
+    per_dev = data8["flops_per_step"]["compiled_matmul_per_device"]
+    whole = single["flops_per_step"]["compiled_matmul_per_device"]
+    assert whole / 8 <= per_dev < whole / 2
+
+
+@pytest.mark.slow
+def test_fits_flag_flips_at_the_hbm_limit(single):
+    total = single["bytes_per_device"]["total"]
+    assert single["fits"] is True
+    under = _json(*MINI, "--devices", "1", "mesh.data=1", "--hbm-gib", str(0.999 * total / GIB))
+    assert under["bytes_per_device"]["total"] == total and under["fits"] is False
+    r = _plan(*MINI, "--devices", "1", "mesh.data=1", "--hbm-gib", str(0.999 * total / GIB), "--require-fit")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: does not fit: ") and len(r.stderr.strip().splitlines()) == 1
+    assert " > " in r.stderr and "GiB" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing on stdout.
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "8", "mesh.data=2", "mesh.fsdp=2"], "has 4 devices, --devices is 8"),
+    (["--devices", "6", "mesh.data=2", "mesh.expert=3"], "model.n_routed_experts (8) is not divisible by mesh.expert"),
+    (["--devices", "4", "mesh.data=2", "mesh.tensor=2"], "num_attention_heads (3) is not divisible by mesh.tensor"),
+    (["--devices", "8", "--hardware", "H900"], "unknown --hardware 'H900'"),
+    (["--devices", "0"], "--devices must be positive"),
+    (["--devices", "8", "mesh.bogus=1"], "unknown config key 'mesh.bogus'"),
+])
+def test_bad_input_is_one_line(args, message):
+    r = _plan(*MINI, *args)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_in_a_process_where_jax_already_started(monkeypatch, capsys):
+    import jax
+
+    from dsv3_jax import plan
+
+    monkeypatch.setenv("XLA_FLAGS", "")  # restored afterwards: the planner sets both
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    n = jax.device_count() + 1
+    assert plan.main([*MINI, "--devices", str(n), f"mesh.data={n}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "jax already started with" in err[0] and "fresh process" in err[0]
+
+
+def test_check_mesh_resolves_the_free_axis():
+    cfg = load_config("deepseek-v3-671b")  # fsdp -1, expert 8
+    check_mesh(cfg, 256)
+    with pytest.raises(ConfigError, match="--devices is 12"):
+        check_mesh(cfg, 12)
+
+
+def test_search_candidates_divide_devices_model_and_batch():
+    cfg = load_config("deepseek-v3-671b", ["train.micro_batches=60"])
+    cands = candidate_meshes(cfg, 256)
+    shapes = {(m.data, m.fsdp, m.expert, m.tensor) for m in cands}
+    assert (1, 32, 8, 1) in shapes and (256, 1, 1, 1) in shapes
+    for d, f, e, t in shapes:
+        assert d * f * e * t == 256 and 256 % e == 0 and 128 % t == 0 and t <= 8
+    tiny = candidate_meshes(load_config("tiny", ["train.global_batch_size=2"]), 6)  # 3 heads, 8 experts, 2 rows
+    assert {(m.data, m.fsdp, m.expert, m.tensor) for m in tiny} == {(2, 1, 1, 3), (1, 2, 1, 3), (1, 1, 2, 3)}
+    twelve = candidate_meshes(load_config("tiny", ["train.global_batch_size=12"]), 12)
+    assert {m.expert for m in twelve} == {1, 2, 4} and {m.tensor for m in twelve} == {1, 3}
+
+
+@pytest.mark.slow
+def test_search_ranks_compiled_meshes():
+    r = _plan(*MINI, "--devices", "4", "--search", "--hardware", "H100", "--max-compiles", "2", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranking = json.loads(r.stdout)["ranking"]
+    assert 1 <= len(ranking) <= 2
+    steps = [p["estimate"]["step_s"] for p in ranking]
+    assert steps == sorted(steps) and all(p["fits"] for p in ranking)
+    assert "2 compiled" in r.stderr and "not compiled (--max-compiles 2)" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hardware table and the roofline.
+
+
+def test_hardware_lookup_and_roofline_bound():
+    assert hardware.get("tpu-v5p").name == "TPU v5p" and hardware.get("h100").name == "H100"
+    with pytest.raises(ConfigError, match="known: H100"):
+        hardware.get("A100")
+    h = hardware.TABLE["H800"]
+    est = hardware.roofline(h, "bf16", flops=989.5e12, hbm_traffic=3350e9 / 2, intra_link_bytes=0.0,
+                            inter_link_bytes=100e9)
+    assert est["bound"] == "collectives" and est["step_s"] == pytest.approx(2.0)
+    assert est["compute_s"] == pytest.approx(1.0) and est["memory_s"] == pytest.approx(0.5)
+    assert hardware.peak_flops(h, "fp8") == 2 * hardware.peak_flops(h, "bf16")
+    assert hardware.peak_flops(hardware.TABLE["TPU v6e"], "fp8") == hardware.TABLE["TPU v6e"].bf16_flops
