@@ -157,7 +157,7 @@ def _flash_bwd(cfg, res, dout):
     blocks inner; dq accumulates in the carry. Residuals are O(T): inputs, output and log-sum-exp."""
     qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos, out, lse = res
     nq, nk = qn.shape[1] // cfg.bq, kn.shape[1] // cfg.bk
-    delta_bht = jnp.einsum("bthv,bthv->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta_bht = jnp.moveaxis(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)  # rowsum(dO*O)
     lse_ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
     kn_spec, kr_spec, v_spec = (_k_spec(x, c).replace("s", "k") for x, c in ((kn, "n"), (kr, "r"), (v, "v")))
     f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
