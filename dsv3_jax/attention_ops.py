@@ -91,10 +91,12 @@ def _slice(x, start, size, axis=1):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _block_needed(i, j, cfg, q_pos, k_pos):
-    """Whether key block j can be visible to query block i: its smallest key position is <= the largest query
-    position (causal blocks above the diagonal are skipped, not computed then masked)."""
-    return _slice(k_pos, j * cfg.bk, cfg.bk).min() <= _slice(q_pos, i * cfg.bq, cfg.bq).max()
+def _block_bounds(cfg, q_pos, k_pos):
+    """Per query block the largest query position, per key block the smallest key position (over the batch; one
+    reduction, outside the loops). Key block j can be visible to query block i only if kmin[j] <= qmax[i]: causal
+    blocks above the diagonal are skipped, not computed then masked."""
+    b = q_pos.shape[0]
+    return q_pos.reshape(b, -1, cfg.bq).max((0, 2)), k_pos.reshape(b, -1, cfg.bk).min((0, 2))
 
 
 def _block_scores(i, j, cfg, qn, qr, kn, kr, q_seg, k_seg, q_pos, k_pos):
@@ -112,6 +114,7 @@ def _flash_fwd_impl(cfg: _Blocking, qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_po
     dv = v.shape[-1]
     nk = kn.shape[1] // cfg.bk
     v_spec = _k_spec(v, "v")
+    qmax, kmin = _block_bounds(cfg, q_pos, k_pos)
 
     def query_block(i):
         def step(j, carry):
@@ -126,7 +129,7 @@ def _flash_fwd_impl(cfg: _Blocking, qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_po
                                                                         _slice(v, j * cfg.bk, cfg.bk), cfg.pol)
                 return m_new, denom * corr + p.sum(-1), acc
 
-            return jax.lax.cond(_block_needed(i, j, cfg, q_pos, k_pos), compute, lambda c: c, carry)
+            return jax.lax.cond(kmin[j] <= qmax[i], compute, lambda c: c, carry)
 
         init = (jnp.full((b, h, cfg.bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, cfg.bq), jnp.float32),
                 jnp.zeros((b, cfg.bq, h, dv), jnp.float32))
@@ -161,6 +164,7 @@ def _flash_bwd(cfg, res, dout):
     lse_ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
     kn_spec, kr_spec, v_spec = (_k_spec(x, c).replace("s", "k") for x, c in ((kn, "n"), (kr, "r"), (v, "v")))
     f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    qmax, kmin = _block_bounds(cfg, q_pos, k_pos)
 
     def key_block(dq, j):
         kn_j, kr_j, v_j = (_slice(x, j * cfg.bk, cfg.bk) for x in (kn, kr, v))
@@ -183,7 +187,7 @@ def _flash_bwd(cfg, res, dout):
                     dqr, sl(dqr) + _mm(f"bhqk,{kr_spec}->bqhr", ds, kr_j, cfg.pol), i * cfg.bq, 1)
                 return dqn, dqr, dkn, dkr, dv
 
-            return jax.lax.cond(_block_needed(i, j, cfg, q_pos, k_pos), compute, lambda c: c, carry)
+            return jax.lax.cond(kmin[j] <= qmax[i], compute, lambda c: c, carry)
 
         dqn, dqr, dkn, dkr, dv = jax.lax.fori_loop(0, nq, step, (*dq, f32(kn_j.shape), f32(kr_j.shape),
                                                                  f32(v_j.shape)))
