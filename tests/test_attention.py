@@ -69,9 +69,10 @@ def test_blocked_equals_dense_with_packed_documents_and_ragged_blocks(block):
 
 def test_blocked_equals_dense_on_shared_latent_keys_at_arbitrary_positions():
     """The absorbed cache form: keys and values shared by all heads, queries at their own positions per row (one
-    row's first query sees nothing at all: its output and gradients are 0, not NaN)."""
+    row's first query sees nothing at all: its output and gradients are 0, not NaN). The query at position 24 sees
+    exactly one slot of the last key block, which starts at 24: the block-skipping bound is inclusive."""
     arrays = _op_inputs(t=5, s=29, shared=True, seed=1)
-    q_pos = jnp.array([[3, 17, 9, 28, 0], [-1, 4, 22, 11, 6]])
+    q_pos = jnp.array([[3, 17, 9, 24, 0], [-1, 4, 22, 11, 6]])
     ones_q, ones_k = jnp.ones((2, 5), jnp.int32), jnp.ones((2, 29), jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(29), (2, 29))
     rest = (ones_q, ones_k, q_pos, slots, 0.4, FP32)
