@@ -280,19 +280,24 @@ def cudnn(q_nope, q_rope, k_nope, k_rope, v, q_seg, k_seg, q_pos, k_pos, scale: 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """An attention backend: its function, the platforms it runs on (None: all) and whether it accepts a call
-    (self-attention or attention over a cache; keys/values per head or shared)."""
+    """An attention backend: its function, the platforms it runs on (None: all), whether it takes only
+    self-attention (not attention over the latent cache) and whether it can compute in float32. A platform kernel
+    (platforms set) is what `auto` takes on its platform when it accepts the call."""
 
     fn: Callable
     platforms: tuple[str, ...] | None = None
     self_attention_only: bool = False
+    float32: bool = True
+
+    def accepts(self, self_attention: bool, fp32: bool) -> bool:
+        return (self_attention or not self.self_attention_only) and (self.float32 or not fp32)
 
 
 BACKENDS: dict[str, Backend] = {
     "dense": Backend(dense),
     "blocked": Backend(blocked),
     "splash": Backend(splash, platforms=("tpu",), self_attention_only=True),
-    "cudnn": Backend(cudnn, platforms=("gpu", "cuda"), self_attention_only=True),
+    "cudnn": Backend(cudnn, platforms=("gpu", "cuda"), self_attention_only=True, float32=False),
 }
 NAMES = ("auto", *BACKENDS)
 
@@ -315,22 +320,19 @@ def check_available(name: str, plat: str | None = None) -> None:
 
 def resolve(name: str, queries: int, self_attention: bool, fp32: bool, plat: str | None = None) -> str:
     """The backend for one call. A kernel named by the user that cannot take the call (attention over the latent
-    cache) falls back as `auto` would. `auto`: the platform kernel when it accepts the call (cuDNN only below
+    cache) falls back as `auto` would. `auto`: this platform's kernel when it accepts the call (cuDNN only below
     float32 precision, which it cannot honour), else `blocked` from AUTO_BLOCKED_MIN_LEN queries, else `dense`."""
     plat = plat or platform()
     check_available(name, plat)
-    if name == "cudnn" and fp32:
-        raise ConfigError("impl.attention='cudnn' needs impl.precision bf16 or fp8: cuDNN's fused attention has no "
-                          "float32 (use blocked for float32 runs)")
-    if name in ("dense", "blocked"):
-        return name
-    if name != "auto" and (self_attention or not BACKENDS[name].self_attention_only):
-        return name
-    if self_attention:
-        if plat == "tpu":
-            return "splash"
-        if plat in ("gpu", "cuda") and not fp32:
-            return "cudnn"
+    if name != "auto":
+        if not BACKENDS[name].float32 and fp32:
+            raise ConfigError(f"impl.attention={name!r} needs impl.precision bf16 or fp8: it has no float32 "
+                              "(use blocked for float32 runs)")
+        if BACKENDS[name].accepts(self_attention, fp32):
+            return name
+    for kernel, backend in BACKENDS.items():
+        if backend.platforms is not None and plat in backend.platforms and backend.accepts(self_attention, fp32):
+            return kernel
     return "blocked" if queries >= AUTO_BLOCKED_MIN_LEN else "dense"
 
 

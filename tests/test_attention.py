@@ -234,7 +234,7 @@ def test_bad_backend_names_the_field():
         load_config("tiny", ["impl.attention=flash"])
     with pytest.raises(ConfigError, match="impl.attention_block_size"):
         load_config("tiny", ["impl.attention_block_size=0"])
-    with pytest.raises(ConfigError, match="precision bf16"):
+    with pytest.raises(ConfigError, match="cudnn.*precision bf16"):
         ops.resolve("cudnn", 64, True, True, "gpu")
 
 
