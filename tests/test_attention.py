@@ -162,19 +162,31 @@ def test_mla_blocked_equals_dense_in_values_and_gradients(block):
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-5, rtol=1e-5)
 
 
+def _jitted(model):
+    """The model's forward as one compiled function of (ids, positions, cache) -> (logits, cache)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(ids, positions, cache):
+        out = nnx.merge(graphdef, state)(ids, positions=positions, cache=cache, mtp=False)
+        return out.logits, out.cache
+
+    return forward
+
+
 def test_blocked_prefill_and_decode_on_the_cache_equal_the_dense_forward_without_cache():
     cfg = load_config("tiny").model
-    dense_model = create(cfg, 0, impl=ImplConfig(attention="dense"))
+    dense_model = _jitted(create(cfg, 0, impl=ImplConfig(attention="dense")))
     blocked_model = create(cfg, 0, impl=ImplConfig(attention="blocked", attention_block_size=8))
+    cache = blocked_model.init_cache(2, 40)
+    blocked_model = _jitted(blocked_model)
     ids = jax.random.randint(jax.random.key(3), (2, 24), 0, cfg.vocab_size)
-    full = dense_model(ids, mtp=False).logits
-    out = blocked_model(ids[:, :21], cache=blocked_model.init_cache(2, 40), mtp=False)  # 21 of 40 slots: ragged
-    np.testing.assert_allclose(out.logits, full[:, :21], atol=1e-5)
-    cache = out.cache
+    full, _ = dense_model(ids, jnp.broadcast_to(jnp.arange(24), (2, 24)), None)
+    logits, cache = blocked_model(ids[:, :21], jnp.broadcast_to(jnp.arange(21), (2, 21)), cache)  # 21 of 40 slots
+    np.testing.assert_allclose(logits, full[:, :21], atol=1e-5)
     for t in range(21, 24):
-        out = blocked_model(ids[:, t:t + 1], positions=jnp.full((2, 1), t), cache=cache, mtp=False)
-        cache = out.cache
-        np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=1e-5)
+        logits, cache = blocked_model(ids[:, t:t + 1], jnp.full((2, 1), t), cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
