@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax import attention_ops
 from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope
 from dsv3_jax.precision import einsum as policy_einsum
@@ -36,19 +37,14 @@ class LatentCache(NamedTuple):
                            jnp.zeros(lead + (batch, slots, cfg.qk_rope_head_dim), dt))
 
 
-def _softmax_attend(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Masked softmax over keys in float32."""
-    scores = jnp.where(mask_bts[:, None], scores_bhts.astype(jnp.float32), -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
-
-
 class MLA(nnx.Module):
     """Multi-head latent attention with low-rank query/key/value compression and a shared rotary key."""
 
     def __init__(self, cfg: ModelConfig, impl: ImplConfig, rngs: nnx.Rngs):
         d, h, c, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         pol = policy(impl)
-        self.cfg = cfg
+        attention_ops.check_available(impl.attention)
+        self.cfg, self.impl = cfg, impl
         if cfg.q_lora_rank is None:
             self.q_proj = Linear("btd,dhk->bthk", (d, h, cfg.qk_head_dim), ("embed", "heads", "head_dim"), cfg, pol,
                                  rngs)
@@ -83,32 +79,31 @@ class MLA(nnx.Module):
         at their positions and attend over the cache with the absorbed projections. Returns (out, cache)."""
         q_nope, q_rope = self._queries(x_btd, cos, sin)  # (B, T, H, n), (B, T, H, r)
         c_kv, k_rope = self._latents(x_btd, cos, sin)
-        scale = self.cfg.softmax_scale()
+        scale, pol, b, t = self.cfg.softmax_scale(), self.kv_b_proj.policy, x_btd.shape[0], x_btd.shape[1]
+        fp32 = pol.compute_dtype == jnp.float32
         if cache is None:
             kv_bthk = self.kv_b_proj(c_kv)
             k_nope, v = jnp.split(kv_bthk, [self.cfg.qk_nope_head_dim], axis=-1)  # (B, T, H, n), (B, T, H, v)
-            scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-                      + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
-            t = x_btd.shape[1]
-            causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-            mask = causal[None] & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])  # (B, T, S)
-            probs = _softmax_attend(scores * scale, mask)
-            out_bthv = jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+            idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # causal by index within segments
+            name = attention_ops.resolve(self.impl.attention, t, self_attention=True, fp32=fp32)
+            out_bthv = attention_ops.attend(name, q_nope, q_rope, k_nope, k_rope, v, segment_ids_bt, segment_ids_bt,
+                                            idx_bt, idx_bt, scale, pol, self.impl.attention_block_size)
             return self.o_proj(out_bthv), None
-        # Decode / prefill on the latent cache: scatter the new latents to their slots, then attend.
-        b_idx = jnp.arange(x_btd.shape[0])[:, None]
+        # Decode / prefill on the latent cache: scatter the new latents to their slots, then attend over the slots
+        # with c_kv as the shared key (absorbed query) and the shared value (absorbed output); slot s is visible to
+        # the query at position p iff s <= p. Long prefills take the blocked backend: no (T, S) scores.
+        b_idx = jnp.arange(b)[:, None]
         cache = LatentCache(cache.c_kv.at[b_idx, positions_bt].set(c_kv.astype(cache.c_kv.dtype)),
                             cache.k_rope.at[b_idx, positions_bt].set(k_rope.astype(cache.k_rope.dtype)))
         w_kvb = self.kv_b_proj.weight[...]  # (c, H, n + v)
         w_kb, w_vb = w_kvb[..., : self.cfg.qk_nope_head_dim], w_kvb[..., self.cfg.qk_nope_head_dim:]
-        q_lat = policy_einsum("bthn,chn->bthc", q_nope, w_kb, self.kv_b_proj.policy)  # absorbed query
-        scores = (jnp.einsum("bthc,bsc->bhts", q_lat, cache.c_kv.astype(q_lat.dtype),
-                             preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bsr->bhts", q_rope, cache.k_rope.astype(q_rope.dtype),
-                               preferred_element_type=jnp.float32))
-        slots = cache.c_kv.shape[1]
-        mask = jnp.arange(slots)[None, None, :] <= positions_bt[:, :, None]  # (B, T, S)
-        probs = _softmax_attend(scores * scale, mask)
-        out_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(q_lat.dtype), cache.c_kv.astype(q_lat.dtype))
-        out_bthv = policy_einsum("bthc,chv->bthv", out_lat, w_vb, self.kv_b_proj.policy)  # absorbed output
+        q_lat = policy_einsum("bthn,chn->bthc", q_nope, w_kb, pol)  # absorbed query
+        c_bsc, k_rope_bsr = cache.c_kv.astype(q_lat.dtype), cache.k_rope.astype(q_rope.dtype)
+        slots = c_bsc.shape[1]
+        slot_bs = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+        name = attention_ops.resolve(self.impl.attention, t, self_attention=False, fp32=fp32)
+        out_lat = attention_ops.attend(name, q_lat, q_rope, c_bsc, k_rope_bsr, c_bsc, jnp.ones((b, t), jnp.int32),
+                                       jnp.ones((b, slots), jnp.int32), positions_bt, slot_bs, scale, pol,
+                                       self.impl.attention_block_size)  # (B, T, H, c)
+        out_bthv = policy_einsum("bthc,chv->bthv", out_lat, w_vb, pol)  # absorbed output
         return self.o_proj(out_bthv), cache

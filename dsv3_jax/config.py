@@ -142,6 +142,8 @@ class ImplConfig:
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
     moe_impl: str = "auto"  # auto | ragged_dot | blocked | dense : grouped-matmul backend (moe.py)
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
+    attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
+    attention_block_size: int = 512  # queries and keys per block of the blocked backend
 
     def validate(self) -> ImplConfig:
         for name, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("precision", PRECISIONS),
@@ -150,6 +152,12 @@ class ImplConfig:
                 raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         if self.moe_block_size <= 0:
             raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
+        from dsv3_jax.attention_ops import NAMES  # noqa: PLC0415  (the registry imports this module)
+
+        if self.attention not in NAMES:
+            raise ConfigError(f"impl.attention must be one of {list(NAMES)}, got {self.attention!r}")
+        if self.attention_block_size <= 0:
+            raise ConfigError(f"impl.attention_block_size must be positive, got {self.attention_block_size}")
         return self
 
 
