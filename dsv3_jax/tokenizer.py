@@ -7,6 +7,7 @@ the packer adds bos/eos around each document itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Iterable
@@ -84,6 +85,7 @@ class HFTokenizer(Tokenizer):
             raise DataError(f"data.tokenizer: cannot load {p}: {str(e).splitlines()[0]}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = self._find_specials(p)
+        self.sha256 = hashlib.sha256(p.read_bytes()).hexdigest()
 
     def _find_specials(self, p: pathlib.Path) -> tuple[int, int]:
         names = {"bos": None, "eos": None}
@@ -116,6 +118,13 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def identity(tok: Tokenizer) -> dict:
+    """What makes token ids comparable: prepared data records it and refuses a different tokenizer."""
+    ident = {"kind": "byte" if isinstance(tok, ByteTokenizer) else "tokenizer.json", "vocab_size": tok.vocab_size,
+             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    return ident if isinstance(tok, ByteTokenizer) else {**ident, "sha256": tok.sha256}
 
 
 def make_tokenizer(spec: str = "byte") -> Tokenizer:
