@@ -372,6 +372,10 @@ def make_dataset(data_cfg: DataConfig, split: str, batch_size: int, shard_index:
     # Local batches of consecutive rows; process i takes every n-th, i.e. block i of each global batch.
     ds = ds.batch(local, drop_remainder=True)[shard_index::shard_count].to_iter_dataset(_READ_OPTIONS)
     if data_cfg.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads an absl flag in mp_prefetch (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
     return iter(ds)
 
