@@ -104,8 +104,8 @@ from dsv3_jax.config import DataConfig
 from dsv3_jax.data import make_dataset
 it = make_dataset(DataConfig(source=sys.argv[1], seq_len=16, eval_fraction=0.2), "train", 4, seed=7)
 for i in range(10**6):
-    next(it)
-    print(json.dumps(it.get_state()), flush=True)
+    batch = next(it)
+    print(json.dumps({"state": it.get_state(), "tokens": batch["tokens"].tolist()}), flush=True)
     if i == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -118,11 +118,12 @@ def test_resume_after_sigkill_mid_epoch_is_bit_identical(corpus):
     proc = subprocess.run([sys.executable, "-c", _KILLED, prepared.source, str(kill_at)], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    states = proc.stdout.splitlines()
-    assert len(states) == kill_at + 1
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == kill_at + 1
     reference = take(make_dataset(prepared, "train", 4, seed=7), kill_at + 1 + epoch)
+    assert [r["tokens"] for r in lines] == [b["tokens"].tolist() for b in reference[:kill_at + 1]]
     resumed = make_dataset(prepared, "train", 4, seed=7)
-    resumed.set_state(json.loads(states[-1]))
+    resumed.set_state(lines[-1]["state"])
     assert_batches_equal(take(resumed, epoch), reference[kill_at + 1:])
 
 
