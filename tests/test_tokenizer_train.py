@@ -15,7 +15,7 @@ pytest.importorskip("tokenizers")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe")
-    lines = [json.dumps({"text": f"def function_{i}(value):\n    return value * {i} + total_{i % 5}\n"})
+    lines = [json.dumps({"text": f"def function_{i}(value):\n    return value * {i} + total_{i % 5}  # café {i}\n"})
              for i in range(300)]
     (root / "code.jsonl").write_text("\n".join(lines) + "\n")
     out = root / "tok" / "tokenizer.json"
