@@ -274,14 +274,15 @@ def prepare(source: str, tokenizer: str, out: str | pathlib.Path, fmt: str = "au
         check_options(out, opts)
         if (out / "manifest.json").exists():
             return json.loads((out / "manifest.json").read_text())
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise DataError(f"--out {out} is not empty and holds no prepare.json")
     units = _units(sources.pieces(files, int(shard_mb * 2**20)), int(shard_mb * 2**20))
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    if fresh:
+    if fresh:  # prepare.json first: a concurrent run (another process, same cache dir) then finds it
+        out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".prepare.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(opts, indent=1) + "\n")
         os.replace(tmp, out / "prepare.json")
+    (out / "shards").mkdir(exist_ok=True)
     try:
         records = _run(out, opts, tokenizer, units, processes, log)
     except DataError:
