@@ -283,3 +283,27 @@ def test_bad_sources_fail_before_anything_is_written(tmp_path):
               r"the eval split .* is empty")
     _one_line(lambda: make_dataset(DataConfig(source=str(out), eval_fraction=0.0), "train", 2, vocab_size=50),
               r"token id \d+ .* is >= model vocab_size 50")
+
+
+def test_cli(tmp_path, capsys):
+    glob = jsonl_corpus(tmp_path / "src", files=1, docs=10)
+    assert data.main(["prepare", "--source", glob, "--out", str(tmp_path / "out"), "--processes", "1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{tmp_path / 'out'}: 10 documents (") and "MB/s" in line and "tokens/s" in line
+    assert data.main(["prepare", "--source", glob, "--out", str(tmp_path / "out"), "--tokenizer", "nope.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.tokenizer: file") and "\n" not in err
+    assert data.main([]) == 2
+
+
+@pytest.mark.slow
+def test_grain_worker_processes_give_the_same_batches_and_exact_state(corpus):
+    _, prepared, _ = corpus
+    reference = take(make_dataset(prepared, "train", 4, seed=2), 12)
+    cfg = DataConfig(source=prepared.source, seq_len=16, eval_fraction=0.2, workers=2)
+    it = make_dataset(cfg, "train", 4, seed=2)
+    first = take(it, 5)
+    state = it.get_state()
+    resumed = make_dataset(cfg, "train", 4, seed=2)
+    resumed.set_state(json.loads(json.dumps(state)))
+    assert_batches_equal(first + take(resumed, 7), reference)
