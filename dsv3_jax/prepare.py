@@ -188,34 +188,39 @@ def check_options(out: pathlib.Path, opts: dict) -> None:
                         "use a new --out")
 
 
+def _extreme(out: pathlib.Path, ranges: list, split: str, pick) -> tuple[float, int, int]:
+    """(hash, shard, doc) of the lowest (pick=min) or highest (pick=max) hash among the documents of `ranges`."""
+    best = None
+    for shard, lo, hi in ranges:
+        h = np.load(shard_files(out, shard)[f"{split}.docs"], mmap_mode="r")[3, lo:hi].view(np.float64)
+        j = int(np.argmin(h) if pick is min else np.argmax(h))
+        best = (float(h[j]), shard, lo + j) if best is None else pick(best, (float(h[j]), shard, lo + j))
+    return best
+
+
 def _pieces_of(records: list[dict], max_documents: int | None, eval_fraction: float, out: pathlib.Path) -> dict:
-    """Per split: the document ranges of each shard (source prefix of max_documents; both sides non-empty)."""
-    ranges = {s: [] for s in SPLITS}  # [shard, doc_lo, doc_hi]
+    """Per split, the document ranges [shard, doc_lo, doc_hi(, stream)] that make it: the source-order prefix of
+    max_documents, and when a side is left empty, the document eval_mask would move over (lowest hash to eval,
+    highest hash to train)."""
+    ranges = {s: [] for s in SPLITS}
     seen = 0
-    hashes = {s: [] for s in SPLITS}  # (hash, shard, doc) extremes per shard for the non-empty rule
     for r in records:
         i = r["index"]
-        tables = None
         keep = {s: r[s]["documents"] for s in SPLITS}
-        if max_documents is not None and seen + r["documents"] > max_documents:
-            tables = {s: np.load(shard_files(out, i)[f"{s}.docs"]) for s in SPLITS}
-            keep = {s: int(np.searchsorted(tables[s][2], max_documents - seen)) for s in SPLITS}
+        if max_documents is not None and seen + r["documents"] > max_documents:  # docs with ordinal < the rest
+            keep = {s: int(np.searchsorted(np.load(shard_files(out, i)[f"{s}.docs"], mmap_mode="r")[2],
+                                           max_documents - seen)) for s in SPLITS}
         for s in SPLITS:
             if keep[s]:
                 ranges[s].append([i, 0, keep[s]])
-                if tables is None:
-                    tables = {x: np.load(shard_files(out, i)[f"{x}.docs"], mmap_mode="r") for x in SPLITS}
-                h = tables[s][3, :keep[s]].view(np.float64)
-                j = int(np.argmin(h) if s == "train" else np.argmax(h))
-                hashes[s].append((float(h[j]), i, j))
         seen += r["documents"]
         if max_documents is not None and seen >= max_documents:
             break
     total = sum(hi - lo for s in SPLITS for _, lo, hi in ranges[s])
     if eval_fraction > 0 and total >= 2:
         for src, dst, pick in (("train", "eval", min), ("eval", "train", max)):
-            if not ranges[dst]:  # move the lowest-hash train (highest-hash eval) document over, as eval_mask does
-                _, i, j = pick(hashes[src])
+            if not ranges[dst]:
+                _, i, j = _extreme(out, ranges[src], src, pick)
                 ranges[dst] = [[i, j, j + 1, src]]
                 new = []
                 for shard, lo, hi in ranges[src]:
