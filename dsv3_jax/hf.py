@@ -396,10 +396,9 @@ def _leaf_groups(leaves: dict, parts: dict) -> list[list[tuple]]:
     return groups
 
 
-def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry], shardings=None) -> None:
-    """Build each group of leaves from the entries that target it, place it (sharded when `shardings` is given)
-    and drop the host buffers before the next group."""
-    import jax
+def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry]) -> None:
+    """Build each group of leaves from the entries that target it, place it and drop the host buffers before the
+    next group (the single-device path; a mesh goes through hf_sliced.fill_sharded)."""
     import jax.numpy as jnp
 
     parts = {p: [] for p in leaves}  # leaf path -> [(entry, target)]
@@ -435,11 +434,7 @@ def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[E
                         entry.targets[0].to_ours(a).astype(buffer.dtype), buffer):
                     print(f"warning: {entry.key} differs from the shared {'/'.join(path)}; using the shared tensor",
                           file=sys.stderr)
-            if shardings is None:
-                leaves[path].set_value(jnp.asarray(buffer))
-            else:
-                leaves[path].set_value(jax.make_array_from_callback(buffer.shape, shardings[path],
-                                                                    lambda i, b=buffer: b[i]))
+            leaves[path].set_value(jnp.asarray(buffer))
     if unfilled:
         raise HFError(f"{root}: parameters not covered by the checkpoint: {_listing(unfilled)}")
 
