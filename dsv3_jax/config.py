@@ -195,6 +195,9 @@ class DataConfig:
     eval_fraction: float = 0.02
     shuffle_seed: int = 0
     max_documents: int | None = None
+    cache_dir: str = "~/.cache/dsv3_jax/data"  # where a raw source is prepared on the fly (one subdir per variant)
+    prepare_processes: int = 1  # worker processes for that on-the-fly prepare
+    workers: int = 0  # grain worker processes that assemble rows (0: in the training process)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The input pipeline: local text sources -> documents -> train/eval split -> packed rows -> grain batches.
+"""The input pipeline: a source -> prepared token shards -> packed rows, read lazily -> grain batches.
 
 Batch layout. `make_dataset` yields dicts of int32 numpy arrays, each (b, seq_len + 1) with b = global batch / process
 count: `tokens`, `segment_ids` (1, 2, 3, ... per document within a row, 0 = padding) and `positions` (0, 1, ...
@@ -12,6 +12,11 @@ once per epoch. A document that crosses a row boundary continues in the next row
 restart at 0 (it attends only within the row, and positions stay below seq_len, within the rotary range). Only the
 last row of a split has padding (tokens 0, segment 0).
 
+Storage. The stream lives on disk in the shards of a prepared directory (`prepare.py`; `data.source` may name one);
+a raw source (`stdlib`, a glob) is prepared on the fly into `data.cache_dir` once (one shard of text in memory at a
+time) and read from there. A row is read from the memory-mapped shards it overlaps, so host memory does not grow with
+the corpus. `PackedRows` / `pack_documents` are the same rows built in memory: the definition the tests compare with.
+
 Splits. Each document is keyed by its path (plus the record number in jsonl/parquet/arrayrecord files); a document
 is held out for eval when a hash of its key falls below `eval_fraction`, so train and eval never share a document and
 the split does not depend on the seed. When that leaves a side empty, the lowest (or highest) hash moves over.
@@ -19,188 +24,61 @@ the split does not depend on the seed. When that leaves a side empty, the lowest
 Order, sharding, state. The train rows are shuffled by grain (`MapDataset.shuffle`, reshuffled each epoch), repeated
 forever and cut into per-process batches: the k-th global batch is rows k*B .. k*B+B-1 of the shuffled order and
 process i of n takes the i-th contiguous block of B/n of them, so the concatenation over processes is exactly the
-single-process batch. The eval split is finite (one deterministic pass in stream order, no shuffle; the last global
-batch is filled with padding rows so every process yields the same number of batches); build a fresh iterator for
-each evaluation. The returned grain `DatasetIterator` has a JSON-serialisable `get_state()` / `set_state(state)`, and
-works with orbax through `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
-
-The loaded corpus is cached per process (keyed by the config fields that shape it), so eval iterators are cheap.
+single-process batch, and a process reads only its own rows. The eval split is finite (one deterministic pass in
+stream order, no shuffle; the last global batch is filled with padding rows so every process yields the same number
+of batches); build a fresh iterator for each evaluation. The returned grain `DatasetIterator` has a JSON-serialisable
+`get_state()` / `set_state(state)` (with `data.workers` > 0 rows are assembled in grain worker processes and the
+state stays exact), and works with orbax through `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
-import importlib
 import json
 import math
 import os
 import pathlib
-import sysconfig
-from collections.abc import Iterator
+import sys
 
 import grain
 import numpy as np
 
+from dsv3_jax import prepare as prep
+from dsv3_jax import sources
 from dsv3_jax.config import DataConfig
-from dsv3_jax.tokenizer import DataError, Tokenizer, make_tokenizer
+from dsv3_jax.tokenizer import DataError, Tokenizer, identity, make_tokenizer
 
-__all__ = ["DataConfig", "DataError", "PackedRows", "SplitInfo", "Tokenizer", "eval_mask", "make_dataset",
-           "make_tokenizer", "pack_documents", "read_documents", "split_info"]
+__all__ = ["DataConfig", "DataError", "PackedRows", "ShardRows", "SplitInfo", "Tokenizer", "eval_mask",
+           "make_dataset", "make_tokenizer", "open_corpus", "pack_documents", "read_documents", "split_info"]
 
-FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
-_EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
-               ".arrayrecord": "arrayrecord", ".array_record": "arrayrecord"}
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # rows are in memory: no reader threads
+FORMATS = sources.FORMATS
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # rows are cheap: no reader threads
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sources: each yields (key, text) documents in a deterministic order.
-
-
-def _stdlib_documents() -> Iterator[tuple[str, str]]:
-    """The Python standard library's own `.py` files (no site-packages, no test directories), sorted by path."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        for name in sorted(f for f in filenames if f.endswith(".py")):
-            path = pathlib.Path(dirpath) / name
-            yield "stdlib/" + path.relative_to(root).as_posix(), path.read_text(encoding="utf-8", errors="replace")
-
-
-def _glob_base(pattern: str) -> str:
-    """The directory part of a glob before its first wildcard: document keys are relative to it."""
-    parts = pathlib.Path(pattern).parts
-    fixed = []
-    for p in parts:
-        if glob.has_magic(p):
-            break
-        fixed.append(p)
-    base = os.path.join(*fixed) if fixed else "."
-    return base if os.path.isdir(base) else os.path.dirname(base) or "."
-
-
-def _format_of(path: str, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    return _EXT_FORMAT.get(pathlib.Path(path).suffix.lower(), "text")
-
-
-def _field(record: dict, field: str, where: str) -> str | None:
-    if field not in record:
-        raise DataError(f"{where}: no field {field!r} (data.text_field); keys: {sorted(record)[:10]}")
-    value = record[field]
-    if value is not None and not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
-    return value
-
-
-def _read_jsonl(path: str, field: str) -> Iterator[tuple[int, str | None]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with field {field!r}")
-            yield lineno, _field(record, field, f"{path}:{lineno}")
-
-
-def _require(module: str, package: str, fmt: str):
-    """Import an optional reader, or fail naming the package to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DataError(f"data.format {fmt} needs the `{package}` package (pip install {package})") from None
-
-
-def _read_parquet(path: str, field: str) -> Iterator[tuple[int, str | None]]:
-    pq = _require("pyarrow.parquet", "pyarrow", "parquet")
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001  (pyarrow raises several unrelated types for a bad file)
-        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise DataError(f"{path}: no column {field!r} (data.text_field); columns: {names[:10]}")
-    column = pf.read(columns=[field]).column(field).to_pylist()
-    for i, value in enumerate(column):
-        if value is not None and not isinstance(value, str):
-            raise DataError(f"{path}: column {field!r} holds {type(value).__name__}, not strings")
-        yield i, value
-
-
-def _read_arrayrecord(path: str, field: str) -> Iterator[tuple[int, str | None]]:
-    """Each record is UTF-8 text, or a JSON object (a record starting with '{' that parses) holding `field`."""
-    module = _require("array_record.python.array_record_module", "array-record", "arrayrecord")
-    try:
-        reader = module.ArrayRecordReader(path)
-        records = reader.read_all()
-        reader.close()
-    except Exception as e:  # noqa: BLE001  (the C++ reader raises RuntimeError/ValueError variants)
-        raise DataError(f"{path}: not a readable ArrayRecord file ({str(e).splitlines()[0]})") from None
-    for i, raw in enumerate(records):
-        text = raw.decode("utf-8", errors="replace")
-        if text.lstrip().startswith("{"):
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                text = _field(record, field, f"{path}: record {i}")
-        yield i, text
-
-
-def _glob_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    pattern = os.path.expanduser(cfg.source)
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise DataError(f"data.source {cfg.source!r} matched no files (use 'stdlib' or a glob of local files)")
-    base = _glob_base(pattern)
-    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrayrecord": _read_arrayrecord}
-    for path in paths:
-        key = os.path.relpath(path, base).replace(os.sep, "/")
-        fmt = _format_of(path, cfg.format)
-        if fmt == "text":
-            yield key, pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
-            continue
-        for index, text in readers[fmt](path, cfg.text_field):
-            if text is not None:
-                yield f"{key}#{index}", text
+# Documents and the split (the in-memory reference; prepare.py applies the same rules shard by shard).
 
 
 def read_documents(cfg: DataConfig) -> list[tuple[str, str]]:
     """The non-empty (key, text) documents of the source, in source order, at most `max_documents` of them."""
-    if cfg.format not in FORMATS:
-        raise DataError(f"data.format must be one of {list(FORMATS)}, got {cfg.format!r}")
     if cfg.max_documents is not None and cfg.max_documents <= 0:
         raise DataError(f"data.max_documents must be positive or null, got {cfg.max_documents}")
     docs = []
-    for key, text in (_stdlib_documents() if cfg.source == "stdlib" else _glob_documents(cfg)):
-        if text:
+    for piece in sources.pieces(sources.source_files(cfg.source, cfg.format), 1 << 26):
+        for key, text in sources.read_piece(piece, cfg.text_field):
             docs.append((key, text))
             if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
-                break
+                return docs
     if not docs:
         raise DataError(f"data.source {cfg.source!r} holds no non-empty documents")
     return docs
 
 
-def _unit_hash(key: str) -> float:
-    """A stable hash of a document key in [0, 1)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2.0**64
-
-
 def eval_mask(keys: list[str], eval_fraction: float) -> np.ndarray:
     """(D,) bool: which documents are held out. Both sides are kept non-empty when there are >= 2 documents."""
-    u = np.array([_unit_hash(k) for k in keys])
+    u = np.array([prep.unit_hash(k) for k in keys])
     n_eval = int((u < eval_fraction).sum())
     if eval_fraction > 0 and len(keys) >= 2:
         n_eval = min(max(n_eval, 1), len(keys) - 1)
@@ -210,12 +88,27 @@ def eval_mask(keys: list[str], eval_fraction: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packing.
+# Rows.
+
+
+def _cut(a: int, b: int, tokens: np.ndarray, starts: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """Row stream[a:b] (b - a <= width) from its tokens and the stream starts of the documents it touches
+    (sorted, starts[0] <= a), padded to `width`."""
+    out = {k: np.zeros(width, np.int32) for k in ("tokens", "segment_ids", "positions")}
+    if b <= a:
+        return out
+    idx = np.arange(a, b)
+    doc = np.searchsorted(starts, idx, side="right") - 1  # document of each token
+    n = b - a
+    out["tokens"][:n] = tokens
+    out["segment_ids"][:n] = doc - doc[0] + 1
+    out["positions"][:n] = idx - np.maximum(starts[doc], a)  # a continuation restarts at 0
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
-    """Rows of seq_len + 1 tokens cut from one document stream (see the module docstring); a random-access source.
+    """Rows of seq_len + 1 tokens cut from one in-memory document stream (see the module docstring).
 
     Indices at or beyond the natural row count (up to `length`) are all-padding rows.
     """
@@ -234,16 +127,11 @@ class PackedRows:
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         width = self.seq_len + 1
-        tokens, segment_ids, positions = (np.zeros(width, np.int32) for _ in range(3))
-        if r < self.num_rows:
-            start = r * self.seq_len
-            idx = np.arange(start, min(start + width, len(self.stream)))
-            doc = np.searchsorted(self.doc_starts, idx, side="right") - 1  # document of each token
-            n = len(idx)
-            tokens[:n] = self.stream[idx]
-            segment_ids[:n] = doc - doc[0] + 1
-            positions[:n] = idx - np.maximum(self.doc_starts[doc], start)  # a continuation restarts at 0
-        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+        if r >= self.num_rows:
+            return _cut(0, 0, np.zeros(0, np.int32), np.zeros(1, np.int64), width)
+        a = r * self.seq_len
+        b = min(a + width, len(self.stream))
+        return _cut(a, b, self.stream[a:b], self.doc_starts, width)
 
     def padded_to(self, length: int) -> PackedRows:
         return dataclasses.replace(self, length=length)
@@ -251,19 +139,69 @@ class PackedRows:
 
 def pack_documents(docs: list[np.ndarray], bos_id: int, eos_id: int, seq_len: int) -> PackedRows:
     """Concatenate `[bos] + doc + [eos]` for every tokenised document into one stream of rows."""
-    lengths = np.array([len(d) + 2 for d in docs], np.int64)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    stream = np.empty(int(ends[-1]) if len(docs) else 0, np.int32)
-    body = np.ones(len(stream), bool)
-    body[starts], body[ends - 1] = False, False
-    stream[starts], stream[ends - 1] = bos_id, eos_id
-    stream[body] = np.concatenate(docs) if docs else []
+    stream, starts = prep.concat_documents(docs, bos_id, eos_id)
     return PackedRows(stream, starts, seq_len)
 
 
+@functools.lru_cache(maxsize=256)
+def _mmap(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: corrupt shard ({str(e).splitlines()[0]})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRows:
+    """The same rows as PackedRows, read on demand from the memory-mapped shards of a prepared split.
+
+    `pieces[k]` = (tokens file, docs file, tok_lo, tok_hi, doc_lo, doc_hi): a range of one shard stream;
+    `offsets[k]` is where piece k starts in the split stream.
+    """
+
+    pieces: tuple[tuple[str, str, int, int, int, int], ...]
+    offsets: tuple[int, ...]  # (K + 1,)
+    seq_len: int
+    vocab_size: int
+    length: int | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return max(1, math.ceil((self.offsets[-1] - 1) / self.seq_len))
+
+    def __len__(self) -> int:
+        return self.num_rows if self.length is None else self.length
+
+    def padded_to(self, length: int) -> ShardRows:
+        return dataclasses.replace(self, length=length)
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        width = self.seq_len + 1
+        if r >= self.num_rows:
+            return _cut(0, 0, np.zeros(0, np.int32), np.zeros(1, np.int64), width)
+        a = r * self.seq_len
+        b = min(a + width, self.offsets[-1])
+        tokens, starts = [], []
+        k = int(np.searchsorted(self.offsets, a, side="right")) - 1
+        while k < len(self.pieces) and self.offsets[k] < b:
+            tok_path, doc_path, tok_lo, _, doc_lo, doc_hi = self.pieces[k]
+            off = self.offsets[k]
+            lo, hi = max(a, off) - off + tok_lo, min(b, self.offsets[k + 1]) - off + tok_lo
+            t = np.asarray(_mmap(tok_path)[lo:hi]).astype(np.int32)
+            if len(t) and (t.max() >= self.vocab_size or t.min() < 0):
+                raise DataError(f"{tok_path}: token id {int(t.max())} is outside the vocabulary "
+                                f"({self.vocab_size}); the shard is corrupt")
+            doc_starts = _mmap(doc_path)[0, doc_lo:doc_hi]
+            d0 = int(np.searchsorted(doc_starts, lo, side="right")) - 1
+            d1 = int(np.searchsorted(doc_starts, hi, side="left"))
+            tokens.append(t)
+            starts.append(np.asarray(doc_starts[max(d0, 0):d1]) - tok_lo + off)
+            k += 1
+        return _cut(a, b, np.concatenate(tokens), np.concatenate(starts), width)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The corpus: read, split, tokenise and pack once per process.
+# The corpus: a prepared directory (given, or made on the fly from a raw source).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,61 +220,117 @@ class SplitInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Split:
-    rows: PackedRows
-    info: SplitInfo
-    max_token: int
+class Corpus:
+    dir: pathlib.Path
+    manifest: dict
 
 
-def _tokenize(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    if hasattr(tok, "encode_batch"):
-        return [a for i in range(0, len(texts), 1024) for a in tok.encode_batch(texts[i:i + 1024])]
-    return [tok.encode_array(t) for t in texts]
+def _is_prepared(source: str) -> bool:
+    p = pathlib.Path(source).expanduser()
+    return p.is_dir() and ((p / "manifest.json").exists() or (p / "prepare.json").exists())
 
 
-def _make_split(tok: Tokenizer, texts: list[str], seq_len: int) -> _Split | None:
-    if not texts:
-        return None
-    docs = _tokenize(tok, texts)
-    rows = pack_documents(docs, tok.bos_id, tok.eos_id, seq_len)
-    info = SplitInfo(documents=len(texts), target_tokens=len(rows.stream) - len(texts),
-                     bytes=sum(len(t.encode("utf-8")) for t in texts), rows=rows.num_rows)
-    return _Split(rows, info, int(rows.stream.max()))
+def _check_shards(root: pathlib.Path, manifest: dict) -> None:
+    """Every shard file the manifest uses exists with its recorded size and a readable .npy header."""
+    dtype = np.dtype(manifest["dtype"])
+    for index, sizes in manifest["shards"].items():
+        for kind, path in prep.shard_files(root, int(index)).items():
+            if not path.is_file():
+                raise DataError(f"{path}: missing shard file (listed in {root / 'manifest.json'})")
+            size = path.stat().st_size
+            if size == 0 or size != sizes[kind]:
+                raise DataError(f"{path}: corrupt shard ({size} bytes, the manifest says {sizes[kind]})")
+            try:
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dt = read(f)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: corrupt shard ({str(e).splitlines()[0]})") from None
+            want = dtype if kind.endswith("tokens") else np.dtype(np.int64)
+            if dt != want or len(shape) != (1 if kind.endswith("tokens") else 2):
+                raise DataError(f"{path}: corrupt shard (array {dt}{list(shape)}, expected {want})")
 
 
-@functools.lru_cache(maxsize=4)
-def _load(source: str, fmt: str, text_field: str, tokenizer: str, seq_len: int, eval_fraction: float,
-          max_documents: int | None) -> dict[str, _Split | None]:
-    if seq_len <= 0:
-        raise DataError(f"data.seq_len must be positive, got {seq_len}")
-    if not 0 <= eval_fraction < 1:
-        raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
-    cfg = DataConfig(source=source, format=fmt, text_field=text_field, max_documents=max_documents)
-    tok = make_tokenizer(tokenizer)
-    docs = read_documents(cfg)
-    is_eval = eval_mask([k for k, _ in docs], eval_fraction)
-    return {split: _make_split(tok, [t for (_, t), e in zip(docs, is_eval) if e == (split == "eval")], seq_len)
-            for split in ("train", "eval")}
+def _read_manifest(root: pathlib.Path) -> dict:
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"data.source {str(root)!r}: no manifest.json, the prepare step did not finish (run it again "
+                        "with the same --out to resume)")
+    try:
+        manifest = json.loads(path.read_text())
+        if not all(k in manifest for k in ("splits", "shards", "tokenizer", "dtype")):
+            raise ValueError("missing splits, shards, tokenizer or dtype")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:100]})") from None
+    if manifest.get("version") != prep.VERSION:
+        raise DataError(f"{path}: format version {manifest.get('version')}, this code reads {prep.VERSION}")
+    return manifest
 
 
-def _load_cfg(cfg: DataConfig) -> dict[str, _Split | None]:
-    return _load(cfg.source, cfg.format, cfg.text_field, cfg.tokenizer, cfg.seq_len, cfg.eval_fraction,
-                 cfg.max_documents)
+def _cache_key(opts: dict) -> str:
+    return hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _split(cfg: DataConfig, split: str) -> _Split:
+@functools.lru_cache(maxsize=8)
+def _open(source: str, fmt: str, text_field: str, tokenizer: str, eval_fraction: float, max_documents: int | None,
+          cache_dir: str, processes: int) -> Corpus:
+    tok_id = identity(make_tokenizer(tokenizer))
+    if _is_prepared(source):
+        root = pathlib.Path(source).expanduser()
+        manifest = _read_manifest(root)
+        if manifest["tokenizer"] != tok_id:
+            raise DataError(f"data.source {source!r} was prepared with another tokenizer ({manifest['tokenizer']}), "
+                            f"not data.tokenizer={tokenizer!r} ({tok_id})")
+        for field, value in (("eval_fraction", eval_fraction), ("max_documents", max_documents)):
+            if value != manifest.get(field) and not (field == "max_documents" and value is None):
+                raise DataError(f"data.{field}={value} differs from {manifest.get(field)} in {root / 'manifest.json'} "
+                                "(the split is fixed when data is prepared)")
+    else:
+        opts, _ = prep.options(source, tokenizer, fmt, text_field, eval_fraction, max_documents)
+        root = pathlib.Path(cache_dir).expanduser() / _cache_key(opts)
+        if not (root / "manifest.json").exists():
+            print(f"preparing data.source {source!r} into {root}", file=sys.stderr, flush=True)
+        manifest = prep.prepare(source, tokenizer, root, fmt, text_field, eval_fraction, max_documents, processes)
+    _check_shards(root, manifest)
+    return Corpus(root, manifest)
+
+
+def open_corpus(cfg: DataConfig) -> Corpus:
+    """The prepared corpus of `cfg.source` (prepared into the cache first when it is a raw source)."""
+    if cfg.seq_len <= 0:
+        raise DataError(f"data.seq_len must be positive, got {cfg.seq_len}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise DataError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_documents is not None and cfg.max_documents <= 0:
+        raise DataError(f"data.max_documents must be positive or null, got {cfg.max_documents}")
+    if cfg.format not in FORMATS:
+        raise DataError(f"data.format must be one of {list(FORMATS)}, got {cfg.format!r}")
+    return _open(cfg.source, cfg.format, cfg.text_field, cfg.tokenizer, cfg.eval_fraction, cfg.max_documents,
+                 cfg.cache_dir, cfg.prepare_processes)
+
+
+def _split(cfg: DataConfig, split: str) -> tuple[ShardRows, dict]:
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
-    s = _load_cfg(cfg)[split]
-    if s is None:
+    corpus = open_corpus(cfg)
+    s = corpus.manifest["splits"][split]
+    if not s["documents"]:
         raise DataError(f"the {split} split of data.source {cfg.source!r} is empty "
                         f"(data.eval_fraction={cfg.eval_fraction}, data.max_documents={cfg.max_documents})")
-    return s
+    pieces, offsets = [], [0]
+    for shard, stream, doc_lo, doc_hi, tok_lo, tok_hi in s["pieces"]:
+        files = prep.shard_files(corpus.dir, shard)
+        pieces.append((str(files[f"{stream}.tokens"]), str(files[f"{stream}.docs"]), tok_lo, tok_hi, doc_lo, doc_hi))
+        offsets.append(offsets[-1] + tok_hi - tok_lo)
+    return ShardRows(tuple(pieces), tuple(offsets), cfg.seq_len, corpus.manifest["tokenizer"]["vocab_size"]), s
 
 
 def split_info(cfg: DataConfig, split: str = "eval") -> SplitInfo:
-    """Documents, predicted tokens, bytes and rows of a split (loads and caches the corpus)."""
-    return _split(cfg, split).info
+    """Documents, predicted tokens, bytes and rows of a split (from the manifest)."""
+    rows, s = _split(cfg, split)
+    return SplitInfo(s["documents"], s["target_tokens"], s["bytes"], rows.num_rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,17 +356,40 @@ def make_dataset(data_cfg: DataConfig, split: str, batch_size: int, shard_index:
         raise DataError(f"shard_index {shard_index} is out of range for {shard_count} processes")
     if batch_size % shard_count:
         raise DataError(f"global_batch_size {batch_size} is not divisible by the process count {shard_count}")
-    s = _split(data_cfg, split)
+    if data_cfg.workers < 0:
+        raise DataError(f"data.workers must be >= 0, got {data_cfg.workers}")
+    rows, _ = _split(data_cfg, split)
     if vocab_size is not None:  # both splits, so a too-small vocabulary fails at the start, not at the first eval
-        max_token = max(x.max_token for x in _load_cfg(data_cfg).values() if x is not None)
+        max_token = max(s["max_token"] for s in open_corpus(data_cfg).manifest["splits"].values())
         if max_token >= vocab_size:
             raise DataError(f"token id {max_token} from data.tokenizer={data_cfg.tokenizer!r} is >= model "
                             f"vocab_size {vocab_size}")
     local = batch_size // shard_count
     if split == "train":
-        ds = grain.MapDataset.source(s.rows).shuffle(seed=_mix_seed(data_cfg.shuffle_seed, seed)).repeat()
+        ds = grain.MapDataset.source(rows).shuffle(seed=_mix_seed(data_cfg.shuffle_seed, seed)).repeat()
     else:
-        ds = grain.MapDataset.source(s.rows.padded_to(math.ceil(s.rows.num_rows / batch_size) * batch_size))
+        ds = grain.MapDataset.source(rows.padded_to(math.ceil(rows.num_rows / batch_size) * batch_size))
     # Local batches of consecutive rows; process i takes every n-th, i.e. block i of each global batch.
-    ds = ds.batch(local, drop_remainder=True)[shard_index::shard_count]
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+    ds = ds.batch(local, drop_remainder=True)[shard_index::shard_count].to_iter_dataset(_READ_OPTIONS)
+    if data_cfg.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads an absl flag in mp_prefetch (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+    return iter(ds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "prepare":
+        print("usage: python -m dsv3_jax.data prepare --source GLOB --tokenizer byte|PATH --out DIR [--processes N]",
+              file=sys.stderr)
+        return 2
+    return prep.main(argv[1:])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    raise SystemExit(main())
+

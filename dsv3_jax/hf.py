@@ -284,6 +284,7 @@ class _Reader:
         from safetensors import safe_open
 
         self.where, self.headers, self.handles = {}, {}, {}
+        self.bytes_read = 0  # tensor bytes read so far (what a sharded load reads per process)
         for file in files:
             if not file.is_file():
                 raise HFError(f"{file} not found (listed in the index)")
@@ -303,6 +304,7 @@ class _Reader:
     def raw(self, key: str) -> np.ndarray:
         file = self.where[key]
         info = self.info(key)
+        self.bytes_read += info["data_offsets"][1] - info["data_offsets"][0]
         try:
             if info["dtype"] == _F8:  # safetensors' numpy backend has no float8: read the bytes directly
                 import ml_dtypes
@@ -327,11 +329,13 @@ class _Reader:
             raise HFError(f"{self.where[key]}: {key}: {e}") from None
 
 
-def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
+def load(path, dtype: str = "float32", mesh=None, stats: dict | None = None, **impl_overrides):
     """Transformer from an HF DeepSeek-V3 directory (config.json + safetensors), filled leaf by leaf from the
     tensors of the files (the host holds one parameter at a time). With a `mesh`, each parameter is placed
-    directly in its logical-axis sharding (each process keeps only its addressable shards). `dtype` sets the
-    parameter and activation dtypes; `impl_overrides` are further `impl` fields (precision, moe_impl, ...)."""
+    directly in its logical-axis sharding and each process reads only the slices its devices hold
+    (hf_sliced.py). `dtype` sets the
+    parameter and activation dtypes; `impl_overrides` are further `impl` fields (precision, moe_impl, ...).
+    `stats`, when given, receives `bytes_read`: the tensor bytes this process read from the files."""
     from flax import nnx
 
     from dsv3_jax.model import Transformer
@@ -359,12 +363,17 @@ def load(path, dtype: str = "float32", mesh=None, **impl_overrides):
         main, copies = entries(cfg, hf_cfg.get("rope_interleave", True) is not False, fused)
         _check_keys(root, cfg, reader, main, copies)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), impl)))
-        shardings = None
-        if mesh is not None:
+        leaves = dict(nnx.to_flat_state(state))
+        if mesh is None:
+            _fill(root, reader, leaves, main, copies)
+        else:
+            from dsv3_jax.hf_sliced import fill_sharded
             from dsv3_jax.sharding import state_shardings
 
             shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh))}
-        _fill(root, reader, dict(nnx.to_flat_state(state)), main, copies, shardings)
+            fill_sharded(root, reader, leaves, main, copies, shardings)
+        if stats is not None:
+            stats["bytes_read"] = reader.bytes_read
     return nnx.merge(graphdef, state)
 
 
@@ -387,10 +396,9 @@ def _leaf_groups(leaves: dict, parts: dict) -> list[list[tuple]]:
     return groups
 
 
-def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry], shardings=None) -> None:
-    """Build each group of leaves from the entries that target it, place it (sharded when `shardings` is given)
-    and drop the host buffers before the next group."""
-    import jax
+def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[Entry]) -> None:
+    """Build each group of leaves from the entries that target it, place it and drop the host buffers before the
+    next group (the single-device path; a mesh goes through hf_sliced.fill_sharded)."""
     import jax.numpy as jnp
 
     parts = {p: [] for p in leaves}  # leaf path -> [(entry, target)]
@@ -426,11 +434,7 @@ def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[E
                         entry.targets[0].to_ours(a).astype(buffer.dtype), buffer):
                     print(f"warning: {entry.key} differs from the shared {'/'.join(path)}; using the shared tensor",
                           file=sys.stderr)
-            if shardings is None:
-                leaves[path].set_value(jnp.asarray(buffer))
-            else:
-                leaves[path].set_value(jax.make_array_from_callback(buffer.shape, shardings[path],
-                                                                    lambda i, b=buffer: b[i]))
+            leaves[path].set_value(jnp.asarray(buffer))
     if unfilled:
         raise HFError(f"{root}: parameters not covered by the checkpoint: {_listing(unfilled)}")
 

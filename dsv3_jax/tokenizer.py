@@ -7,6 +7,7 @@ the packer adds bos/eos around each document itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Iterable
@@ -84,6 +85,7 @@ class HFTokenizer(Tokenizer):
             raise DataError(f"data.tokenizer: cannot load {p}: {str(e).splitlines()[0]}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = self._find_specials(p)
+        self.sha256 = hashlib.sha256(p.read_bytes()).hexdigest()
 
     def _find_specials(self, p: pathlib.Path) -> tuple[int, int]:
         names = {"bos": None, "eos": None}
@@ -118,8 +120,86 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def identity(tok: Tokenizer) -> dict:
+    """What makes token ids comparable: prepared data records it and refuses a different tokenizer."""
+    ident = {"kind": "byte" if isinstance(tok, ByteTokenizer) else "tokenizer.json", "vocab_size": tok.vocab_size,
+             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    return ident if isinstance(tok, ByteTokenizer) else {**ident, "sha256": tok.sha256}
+
+
 def make_tokenizer(spec: str = "byte") -> Tokenizer:
     """`"byte"` for the byte-level tokenizer, otherwise a path to an HF tokenizer.json (or its directory)."""
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training a byte-level BPE vocabulary.
+
+BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def train_bpe(source: str, vocab_size: int, out: str, fmt: str = "auto", text_field: str = "text",
+              max_documents: int | None = None) -> HFTokenizer:
+    """Byte-level BPE (every byte is a base token, so any text encodes) trained on the documents of `source`,
+    streamed piece by piece; bos/eos are added as special tokens. Returns the saved tokenizer, loaded back."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError("the BPE trainer needs the `tokenizers` package (pip install tokenizers)") from None
+    from dsv3_jax import sources
+
+    base = len(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + 2
+    if vocab_size < base:
+        raise DataError(f"--vocab-size must be at least {base} (256 bytes + bos + eos), got {vocab_size}")
+    files = sources.source_files(source, fmt)
+
+    def texts():
+        n = 0
+        for piece in sources.pieces(files, 1 << 24):
+            for _, text in sources.read_piece(piece, text_field):
+                yield text
+                n += 1
+                if max_documents is not None and n >= max_documents:
+                    return
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                             show_progress=False)
+    tok.train_from_iterator(texts(), trainer)
+    path = pathlib.Path(out).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return HFTokenizer(str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m dsv3_jax.tokenizer train",
+                                     description="Train a byte-level BPE tokenizer.json on a corpus.")
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--source", required=True, help="'stdlib' or a glob of text/jsonl/parquet/arrayrecord files")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--out", required=True, help="the tokenizer.json to write")
+    parser.add_argument("--format", default="auto")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--max-documents", type=int, default=None)
+    a = parser.parse_args(argv)
+    try:
+        tok = train_bpe(a.source, a.vocab_size, a.out, a.format, a.text_field, a.max_documents)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: byte-level BPE, vocab_size {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id} "
+          f"(use data.tokenizer={a.out} and model.vocab_size>={tok.vocab_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
