@@ -29,6 +29,7 @@ import numpy as np
 FP8_BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8 = jnp.float8_e4m3fn
+_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the floor of a scale (CPUs flush subnormals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def quantize(x: jax.Array, tile: tuple[int, ...]) -> tuple[jax.Array, jax.Array]
         split += [n // t, t]
     tiles = x.astype(jnp.float32).reshape(split)
     amax = jnp.max(jnp.abs(tiles), axis=tuple(range(1, len(split), 2)))
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    scale = jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, _F32_TINY), 1.0)  # never a (flushed) subnormal
     expanded = scale.reshape([d for n in scale.shape for d in (n, 1)])
     q = jnp.clip(tiles / expanded, -FP8_MAX, FP8_MAX).astype(FP8)
     return q.reshape(x.shape), scale
@@ -285,6 +286,6 @@ def quantize_blocks(w: np.ndarray, block: int = FP8_BLOCK) -> tuple[np.ndarray, 
     padded[:out_dim, :in_dim] = w
     tiles = padded.reshape(nb_out, block, nb_in, block)
     amax = np.abs(tiles).max(axis=(1, 3))
-    scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
-    q = (tiles / scale_inv[:, None, :, None]).reshape(padded.shape)[:out_dim, :in_dim]
+    scale_inv = np.where(amax > 0, np.maximum(amax / FP8_MAX, _F32_TINY), 1.0).astype(np.float32)
+    q = np.clip(tiles / scale_inv[:, None, :, None], -FP8_MAX, FP8_MAX).reshape(padded.shape)[:out_dim, :in_dim]
     return q.astype(ml_dtypes.float8_e4m3fn), scale_inv
