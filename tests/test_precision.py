@@ -173,7 +173,8 @@ def test_fp8_ragged_dot_and_its_gradients_match_float32_and_spare_idle_experts()
 SEQ = 24  # T: unique among the dims below, so the attention core's (T, S) dots are recognisable
 FP8_TINY = ["impl.precision=fp8", "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=32",
             "model.v_head_dim=16", "model.moe_intermediate_size=32", "model.n_routed_experts=10", "model.n_group=2",
-            "model.topk_group=1", f"data.seq_len={SEQ}", "train.global_batch_size=4"]
+            "model.topk_group=1", "model.intermediate_size=200", f"data.seq_len={SEQ}",
+            "train.global_batch_size=4"]
 _DOT = re.compile(r"stablehlo\.dot_general.*?contracting_dims = \[([\d, ]*)\] x .*?"
                   r": \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)")
 
@@ -202,10 +203,13 @@ def test_lowered_step_runs_linear_layers_in_fp8_with_128_wide_chunks(lowered_dot
     cfg, dots = lowered_dots
     f8 = [d for d in dots if "f8E4M3FN" in d[1]]
     assert len(f8) >= 30  # forward, dgrad and wgrad of every projection, dense and MoE (counted once per scan body)
+    ks = []
     for contracting, lhs, rhs, out in f8:
         assert "f8E4M3FN" in rhs and out.endswith("xf32>")  # both operands E4M3, float32 accumulation
-        k = _dims(lhs)[int(contracting.split(",")[0])]
-        assert k <= 128  # each dot covers one contraction chunk: partial sums promoted every <= 128 elements
+        ks.append(_dims(lhs)[int(contracting.split(",")[0])])
+    # each dot covers one contraction chunk, partial sums promoted every <= 128 elements; the dense layer's
+    # intermediate_size=200 contraction is cut into 128-wide chunks
+    assert max(ks) == 128, sorted(set(ks))
 
 
 def test_lowered_step_keeps_head_router_and_attention_core_out_of_fp8(lowered_dots):
