@@ -1,6 +1,7 @@
 """Loss curves of two or more runs from their metrics.jsonl, one PNG, and the numbers the README quotes: the final
 train loss (last logged step, and the mean of the last `--tail` logged steps, single batches being noisy), the final
-held-out loss, and each run's relative gap to the first run.
+held-out loss, and each run's relative gap to the first run, also paired step by step over the second half of the
+run (same data order, so the batch-to-batch noise cancels).
 
     python benchmarks/plot_fp8.py runs/bf16 runs/fp8 --out docs/fp8_loss.png
 """
@@ -28,9 +29,10 @@ def main() -> None:
     p.add_argument("--tail", type=int, default=5)
     a = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    summary = []
+    summary, curves = [], []
     for run in a.runs:
         train, evals = read(run)
+        curves.append({r["step"]: r["loss"] for r in train})
         line, = ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"{run.name} train")
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o--", color=line.get_color(),
                 label=f"{run.name} held-out")
@@ -43,12 +45,15 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(a.out)
     print(f"wrote {a.out}")
-    print(f"| run | steps | final train loss | mean of last {a.tail} logged | held-out loss | gap vs {summary[0][0]} |")
+    print(f"| run | steps | final train loss | mean of last {a.tail} logged | held-out loss | gap vs {summary[0][0]}: "
+          "last / mean / held-out / paired 2nd half |")
     print("| --- | --- | --- | --- | --- | --- |")
     _, _, base_last, base_tail, base_eval = summary[0]
-    for name, step, last, tail, held in summary:
-        gap = (f"train {100 * (last / base_last - 1):+.2f}% (last) / {100 * (tail / base_tail - 1):+.2f}% (mean), "
-               f"held-out {100 * (held / base_eval - 1):+.2f}%")
+    for (name, step, last, tail, held), curve in zip(summary, curves, strict=True):
+        half = [s for s in curves[0] if s > step // 2 and s in curve]
+        paired = sum(curve[s] for s in half) / sum(curves[0][s] for s in half) - 1
+        gap = (f"{100 * (last / base_last - 1):+.2f}% / {100 * (tail / base_tail - 1):+.2f}% / "
+               f"{100 * (held / base_eval - 1):+.2f}% / {100 * paired:+.2f}%")
         print(f"| {name} | {step} | {last:.4f} | {tail:.4f} | {held:.4f} | {gap} |")
 
 
