@@ -234,6 +234,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # the \r progress line on process 0 (only when stderr is a terminal)
     async_checkpoint: bool = True
+    moments_dtype: str = "float32"  # float32 | bfloat16 : the AdamW moments (master weights stay float32)
 
     def validate(self) -> TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batches", "log_every", "checkpoint_every",
@@ -254,6 +255,8 @@ class TrainConfig:
             raise ConfigError(f"train.peak_tflops must be positive or null, got {self.peak_tflops}")
         if not self.run_dir:
             raise ConfigError("train.run_dir must not be empty")
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.moments_dtype must be float32 or bfloat16, got {self.moments_dtype!r}")
         return self
 
 
@@ -283,7 +286,29 @@ class Config:
         self.model.validate()
         self.impl.validate()
         self.train.validate()
+        if self.impl.precision == "fp8":
+            for name, k in fp8_contraction_dims(self.model).items():
+                if k < FP8_MIN_K:
+                    raise ConfigError(f"impl.precision=fp8 needs linear-layer contractions of at least {FP8_MIN_K}: "
+                                      f"model.{name} is {k}")
         return self
+
+
+FP8_MIN_K = 32  # one k-step of the Hopper FP8 MMA; a shorter contraction would be mostly padding
+
+
+def fp8_contraction_dims(m: ModelConfig) -> dict[str, int]:
+    """The contraction length of every linear-layer GEMM that FP8 training runs, by the config field(s) it comes
+    from (the absorbed decode projections contract over qk_nope_head_dim and kv_lora_rank)."""
+    dims = {"hidden_size": m.hidden_size, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+            "num_attention_heads*v_head_dim": m.num_attention_heads * m.v_head_dim}
+    if m.q_lora_rank is not None:
+        dims["q_lora_rank"] = m.q_lora_rank
+    if m.first_k_dense_replace:
+        dims["intermediate_size"] = m.intermediate_size
+    if m.num_moe_layers or m.num_nextn_predict_layers:
+        dims["moe_intermediate_size"] = m.moe_intermediate_size
+    return dims
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -443,14 +443,23 @@ def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[E
 # Writing.
 
 
-def save(model, path, dtype: str = "float32", shard_size_mb: float = 4096) -> None:
+_FP8_QUANTISED = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
+                            r"down_proj)\.weight$")  # what the released FP8 checkpoint quantises (not eh_proj, head)
+_FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def save(model, path, dtype: str = "float32", shard_size_mb: float = 4096, fp8: bool = False) -> None:
     """Write config.json and safetensors shards + index in the HF layout (per-expert keys, MTP as layer
-    num_hidden_layers with copies of the embedding and head), readable by `load` and by transformers."""
+    num_hidden_layers with copies of the embedding and head), readable by `load` and by transformers.
+
+    fp8=True writes the released FP8 layout: the attention and MLP projection weights as E4M3 with a float32
+    `weight_scale_inv` [ceil(out/128), ceil(in/128)] per 128x128 block, everything else in `dtype`."""
     import ml_dtypes
     from flax import nnx
     from safetensors.numpy import save_file
 
     from dsv3_jax.config import to_hf_config
+    from dsv3_jax.precision import quantize_blocks
 
     cfg = model.cfg
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(dtype)
@@ -460,14 +469,29 @@ def save(model, path, dtype: str = "float32", shard_size_mb: float = 4096) -> No
     root.mkdir(parents=True, exist_ok=True)
     hf_cfg = to_hf_config(cfg)
     hf_cfg["torch_dtype"] = dtype
+    if fp8:
+        hf_cfg["quantization_config"] = dict(_FP8_CONFIG)
     (root / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
 
     leaves = {p: var.get_value() for p, var in nnx.to_flat_state(nnx.state(model))}
     main, copies = entries(cfg)
     todo = main + copies
 
+    def quantised(entry):
+        return fp8 and _FP8_QUANTISED.search(entry.key) is not None
+
     def dtype_of(entry):  # the router and its bias stay float32, as in the released weights
+        if quantised(entry):
+            return ml_dtypes.float8_e4m3fn
         return np.float32 if entry.targets[0].path[-1] in ("router", "bias") else out_dtype
+
+    def tensors_of(entry) -> dict:
+        t = entry.targets[0]
+        w = entry.to_hf(np.asarray(leaves[t.path][t.index]))
+        if not quantised(entry):
+            return {entry.key: np.ascontiguousarray(w.astype(dtype_of(entry)))}
+        q, scale_inv = quantize_blocks(w.astype(np.float32))
+        return {entry.key: np.ascontiguousarray(q), entry.key + _SCALE: scale_inv}
 
     limit = shard_size_mb * 2**20
     shards, size = [[]], 0
@@ -483,11 +507,10 @@ def save(model, path, dtype: str = "float32", shard_size_mb: float = 4096) -> No
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for entry in shard:
-            t = entry.targets[0]
-            tensors[entry.key] = np.ascontiguousarray(entry.to_hf(np.asarray(leaves[t.path][t.index]))
-                                                      .astype(dtype_of(entry)))
-            weight_map[entry.key] = name
-            total += tensors[entry.key].nbytes
+            tensors.update(tensors_of(entry))
+        for key, a in tensors.items():
+            weight_map[key] = name
+            total += a.nbytes
         save_file(tensors, str(root / name), metadata={"format": "pt"})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -117,7 +117,8 @@ class Transformer(nnx.Module):
         self.dense_layers = stacked(lambda r: Block(cfg, impl, False, r), cfg.first_k_dense_replace, rngs)
         self.moe_layers = stacked(lambda r: Block(cfg, impl, True, r), cfg.num_moe_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pol, rngs)
-        self.head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, pol, rngs)
+        self.head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, pol.high(),
+                           rngs)
         self.mtp = nnx.List([MTPModule(cfg, impl, rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,

@@ -77,12 +77,24 @@ def decay_mask(abstract_params) -> dict:
     return nnx.to_pure_dict(jax.tree.map(decays, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state kept in `dtype` between steps (updated in float32)."""
+    def cast(tree, dt):
+        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(inner.init(params), dtype), update)
+
+
 def make_optimizer(cfg: TrainConfig, mask: dict) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(functools.partial(learning_rate, cfg=cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                    mask=mask),
-    )
+    adamw = optax.adamw(functools.partial(learning_rate, cfg=cfg), b1=cfg.b1, b2=cfg.b2,
+                        weight_decay=cfg.weight_decay, mask=mask)
+    if cfg.moments_dtype != "float32":
+        adamw = stored_as(adamw, jnp.dtype(cfg.moments_dtype))
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -411,3 +411,88 @@ def test_sharded_load_in_two_processes_equals_single_process_load(tmp_path):
     for r in results:
         assert r["devices"] == 4 and r["checked"] > 0
         assert r["sharded"] < 0.6 * r["full"]  # about half: the embed dim (and what it touches) is split
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 export.
+
+FP8_QUANTISED = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                 "down_proj")
+
+
+def random_model_of(overrides: list[str], seed: int) -> Transformer:
+    """`random_model` with tiny-preset overrides."""
+    cfg = load_config("tiny", overrides).model
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        noise = rng.standard_normal(var.shape).astype(np.float32)
+        scale = 0.05 if path[-1] == "bias" else 0.15
+        var.set_value(jnp.asarray(1 + 0.1 * noise if "norm" in path[-2] else scale * noise))
+    return model
+
+
+def read_any(path) -> dict:
+    """Every tensor of an HF directory as numpy, FP8 ones as ml_dtypes float8_e4m3fn (numpy safetensors has none)."""
+    import ml_dtypes
+    from safetensors.torch import load_file as load_torch
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        for key, t in load_torch(str(f)).items():
+            out[key] = (t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn) if t.dtype == torch.float8_e4m3fn
+                        else t.numpy())
+    return out
+
+
+def test_fp8_export_round_trip_equals_the_fp8_rounded_weights(tmp_path):
+    """Odd dims (several 128x128 blocks, partial edge blocks): the FP8 export holds E4M3 weights and
+    [ceil(out/128), ceil(in/128)] scales for exactly the released set of tensors; our load of it is the block-wise
+    FP8 rounding of the float32 export."""
+    model = random_model_of(["model.hidden_size=136", "model.intermediate_size=260", "model.moe_intermediate_size=130",
+                             "model.q_lora_rank=130"], seed=4)
+    hf.save(model, tmp_path / "f32")
+    hf.save(model, tmp_path / "fp8", fp8=True)
+    plain, f8 = read_any(tmp_path / "f32"), read_any(tmp_path / "fp8")
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["weight_block_size"] == [
+        128, 128]
+    quantised = {k for k in plain if k.rsplit(".", 2)[-2] in FP8_QUANTISED}
+    assert {k for k in f8 if k.endswith("_scale_inv")} == {k + "_scale_inv" for k in quantised}
+    assert any("layers.3." in k for k in quantised) and not any("eh_proj" in k for k in quantised)  # MTP block too
+    hf.save(hf.load(tmp_path / "fp8"), tmp_path / "back")
+    back = read_any(tmp_path / "back")
+    assert back.keys() == plain.keys()
+    for key, w in plain.items():
+        if key not in quantised:
+            assert f8[key].dtype == w.dtype
+            np.testing.assert_array_equal(back[key], w, err_msg=key)
+            continue
+        scale = f8[key + "_scale_inv"]
+        assert f8[key].dtype == jnp.float8_e4m3fn and f8[key].shape == w.shape
+        assert scale.dtype == np.float32 and scale.shape == (-(-w.shape[0] // 128), -(-w.shape[1] // 128)), key
+        np.testing.assert_array_equal(back[key], precision.dequantize_blocks(*precision.quantize_blocks(w)),
+                                      err_msg=key)
+        s = np.repeat(np.repeat(scale, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]]
+        bound = np.maximum(2.0**-4 * np.abs(w), 2.0**-10 * s) * (1 + 1e-5)
+        assert np.all(np.abs(back[key] - w) <= bound), key
+    assert not np.array_equal(back["model.layers.1.self_attn.o_proj.weight"],
+                              plain["model.layers.1.self_attn.o_proj.weight"])
+
+
+def test_fp8_export_loads_in_transformers(tmp_path):
+    """transformers (which dequantises on CPU) loads our FP8 export and computes our logits. Its CPU dequantiser
+    needs every dim a multiple of 128 (no partial edge blocks), hence these dims."""
+    model = random_model_of(["model.hidden_size=128", "model.q_lora_rank=128", "model.kv_lora_rank=64",
+                             "model.qk_rope_head_dim=64", "model.qk_nope_head_dim=64", "model.v_head_dim=64",
+                             "model.num_attention_heads=2", "model.intermediate_size=256",
+                             "model.moe_intermediate_size=128"], seed=6)
+    hf.save(model, tmp_path, fp8=True)
+    ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert ref.model.layers[1].self_attn.o_proj.weight.dtype == torch.float32
+    ours = hf.load(tmp_path)
+    ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 12)).astype(np.int32)
+    logits = np.asarray(ours(ids).logits)
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(ids).long()).logits.numpy()
+    assert logits.std() > 0.3
+    np.testing.assert_allclose(logits, theirs, atol=1e-4, rtol=0)

@@ -43,6 +43,7 @@ CASES = {
                                              "data-parallel"),
     "batch not divisible by micro batches": (["train.micro_batches=3"], {}, "micro_batches"),
     "unknown config key": (["train.stepz=3"], {}, "stepz"),
+    "fp8 contraction too small": (["impl.precision=fp8"], {}, "model.kv_lora_rank"),
 }
 
 
@@ -68,3 +69,21 @@ def test_default_arguments_name_the_small_preset():
 
     args = train.parse_args([])
     assert args.config == "small" and args.overrides == []
+
+
+def test_resumes_with_a_different_impl(run_dir, tmp_path):
+    """A run dir pins the architecture, not the implementation: a run moved to bf16 matmuls and full remat resumes
+    from its checkpoint and goes on."""
+    import json
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    r = subprocess.run([sys.executable, "train.py", *BASE, f"train.run_dir={moved}", "train.steps=4",
+                        "impl.precision=bf16", "impl.remat=full"], cwd=REPO, env=_env(), check=False,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {moved / 'checkpoints' / '2'}" in r.stderr
+    assert (moved / "checkpoints" / "4").is_dir()
+    impl = json.loads((moved / "run_config.json").read_text())["impl"]
+    assert (impl["precision"], impl["remat"]) == ("bf16", "full")
