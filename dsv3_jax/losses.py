@@ -26,6 +26,14 @@ def same_document_mask(segment_ids: jax.Array, depth: int) -> jax.Array:
     return valid
 
 
+def mtp_target_mask(segment_ids: jax.Array, depth: int) -> jax.Array:
+    """(D, B, T) booleans: MTP depth k has a target at input column t (`same_document_mask(segment_ids, k)`,
+    False in the last k columns). The model counts experts and balance only there."""
+    b, t_in = segment_ids.shape[0], segment_ids.shape[1] - 1
+    rows = [same_document_mask(segment_ids, k) for k in range(1, depth + 1)]
+    return jnp.stack([jnp.concatenate([r, jnp.zeros((b, t_in - r.shape[1]), bool)], axis=1) for r in rows])
+
+
 def cross_entropy_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of float32 token cross-entropies over masked positions, and the number of those positions."""
     logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)

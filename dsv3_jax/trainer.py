@@ -138,10 +138,12 @@ def update_router_bias(bias: dict, counts_le: jax.Array, mtp_counts_ke: jax.Arra
 
 
 def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
-    """The model on the input columns [:, :-1] of a packed batch."""
+    """The model on the input columns [:, :-1] of a packed batch; MTP counts only positions with a target."""
     model = nnx.merge(graphdef, params, bias)
+    depth = len(model.mtp)
+    mtp_valid = losses.mtp_target_mask(batch["segment_ids"], depth) if mtp and depth else None
     return model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp)
+                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp, mtp_valid=mtp_valid)
 
 
 def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTransformation,
