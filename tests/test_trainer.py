@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +151,32 @@ def test_weight_decay_mask_skips_norms_and_vectors(setup):
     assert not any(m for p, m in flat.items() if "norm" in p)  # stacked norm scales are 2-D but not decayed
     assert flat["['embed']['weight']"] and flat["['moe_layers']['mlp']['w_gate']"]
     assert isinstance(abs_params, nnx.State)
+
+
+def test_optimizer_clips_then_applies_adamw_with_its_betas_and_decay_mask():
+    """Two optimizer steps against numpy: global-norm clipping, AdamW moments with b1 != b2 (step 2 tells them
+    apart), decoupled decay on the masked (matrix) leaves only."""
+    cfg = load_config("tiny", ["train.warmup_steps=1", "train.learning_rate=0.1", "train.b1=0.8", "train.b2=0.9",
+                               "train.weight_decay=0.5", "train.grad_clip=1.0", "train.steps=10"]).train
+    params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "scale": jnp.array([2.0, -1.0])}
+    tx = trainer.make_optimizer(cfg, {"w": True, "scale": False})
+    grads = [{"w": jnp.array([[3.0, 0.0], [4.0, 0.0]]), "scale": jnp.array([0.0, 0.0])},  # norm 5: clipped to 1
+             {"w": jnp.array([[0.1, -0.2], [0.0, 0.05]]), "scale": jnp.array([0.1, 0.0])}]  # below the clip
+    state = tx.init(params)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for step, g in enumerate(grads):
+        updates, state = tx.update(g, state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+        g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+        norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+        lr = float(trainer.learning_rate(jnp.int32(step), cfg))
+        for k in p:
+            gk = g[k] * min(1.0, cfg.grad_clip / norm)
+            m[k] = cfg.b1 * m[k] + (1 - cfg.b1) * gk
+            v[k] = cfg.b2 * v[k] + (1 - cfg.b2) * gk ** 2
+            mhat, vhat = m[k] / (1 - cfg.b1 ** (step + 1)), v[k] / (1 - cfg.b2 ** (step + 1))
+            decay = cfg.weight_decay * p[k] if k == "w" else 0.0
+            p[k] = p[k] - lr * (mhat / (np.sqrt(vhat) + 1e-8) + decay)
+        chex.assert_trees_all_close(params, {k: x.astype(np.float32) for k, x in p.items()}, rtol=1e-5, atol=1e-6)
