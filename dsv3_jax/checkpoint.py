@@ -1,7 +1,7 @@
 """Checkpoints: an orbax CheckpointManager around the train state, the data iterator state and the config.
 
 Layout: `RUN_DIR/checkpoints/<step>/{state, data, config}`. `state` is the train state (step, params, router bias,
-optimizer state, rng) as plain dicts of arrays; `data` holds one JSON iterator state per process (grain's handler);
+optimizer state) as plain dicts of arrays; `data` holds one JSON iterator state per process (grain's handler);
 `config` is the full Config as JSON, so a step directory is self-contained. Saves are asynchronous and the manager
 keeps the last `keep` steps. Restoring walks back from the newest step: a checkpoint that fails to restore is
 reported in one line and the one before it is used. `load_model` rebuilds a Transformer from a run or step dir.
@@ -156,12 +156,12 @@ def load_model(path: str | pathlib.Path):
     into a fresh model on the default device."""
     from flax import nnx
 
-    from dsv3_jax import trainer
+    from dsv3_jax import state as train_state
 
     cfg, ckpt_dir, step = load_config_of(path)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            trainer.abstract_state(cfg))
+                            train_state.abstract_state(cfg))
     absl_log = logging.getLogger("absl")  # orbax announces read-only mode as warnings; reading is all we do
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
@@ -174,5 +174,5 @@ def load_model(path: str | pathlib.Path):
     finally:
         manager.close()
         absl_log.setLevel(level)
-    graphdef, _, _ = trainer.split_abstract(cfg)
+    graphdef, _, _ = train_state.split_abstract(cfg)
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg

@@ -29,7 +29,8 @@ _REMAT_POLICIES = {
 class ModelOutput(NamedTuple):
     logits: jax.Array  # (B, T, V)
     mtp_logits: jax.Array | None  # (D_mtp, B, T, V); depth k is valid at positions t < T - k
-    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (D_mtp, E), mtp_balance_loss
+    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (D_mtp, E), mtp_balance_loss,
+    #            router_counts (the counts in the structure of the RouterBias state)
     hidden: jax.Array  # (B, T, D) last hidden state before the final norm
     cache: Any = None  # updated latent caches when decoding
     hidden_states: jax.Array | None = None  # (L, B, T, D) output of every layer when requested
@@ -187,8 +188,19 @@ class Transformer(nnx.Module):
             aux["mtp_expert_counts"] = jnp.stack(counts)
             aux["mtp_balance_loss"] = jnp.stack(balance)
             new_cache["mtp"] = mtp_caches
+        aux["router_counts"] = self.router_counts(aux)
         hs = jnp.concatenate([h for h in hidden_states if h is not None]) if return_hidden_states else None
         return ModelOutput(logits, mtp_logits, aux, hidden, new_cache if cache else None, hs)
+
+    def router_counts(self, aux: dict) -> dict:
+        """The expert counts of `aux` in the structure of `nnx.to_pure_dict(nnx.state(self, RouterBias))`, built
+        here, where the layers are named, so that the train step pairs counts and biases by tree structure."""
+        counts = {}
+        if self.moe_layers is not None:
+            counts["moe_layers"] = {"mlp": {"bias": aux["expert_counts"]}}
+        if "mtp_expert_counts" in aux:
+            counts["mtp"] = {k: {"block": {"mlp": {"bias": aux["mtp_expert_counts"][k]}}} for k in range(len(self.mtp))}
+        return counts
 
     def mtp_step(self, k: int, next_ids_bt: jax.Array, h_btd: jax.Array, consts: tuple, cache=None):
         """MTP depth k (1-based) at every position t: from h^{k-1}_t and the token t+k (next_ids_bt), the new

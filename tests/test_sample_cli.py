@@ -71,6 +71,34 @@ def test_streamed_text(hf_dir, loaded, capsys):
     assert "cache: 312 bytes/token" in err and f"{NEW} tokens in" in err
 
 
+def test_text_is_printed_as_it_streams(hf_dir, capsys, monkeypatch):
+    """At every chunk callback, stdout already holds the prompt and the decoded text of every token emitted so far
+    (an incomplete UTF-8 tail held back): the text streams, it is not printed at the end."""
+    seen, printed = [], []
+    real = sampling.generate
+
+    def spy(model, prompts, max_new_tokens, on_tokens=None, **kw):
+        assert on_tokens is not None, "a single text prompt must stream"
+
+        def record(new):
+            on_tokens(new)
+            seen.extend(new[0])
+            printed.append((list(seen), capsys.readouterr().out))
+
+        return real(model, prompts, max_new_tokens, on_tokens=record, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    code, out, err = run(["--checkpoint", hf_dir, "--prompt", "Hi", "--max-new-tokens", NEW, "--stop-ids", "",
+                          "--chunk-size", "2"], capsys)
+    assert code == 0, err
+    assert len(printed) == 1 + -(-(int(NEW) - 1) // 2)  # the prefill's token, then one call per 2-step chunk
+    so_far = ""
+    for ids, text in printed:
+        so_far += text
+        assert so_far == "Hi" + ByteTokenizer().decode(ids).rstrip("\ufffd"), (ids, so_far)
+    assert so_far + out == "Hi" + ByteTokenizer().decode(seen) + "\n"
+
+
 def test_speculative_batch_equals_plain(hf_dir, loaded, capsys):
     """Two prompts (text and ids) in one batch with MTP speculative decoding: each row is its plain greedy."""
     code, out, err = run(["--checkpoint", hf_dir, "--prompt", "Hi", "--prompt-ids", "0,72,105",

@@ -56,14 +56,22 @@ def _paths(tree) -> set[str]:
 
 
 def test_update_router_bias_moves_each_expert_by_gamma_towards_the_mean():
-    counts = jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])  # means 5 and 3
-    mtp_counts = jnp.array([[4.0, 4.0, 0.0, 8.0]])  # mean 4
+    counts = {"moe_layers": {"mlp": {"bias": jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])}},  # means 5, 3
+              "mtp": {0: {"block": {"mlp": {"bias": jnp.array([4.0, 4.0, 0.0, 8.0])}}}}}  # mean 4
     bias = {"moe_layers": {"mlp": {"bias": jnp.zeros((2, 4))}}, "mtp": {0: {"block": {"mlp": {"bias": jnp.ones(4)}}}}}
-    new = trainer.update_router_bias(bias, counts, mtp_counts, jnp.float32(0.5))
+    new = trainer.update_router_bias(bias, counts, jnp.float32(0.5))
     np.testing.assert_array_equal(np.asarray(new["moe_layers"]["mlp"]["bias"]),
                                   [[-0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, -0.5]])
     np.testing.assert_array_equal(np.asarray(new["mtp"][0]["block"]["mlp"]["bias"]), [1.0, 1.0, 1.5, 0.5])
     np.testing.assert_array_equal(np.asarray(bias["moe_layers"]["mlp"]["bias"]), np.zeros((2, 4)))  # pure
+
+
+def test_router_counts_have_the_structure_of_the_bias(setup):
+    cfg, _, state, graphdef, _ = setup
+    out = trainer.forward(graphdef, state.params, state.bias, jax.tree.map(jnp.asarray, packed_batch(3, 258)))
+    assert jax.tree.structure(out.aux["router_counts"]) == jax.tree.structure(state.bias)
+    chex.assert_trees_all_equal_shapes(out.aux["router_counts"], state.bias)
+    np.testing.assert_array_equal(out.aux["router_counts"]["moe_layers"]["mlp"]["bias"], out.aux["expert_counts"])
 
 
 def test_bias_is_in_no_gradient_and_no_optimizer_state(setup):
@@ -77,15 +85,21 @@ def test_bias_is_in_no_gradient_and_no_optimizer_state(setup):
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert sorted(x.shape for x in moments) == sorted(param_shapes * 2)
 
-    batch = packed_batch(0, cfg.model.vocab_size)
+    batch = jax.tree.map(jnp.asarray, packed_batch(0, cfg.model.vocab_size))
+    bias = jax.tree.map(lambda b: b + 0.05 * jnp.cos(jnp.arange(b.size, dtype=jnp.float32).reshape(b.shape)),
+                        state.bias)  # a non-zero bias that changes the choice
 
-    def loss(params):
-        out = trainer.forward(graphdef, params, state.bias, jax.tree.map(jnp.asarray, batch))
-        return out.logits.sum() + out.mtp_logits.sum()
+    def loss(params, bias):  # the training objective: next-token and MTP cross-entropy plus the balance loss
+        out = trainer.forward(graphdef, params, bias, batch)
+        ce, n = trainer.losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
+        mtp, _ = trainer.losses.mtp_losses(out.mtp_logits, batch["tokens"], batch["segment_ids"])
+        return ce / n + mtp.sum() / n + trainer.losses.balance_loss(out.aux, 0.1)
 
-    grads = jax.grad(loss)(state.params)
-    assert _paths(grads) == _paths(state.params)
-    assert not any("bias" in p.split("]")[-2] for p in _paths(grads))
+    g_params, g_bias = jax.jit(jax.grad(loss, argnums=(0, 1)))(state.params, bias)
+    chex.assert_tree_all_finite(g_params)
+    for g in jax.tree.leaves(g_bias):  # the bias only selects experts: no gradient reaches it
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+    assert np.abs(np.asarray(g_params["moe_layers"]["mlp"]["router"])).max() > 0
 
 
 def test_bias_update_uses_the_counts_of_the_whole_batch(setup):
@@ -110,7 +124,23 @@ def test_bias_update_uses_the_counts_of_the_whole_batch(setup):
                                np.asarray(update_bias(state.bias["mtp"][0]["block"]["mlp"]["bias"],
                                                       jnp.asarray(mtp_counts), gamma)), atol=1e-9)
     np.testing.assert_array_equal(np.asarray(metrics["dead_experts"]), (counts == 0).sum())
+    np.testing.assert_array_equal(np.asarray(metrics["routed_tokens"]), counts.sum(-1))
     assert int(new_state.step) == 1
+
+
+def test_mtp_counts_cover_exactly_the_mtp_targets(setup):
+    """A document ending at the last input column: its last input position has an input token t+1 but no MTP
+    target (column T + 1 is another document), so it must not be counted."""
+    cfg, _, state, graphdef, _ = setup
+    batch = packed_batch(4, cfg.model.vocab_size)
+    batch["segment_ids"][0, -1] = 9  # a new document in the target column only
+    batch = jax.tree.map(jnp.asarray, batch)
+    out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias, batch)
+    targets = int(trainer.losses.same_document_mask(batch["segment_ids"], 1).sum())
+    inputs_in_doc = int(trainer.losses.same_document_mask(batch["segment_ids"][:, :-1], 0).sum())
+    assert inputs_in_doc == targets + 1
+    np.testing.assert_array_equal(np.asarray(out.aux["mtp_expert_counts"]).sum(-1),
+                                  [targets * cfg.model.num_experts_per_tok])
 
 
 def test_gradient_accumulation_matches_one_big_batch(setup):
@@ -120,8 +150,14 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     cfg2 = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
                                 "train.balance_alpha=0.01", "train.micro_batches=2"])
     two, m_two = run_step(cfg2, mesh, state, graphdef, tx, batch)
-    # identical routing counts (so identical bias updates), counted once
+    # identical routing counts (so identical bias updates), counted once: sums are valid tokens (targets) x K
     np.testing.assert_array_equal(np.asarray(m_one["maxvio"]), np.asarray(m_two["maxvio"]))
+    k = cfg.model.num_experts_per_tok
+    valid = int((batch["segment_ids"][:, :-1] != 0).sum())
+    targets = int(trainer.losses.same_document_mask(jnp.asarray(batch["segment_ids"]), 1).sum())
+    for m in (m_one, m_two):
+        np.testing.assert_array_equal(np.asarray(m["routed_tokens"]), [valid * k] * cfg.model.num_moe_layers)
+        np.testing.assert_array_equal(np.asarray(m["mtp_routed_tokens"]), [targets * k])
     for a, b in zip(jax.tree.leaves(one.bias), jax.tree.leaves(two.bias)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(float(m_one["loss"]), float(m_two["loss"]), rtol=1e-5)
