@@ -98,6 +98,20 @@ def _train(args: list[str], e: dict, script: list[str] | None = None) -> subproc
                           capture_output=True, text=True, timeout=900)
 
 
+def test_a_checkpoint_with_the_old_rng_entry_still_restores(tmp_path):
+    """Train states saved before `rng` was dropped hold an extra key: it is read and dropped."""
+    cfg = load_config("tiny")
+    ck = checkpoint.Checkpointer(tmp_path, every=1, keep=2, async_save=False)
+    ck.save(1, small_state(1), {"next": 1}, cfg)
+    ck.close()
+    current = {k: v for k, v in small_state(0).items() if k != "rng"}
+    ck = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
+    step, state, data_state = ck.restore_latest(abstract(current))
+    ck.close()
+    assert step == 1 and data_state == {"next": 1} and set(state) == {"step", "params"}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(small_state(1)["params"]["w"]))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run A: STEPS straight (with evaluation, the end-of-run sample and TensorBoard)."""
