@@ -129,8 +129,8 @@ def test_bias_update_uses_the_counts_of_the_whole_batch(setup):
 
 
 def test_mtp_counts_cover_exactly_the_mtp_targets(setup):
-    """A document ending at the last input column: its last input position has an input token t+1 but no MTP
-    target (column T + 1 is another document), so it must not be counted."""
+    """MTP counts cover the positions with a depth-1 target: not those whose token t+1 ends a document (the
+    target t+2 lies in the next one), nor the last input column, whose target column starts a new document here."""
     cfg, _, state, graphdef, _ = setup
     batch = packed_batch(4, cfg.model.vocab_size)
     batch["segment_ids"][0, -1] = 9  # a new document in the target column only
@@ -138,7 +138,7 @@ def test_mtp_counts_cover_exactly_the_mtp_targets(setup):
     out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias, batch)
     targets = int(trainer.losses.same_document_mask(batch["segment_ids"], 1).sum())
     inputs_in_doc = int(trainer.losses.same_document_mask(batch["segment_ids"][:, :-1], 0).sum())
-    assert inputs_in_doc == targets + 1
+    assert inputs_in_doc > targets  # the model alone (no target column) would count more
     np.testing.assert_array_equal(np.asarray(out.aux["mtp_expert_counts"]).sum(-1),
                                   [targets * cfg.model.num_experts_per_tok])
 
