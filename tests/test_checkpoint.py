@@ -34,6 +34,7 @@ save = checkpoint.Checkpointer.save
 mode = os.environ["KILL_MODE"]
 def save_then_die(self, step, *args, **kwargs):
     if mode == "between" and step == {KILL_AT} + 1:
+        self.wait()  # the step-{KILL_AT} checkpoint is committed; step {KILL_AT} + 1 trained but is not saved
         os.kill(os.getpid(), signal.SIGKILL)
     started = save(self, step, *args, **kwargs)
     if step == {KILL_AT} and mode != "between":
@@ -46,7 +47,8 @@ import train
 sys.exit(train.main(sys.argv[1:]))
 """
 # Run A also evaluates, samples at the end and writes TensorBoard (none of which changes the training state).
-EXTRAS = ["train.eval_every=3", "train.eval_batches=2", "train.sample_tokens=6", "train.tensorboard=true"]
+EXTRAS = ["train.eval_every=3", "train.eval_batches=2", "train.sample_tokens=6", "train.tensorboard=true",
+          "train.peak_tflops=0.5"]
 
 
 def env(tmp_path_factory) -> dict:
@@ -183,11 +185,12 @@ def test_train_falls_back_past_a_broken_checkpoint(runs, tmp_path, tmp_path_fact
 @pytest.mark.slow
 def test_evaluation_sample_and_tensorboard(runs):
     """Run A's eval rows (steps 3 and 6): the mean next-token loss over the first eval_batches eval batches of the
-    checkpointed model, and bits per byte = loss / ln 2 / bytes per token. The end-of-run sample is the model's
-    own continuation of the prompt; TensorBoard holds the train and eval scalars and the sample text."""
+    checkpointed model, and bits per byte = loss / ln 2 / bytes per token. MFU = tokens/s x FLOPs per token / peak.
+    The end-of-run sample is the model's own continuation of the prompt; TensorBoard holds the train and eval
+    scalars and the sample text."""
     from tensorboardX.proto import event_pb2
 
-    from dsv3_jax import data, losses, sampling
+    from dsv3_jax import data, losses, metrics, sampling
     from dsv3_jax.tokenizer import ByteTokenizer
 
     a, full = runs
@@ -207,6 +210,11 @@ def test_evaluation_sample_and_tensorboard(runs):
         bpt = data.split_info(cfg.data, "eval").bytes_per_token
         np.testing.assert_allclose(row["bits_per_byte"], row["loss"] / np.log(2) / bpt, rtol=1e-6)
     model, cfg = checkpoint.load_model(a)
+    timed = [r for r in rows if r["kind"] == "train" and np.isfinite(r["tokens_per_s"])]
+    assert len(timed) >= STEPS - 2
+    fpt = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
+    for r in timed:
+        np.testing.assert_allclose(r["mfu"], r["tokens_per_s"] * fpt / (cfg.train.peak_tflops * 1e12), rtol=1e-9)
     tok = ByteTokenizer()
     s = cfg.sample
     new = sampling.generate(model, [[tok.bos_id, *tok.encode(cfg.train.sample_prompt)]], cfg.train.sample_tokens,

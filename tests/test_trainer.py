@@ -216,3 +216,25 @@ def test_optimizer_clips_then_applies_adamw_with_its_betas_and_decay_mask():
             decay = cfg.weight_decay * p[k] if k == "w" else 0.0
             p[k] = p[k] - lr * (mhat / (np.sqrt(vhat) + 1e-8) + decay)
         chex.assert_trees_all_close(params, {k: x.astype(np.float32) for k, x in p.items()}, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_remat_inside_the_train_step_changes_nothing_but_memory(setup):
+    """impl.remat=full: the step's program holds a remat (checkpoint) region, and its result equals the plain step's."""
+    cfg, mesh, state, graphdef, tx = setup
+    batch = jax.tree.map(jnp.asarray, packed_batch(5, cfg.model.vocab_size))
+    cfg_r = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
+                                 "train.balance_alpha=0.01", "impl.remat=full"])
+    graphdef_r, _, _ = trainer.split_abstract(cfg_r)
+
+    def program(c, g):
+        with jax.set_mesh(mesh):
+            return str(jax.make_jaxpr(functools.partial(trainer.train_step, graphdef=g, tx=tx, cfg=c))(state, batch))
+
+    assert "remat2[" in program(cfg_r, graphdef_r) and "remat2[" not in program(cfg, graphdef)
+    plain, m_plain = run_step(cfg, mesh, state, graphdef, tx, batch)
+    remat, m_remat = run_step(cfg_r, mesh, state, graphdef_r, tx, batch)
+    chex.assert_trees_all_close(remat.params, plain.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(remat.bias, plain.bias)
+    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm"):
+        np.testing.assert_allclose(float(m_remat[key]), float(m_plain[key]), rtol=1e-5, err_msg=key)
