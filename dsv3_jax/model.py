@@ -28,8 +28,8 @@ _REMAT_POLICIES = {
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # (B, T, V)
-    mtp_logits: jax.Array | None  # (D_mtp, B, T, V); depth k is valid at positions t < T - k
-    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (D_mtp, E), mtp_balance_loss,
+    mtp_logits: jax.Array | None  # (M, B, T, V); depth k is valid at positions t < T - k
+    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (M, E), mtp_balance_loss,
     #            router_counts (the counts in the structure of the RouterBias state)
     hidden: jax.Array  # (B, T, D) last hidden state before the final norm
     cache: Any = None  # updated latent caches when decoding
@@ -66,7 +66,7 @@ def block_consts(positions_bt: jax.Array, segment_ids_bt: jax.Array, cfg: ModelC
 
 
 def input_mtp_mask(segment_ids_bt: jax.Array, depth: int) -> jax.Array:
-    """(D, B, T): depth k at position t sees its input token t+k inside the same non-padding document. The default
+    """(M, B, T): depth k at position t sees its input token t+k inside the same non-padding document. The default
     MTP mask when the caller (who alone sees the target column T) gives none."""
     b, t = segment_ids_bt.shape
     rows = []
@@ -141,7 +141,7 @@ class Transformer(nnx.Module):
         """input_ids (B, T). positions default to 0..T-1 and segment_ids to all-ones (one document per row;
         0 marks padding). With `cache` (see `init_cache`), new tokens are written at `positions`.
 
-        mtp_valid (D_mtp, B, T): where depth k has a target (the train step passes `losses.mtp_target_mask`);
+        mtp_valid (M, B, T): where depth k has a target (the train step passes `losses.mtp_target_mask`);
         only those positions enter the MTP expert counts and balance loss. By default a position counts when its
         input token t+k exists in the same document (the model cannot see the target column itself)."""
         cfg = self.cfg

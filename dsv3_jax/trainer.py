@@ -89,7 +89,7 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     n_tok = jnp.maximum(losses.same_document_mask(seg, 0).sum(), 1).astype(jnp.float32)
     n_mtp = jnp.stack([losses.same_document_mask(seg, k).sum() for k in range(1, depth + 1)]) if depth else \
         jnp.zeros((0,))
-    n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (D,) targets per MTP depth in the whole global batch
+    n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (M,) targets per MTP depth in the whole global batch
     lam, gamma = mtp_lambda(state.step, tcfg), bias_gamma(state.step, tcfg)
 
     def micro_loss(params, mb):
@@ -136,7 +136,7 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     }
     if depth:
         out["mtp_maxvio"] = max_violation(aux["mtp_counts"])
-        out["mtp_routed_tokens"] = aux["mtp_counts"].sum(-1)  # (D,) = MTP targets x K
+        out["mtp_routed_tokens"] = aux["mtp_counts"].sum(-1)  # (M,) = MTP targets x K
     return TrainState(state.step + 1, params, bias, opt_state), out
 
 

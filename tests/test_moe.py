@@ -269,3 +269,20 @@ def test_moe_layer_balance_loss_matches_a_naive_computation():
     for n in np.flatnonzero(np.asarray(valid).reshape(-1)):
         counts[np.asarray(idx)[n]] += 1
     np.testing.assert_array_equal(np.asarray(aux["expert_counts"]), counts)
+
+
+class RoutingVariants(chex.TestCase):
+    """Routing and the balance term are the same traced under jit and run eagerly (hand-computed cases above)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_group_limited_selection_and_balance(self):
+        cfg = _cfg(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=3)
+        s = jnp.array([[0.9, 0.8, 0.1, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.9, 0.2, 0.4]])
+        bias = jnp.array([0.0, 0.0, -0.6, 0.0, 0.0, 0.0])
+        idx, gates = self.variant(lambda s, b: moe.select_experts(s, b, cfg))(s, bias)
+        chex.assert_shape((idx, gates), (2, 3))
+        assert sorted(np.asarray(idx[0]).tolist()) == [0, 1, 2] and sorted(np.asarray(idx[1]).tolist()) == [3, 4, 5]
+        np.testing.assert_allclose(np.sort(np.asarray(gates[1])), np.sort([0.9, 0.2, 0.4]) / 1.5 * 2.5, rtol=1e-6)
+        valid = jnp.array([[True, True]])
+        loss = self.variant(moe.sequence_balance_loss, static_argnums=3)(s[None], idx[None], valid, 3)
+        np.testing.assert_allclose(loss, _naive_balance(s[None], idx[None], valid, 3), rtol=1e-6)
