@@ -179,7 +179,7 @@ class Transformer(nnx.Module):
             for k in range(1, len(self.mtp) + 1):
                 # token t+k at position t; the last k positions have no such token (fed 0, masked by mtp_valid)
                 shifted = jnp.concatenate([input_ids[:, k:], jnp.zeros((b, min(k, t)), input_ids.dtype)], axis=1)
-                h, lg, m_aux, c = self.mtp_step(k, shifted, x, consts[:-1] + (mtp_valid[k - 1],), mtp_cache[k - 1])
+                h, lg, m_aux, c = self.mtp_step(k, shifted, h, consts[:-1] + (mtp_valid[k - 1],), mtp_cache[k - 1])
                 mtp_caches.append(c)
                 all_logits.append(lg)
                 counts.append(m_aux["expert_counts"])
