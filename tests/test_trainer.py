@@ -45,6 +45,11 @@ def _jitted_step(cfg, graphdef, tx):
     return jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))
 
 
+@functools.cache
+def _jitted_forward(graphdef):
+    return jax.jit(functools.partial(trainer.forward, graphdef))
+
+
 def run_step(cfg, mesh, state, graphdef, tx, batch):
     step = _jitted_step(cfg, graphdef, tx)
     with jax.set_mesh(mesh):
@@ -68,7 +73,7 @@ def test_update_router_bias_moves_each_expert_by_gamma_towards_the_mean():
 
 def test_router_counts_have_the_structure_of_the_bias(setup):
     cfg, _, state, graphdef, _ = setup
-    out = trainer.forward(graphdef, state.params, state.bias, jax.tree.map(jnp.asarray, packed_batch(3, 258)))
+    out = _jitted_forward(graphdef)(state.params, state.bias, jax.tree.map(jnp.asarray, packed_batch(3, 258)))
     assert jax.tree.structure(out.aux["router_counts"]) == jax.tree.structure(state.bias)
     chex.assert_trees_all_equal_shapes(out.aux["router_counts"], state.bias)
     np.testing.assert_array_equal(out.aux["router_counts"]["moe_layers"]["mlp"]["bias"], out.aux["expert_counts"])
@@ -107,8 +112,7 @@ def test_bias_update_uses_the_counts_of_the_whole_batch(setup):
     batch = packed_batch(1, cfg.model.vocab_size)
     new_state, metrics = run_step(cfg, mesh, state, graphdef, tx, batch)
     # reference counts: one forward over the whole batch with the pre-step parameters and bias
-    out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias,
-                                                                 jax.tree.map(jnp.asarray, batch))
+    out = _jitted_forward(graphdef)(state.params, state.bias, jax.tree.map(jnp.asarray, batch))
     counts = np.asarray(out.aux["expert_counts"])
     valid_tokens = (batch["segment_ids"][:, :-1] != 0).sum()
     np.testing.assert_array_equal(counts.sum(-1), valid_tokens * cfg.model.num_experts_per_tok)
@@ -135,7 +139,7 @@ def test_mtp_counts_cover_exactly_the_mtp_targets(setup):
     batch = packed_batch(4, cfg.model.vocab_size)
     batch["segment_ids"][0, -1] = 9  # a new document in the target column only
     batch = jax.tree.map(jnp.asarray, batch)
-    out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias, batch)
+    out = _jitted_forward(graphdef)(state.params, state.bias, batch)
     targets = int(trainer.losses.same_document_mask(batch["segment_ids"], 1).sum())
     inputs_in_doc = int(trainer.losses.same_document_mask(batch["segment_ids"][:, :-1], 0).sum())
     assert inputs_in_doc > targets  # the model alone (no target column) would count more
