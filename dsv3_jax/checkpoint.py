@@ -1,7 +1,7 @@
 """Checkpoints: an orbax CheckpointManager around the train state, the data iterator state and the config.
 
 Layout: `RUN_DIR/checkpoints/<step>/{state, data, config}`. `state` is the train state (step, params, router bias,
-optimizer state, rng) as plain dicts of arrays; `data` holds one JSON iterator state per process (grain's handler);
+optimizer state) as plain dicts of arrays; `data` holds one JSON iterator state per process (grain's handler);
 `config` is the full Config as JSON, so a step directory is self-contained. Saves are asynchronous and the manager
 keeps the last `keep` steps. Restoring walks back from the newest step: a checkpoint that fails to restore is
 reported in one line and the one before it is used. `load_model` rebuilds a Transformer from a run or step dir.
@@ -21,9 +21,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from dsv3_jax import state as train_state
 from dsv3_jax.config import Config, ConfigError, from_dict, upgrade
 
 ITEMS = ("state", "data", "config")
+LEGACY_KEYS = {"rng": ((2,), "uint32")}  # saved by older versions of the train state; read and dropped
 
 
 class _IteratorSnapshot:
@@ -45,6 +47,26 @@ class _IteratorSnapshot:
 def _reason(e: Exception) -> str:
     """An exception as `Type: first line` (at most 200 characters), for one-line reports."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _restore(manager, step: int, abstract_state: dict, **items) -> dict:
+    """Restore `state` (and `items`) of one step; a checkpoint written with LEGACY_KEYS in its state is read with
+    them and they are dropped, so run dirs of older versions still resume."""
+    def attempt(abstract):
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), **items))
+
+    try:
+        return attempt(abstract_state)
+    except Exception as first:  # noqa: BLE001  (retried with the legacy keys; the first error is the one reported)
+        sharding = abstract_state["step"].sharding
+        legacy = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in LEGACY_KEYS.items()
+                  if k not in abstract_state}
+        try:
+            restored = attempt({**abstract_state, **legacy})
+        except Exception:  # noqa: BLE001
+            raise first from None
+        state = {k: v for k, v in restored["state"].items() if k not in legacy}
+        return {name: state if name == "state" else restored[name] for name in ("state", *items)}
 
 
 def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
@@ -107,10 +129,8 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()),
-                ))
+                restored = _restore(self.manager, step, abstract_state,
+                                    data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()))
                 return step, restored["state"], restored["data"].state
             except Exception as e:  # noqa: BLE001  (any failure means: fall back to the previous checkpoint)
                 nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
@@ -156,23 +176,21 @@ def load_model(path: str | pathlib.Path):
     into a fresh model on the default device."""
     from flax import nnx
 
-    from dsv3_jax import trainer
-
     cfg, ckpt_dir, step = load_config_of(path)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            trainer.abstract_state(cfg))
+                            train_state.abstract_state(cfg))
     absl_log = logging.getLogger("absl")  # orbax announces read-only mode as warnings; reading is all we do
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
     manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = _restore(manager, step, abstract)["state"]
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
     finally:
         manager.close()
         absl_log.setLevel(level)
-    graphdef, _, _ = trainer.split_abstract(cfg)
+    graphdef, _, _ = train_state.split_abstract(cfg)
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import pathlib
 import sys
@@ -529,25 +528,3 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         y = {k: v for k, v in y.items() if v is not None}
         d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **y}
     return d
-
-
-def main(argv: list[str]) -> None:
-    from dsv3_jax.params import count_params, human  # noqa: PLC0415  (heavy import only for the CLI)
-
-    if not argv:
-        print("usage: python -m dsv3_jax.config PRESET [key=value ...]", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    counts = count_params(cfg.model)
-    print(json.dumps(counts, indent=2))
-    print(f"{argv[0]}: {human(counts['total'])} total, {human(counts['activated'])} activated per token; "
-          f"MTP {human(counts['mtp_total'])} ({human(counts['mtp_with_shared_embed_head'])} with its embedding and "
-          f"head copies)")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

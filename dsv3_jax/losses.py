@@ -26,6 +26,14 @@ def same_document_mask(segment_ids: jax.Array, depth: int) -> jax.Array:
     return valid
 
 
+def mtp_target_mask(segment_ids: jax.Array, depth: int) -> jax.Array:
+    """(M, B, T) booleans: MTP depth k has a target at input column t (`same_document_mask(segment_ids, k)`,
+    False in the last k columns). The model counts experts and balance only there."""
+    b, t_in = segment_ids.shape[0], segment_ids.shape[1] - 1
+    rows = [same_document_mask(segment_ids, k) for k in range(1, depth + 1)]
+    return jnp.stack([jnp.concatenate([r, jnp.zeros((b, t_in - r.shape[1]), bool)], axis=1) for r in rows])
+
+
 def cross_entropy_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of float32 token cross-entropies over masked positions, and the number of those positions."""
     logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
@@ -39,19 +47,19 @@ def next_token_loss(logits_btv: jax.Array, tokens: jax.Array, segment_ids: jax.A
     return cross_entropy_sum(logits_btv, tokens[:, 1:], same_document_mask(segment_ids, 0))
 
 
-def mtp_losses(mtp_logits_kbtv: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
-    """Per-depth (sums (D,), counts (D,)): depth k at column t predicts token t+k+1 within one document."""
+def mtp_losses(mtp_logits_mbtv: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
+    """Per-depth (sums (M,), counts (M,)): depth k at column t predicts token t+k+1 within one document."""
     sums, counts = [], []
-    for k in range(1, mtp_logits_kbtv.shape[0] + 1):
+    for k in range(1, mtp_logits_mbtv.shape[0] + 1):
         n = tokens.shape[1] - 1 - k
-        s, c = cross_entropy_sum(mtp_logits_kbtv[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k))
+        s, c = cross_entropy_sum(mtp_logits_mbtv[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k))
         sums.append(s)
         counts.append(c)
     return jnp.stack(sums), jnp.stack(counts)
 
 
 def mtp_loss(per_depth_ce: jax.Array, lam: float | jax.Array) -> jax.Array:
-    """L_MTP = lambda / D * sum_k CE_k for per-depth mean cross-entropies (D,)."""
+    """L_MTP = lambda / M * sum_k CE_k for per-depth mean cross-entropies (M,)."""
     d = per_depth_ce.shape[0]
     return lam / max(d, 1) * per_depth_ce.sum() if d else jnp.zeros((), jnp.float32)
 

@@ -28,8 +28,9 @@ _REMAT_POLICIES = {
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # (B, T, V)
-    mtp_logits: jax.Array | None  # (D_mtp, B, T, V); depth k is valid at positions t < T - k
-    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (D_mtp, E), mtp_balance_loss
+    mtp_logits: jax.Array | None  # (M, B, T, V); depth k is valid at positions t < T - k
+    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (M, E), mtp_balance_loss,
+    #            router_counts (the counts in the structure of the RouterBias state)
     hidden: jax.Array  # (B, T, D) last hidden state before the final norm
     cache: Any = None  # updated latent caches when decoding
     hidden_states: jax.Array | None = None  # (L, B, T, D) output of every layer when requested
@@ -62,6 +63,20 @@ def block_consts(positions_bt: jax.Array, segment_ids_bt: jax.Array, cfg: ModelC
     """What every block takes besides x: rotary cos/sin, segment ids, positions and the non-padding mask."""
     cos, sin = rope_cos_sin(positions_bt, cfg)
     return cos, sin, segment_ids_bt, positions_bt, segment_ids_bt != 0
+
+
+def input_mtp_mask(segment_ids_bt: jax.Array, depth: int) -> jax.Array:
+    """(M, B, T): depth k at position t sees its input token t+k inside the same non-padding document. The default
+    MTP mask when the caller (who alone sees the target column T) gives none."""
+    b, t = segment_ids_bt.shape
+    rows = []
+    for k in range(1, depth + 1):
+        n = max(t - k, 0)
+        ok = segment_ids_bt[:, :n] != 0
+        for j in range(1, k + 1):
+            ok = ok & (segment_ids_bt[:, j:j + n] == segment_ids_bt[:, :n])
+        rows.append(jnp.concatenate([ok, jnp.zeros((b, t - n), bool)], axis=1))
+    return jnp.stack(rows)
 
 
 def stacked(make, n: int, rngs: nnx.Rngs):
@@ -123,9 +138,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None, *, mtp: bool = True,
-                 return_hidden_states: bool = False) -> ModelOutput:
+                 mtp_valid: jax.Array | None = None, return_hidden_states: bool = False) -> ModelOutput:
         """input_ids (B, T). positions default to 0..T-1 and segment_ids to all-ones (one document per row;
-        0 marks padding). With `cache` (see `init_cache`), new tokens are written at `positions`."""
+        0 marks padding). With `cache` (see `init_cache`), new tokens are written at `positions`.
+
+        mtp_valid (M, B, T): where depth k has a target (the train step passes `losses.mtp_target_mask`);
+        only those positions enter the MTP expert counts and balance loss. By default a position counts when its
+        input token t+k exists in the same document (the model cannot see the target column itself)."""
         cfg = self.cfg
         b, t = input_ids.shape
         if positions is None:
@@ -154,22 +173,43 @@ class Transformer(nnx.Module):
 
         mtp_logits = None
         if mtp and len(self.mtp):
+            if mtp_valid is None:
+                mtp_valid = input_mtp_mask(segment_ids, len(self.mtp))
             h, all_logits, counts, balance, mtp_caches = x, [], [], [], []
             mtp_cache = cache.get("mtp") or [None] * len(self.mtp)
-            for k, module in enumerate(self.mtp, start=1):
-                # token t+k at position t; the last k positions have no such token and are never used as targets
+            for k in range(1, len(self.mtp) + 1):
+                # token t+k at position t; the last k positions have no such token (fed 0, masked by mtp_valid)
                 shifted = jnp.concatenate([input_ids[:, k:], jnp.zeros((b, min(k, t)), input_ids.dtype)], axis=1)
-                h, m_aux, c = module(self.embed(shifted), h, consts, cache=mtp_cache[k - 1])
+                h, lg, m_aux, c = self.mtp_step(k, shifted, h, consts[:-1] + (mtp_valid[k - 1],), mtp_cache[k - 1])
                 mtp_caches.append(c)
-                all_logits.append(self.head(module.norm(h)))
+                all_logits.append(lg)
                 counts.append(m_aux["expert_counts"])
                 balance.append(m_aux["balance_loss"])
             mtp_logits = jnp.stack(all_logits)
             aux["mtp_expert_counts"] = jnp.stack(counts)
             aux["mtp_balance_loss"] = jnp.stack(balance)
             new_cache["mtp"] = mtp_caches
+        aux["router_counts"] = self.router_counts(aux)
         hs = jnp.concatenate([h for h in hidden_states if h is not None]) if return_hidden_states else None
         return ModelOutput(logits, mtp_logits, aux, hidden, new_cache if cache else None, hs)
+
+    def router_counts(self, aux: dict) -> dict:
+        """The expert counts of `aux` in the structure of `nnx.to_pure_dict(nnx.state(self, RouterBias))`, built
+        here, where the layers are named, so that the train step pairs counts and biases by tree structure."""
+        counts = {}
+        if self.moe_layers is not None:
+            counts["moe_layers"] = {"mlp": {"bias": aux["expert_counts"]}}
+        if "mtp_expert_counts" in aux:
+            counts["mtp"] = {k: {"block": {"mlp": {"bias": aux["mtp_expert_counts"][k]}}} for k in range(len(self.mtp))}
+        return counts
+
+    def mtp_step(self, k: int, next_ids_bt: jax.Array, h_btd: jax.Array, consts: tuple, cache=None):
+        """MTP depth k (1-based) at every position t: from h^{k-1}_t and the token t+k (next_ids_bt), the new
+        hidden h^k_t and the logits of token t+k+1 through the shared head. The training forward and speculative
+        drafting both call this. Returns (h^k (B, T, D), logits (B, T, V), aux, cache)."""
+        module = self.mtp[k - 1]
+        h_btd, aux, cache = module(self.embed(next_ids_bt), h_btd, consts, cache=cache)
+        return h_btd, self.head(module.norm(h_btd)), aux, cache
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> dict:
         """Empty latent caches for every layer (and MTP module): (c_kv, k_rope) per token and layer."""

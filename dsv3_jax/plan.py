@@ -142,8 +142,7 @@ def abstract_inputs(cfg: Config, mesh):
     shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_state = sds(jax.eval_shape(tx.init, params), trainer.opt_state_shardings(tx, params, shardings, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = trainer.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, bias, opt_state,
-                               jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+    state = trainer.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, bias, opt_state)
     rows = NamedSharding(mesh, logical_spec(("batch",)))
     shape = (cfg.train.global_batch_size, cfg.data.seq_len + 1)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in trainer.BATCH_KEYS}
@@ -216,7 +215,7 @@ def plan(cfg: Config, mesh, hbm_bytes: float, hw: hardware.Hardware | None = Non
         "tokens_per_step": tokens,
         "bytes_per_device": {
             "params": shard_bytes(state.params), "opt_state": shard_bytes(state.opt_state),
-            "other_state": shard_bytes((state.step, state.bias, state.rng)), "batch": shard_bytes(batch),
+            "other_state": shard_bytes((state.step, state.bias)), "batch": shard_bytes(batch),
             "arguments": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
             "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes, "total": total,
         },
@@ -273,7 +272,7 @@ def format_plan(p: dict) -> str:
         "per device",
         f"  parameters                 {_size(b['params']):>14}",
         f"  optimizer state            {_size(b['opt_state']):>14}",
-        f"  router bias, step, rng     {_size(b['other_state']):>14}",
+        f"  router bias, step          {_size(b['other_state']):>14}",
         f"  batch                      {_size(b['batch']):>14}",
         f"  temporaries (XLA)          {_size(b['temp']):>14}",
         f"  outputs not aliased        {_size(b['outputs_not_aliased']):>14}",

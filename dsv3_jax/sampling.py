@@ -129,12 +129,11 @@ def decode_step(model, ids_bt: jax.Array, pos_bt: jax.Array, cache: dict):
 
 
 def mtp_draft(model, next_ids_bt: jax.Array, hidden_btd: jax.Array, pos_bt: jax.Array, mtp_cache):
-    """Depth-1 MTP at positions pos: from the main pre-norm hidden h_t and the embedding of token t+1, the
-    logits of token t+2 (B, T, V); the entries are written to the MTP module's own cache at the same positions."""
-    module = model.mtp[0]
+    """Depth-1 MTP at positions pos (`Transformer.mtp_step`): from the main pre-norm hidden h_t and the token
+    t+1, the logits of token t+2 (B, T, V); the entries are written to the MTP module's own cache there."""
     consts = block_consts(pos_bt, jnp.ones(pos_bt.shape, jnp.int32), model.cfg)
-    h_btd, _, mtp_cache = module(model.embed(next_ids_bt), hidden_btd, consts, cache=mtp_cache)
-    return model.head(module.norm(h_btd)), mtp_cache
+    _, logits, _, mtp_cache = model.mtp_step(1, next_ids_bt, hidden_btd, consts, mtp_cache)
+    return logits, mtp_cache
 
 
 # ----------------------------------------------------------------------------------------------------------------

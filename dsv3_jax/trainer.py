@@ -1,7 +1,7 @@
 """TrainState, the pure jitted train step, evaluation and the training loop with metrics and checkpoints.
 
-The train state is plain pytrees: `params` (the nnx.Param values) and `bias` (the RouterBias values) are pure
-dicts that `nnx.merge(graphdef, params, bias)` turns back into a model inside jit. Gradients are taken with respect
+The train state (`state.py`) is plain pytrees: `params` and `bias` are pure dicts that `nnx.merge(graphdef, params,
+bias)` turns back into a model inside jit. Gradients are taken with respect
 to `params` only; the router bias is updated afterwards from the expert counts the forward pass returns, counted
 over the whole global batch (a global jax.Array: the sum over the batch axis spans every shard and process) and
 summed over micro-batches. Under remat the counts are forward outputs, so recomputation cannot count them twice.
@@ -17,44 +17,34 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from dsv3_jax import checkpoint, losses, metrics
 from dsv3_jax.config import Config, ConfigError, TrainConfig
-from dsv3_jax.model import Transformer, create
-from dsv3_jax.moe import RouterBias, max_violation, update_bias
+from dsv3_jax.moe import max_violation, update_bias
 from dsv3_jax.sharding import RULES, constrain, logical_spec, make_mesh
+from dsv3_jax.state import (  # noqa: F401  (re-exported: the trainer's API)
+    TrainState,
+    abstract_state,
+    decay_mask,
+    init_state,
+    learning_rate,
+    make_optimizer,
+    opt_state_shardings,
+    split_abstract,
+)
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 
-class TrainState(NamedTuple):
-    step: jax.Array  # () int32: optimizer steps taken
-    params: dict  # pure dict of parameter arrays (differentiated, in the optimizer)
-    bias: dict  # pure dict of router biases (not differentiated, not in the optimizer)
-    opt_state: Any  # optax state over `params`
-    rng: jax.Array  # (2,) uint32 PRNG key
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Schedules and the optimizer.
-
-
-def learning_rate(step: jax.Array, cfg: TrainConfig) -> jax.Array:
-    """Linear warmup to the peak, constant for `constant_steps`, then cosine to `min_learning_rate` at `steps`."""
-    s = jnp.asarray(step, jnp.float32)
-    warm = cfg.learning_rate * jnp.minimum(1.0, (s + 1) / max(cfg.warmup_steps, 1))
-    flat_end = cfg.warmup_steps + cfg.constant_steps
-    frac = jnp.clip((s - flat_end) / max(cfg.steps - flat_end, 1), 0.0, 1.0)
-    cosine = cfg.min_learning_rate + (cfg.learning_rate - cfg.min_learning_rate) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-    return jnp.where(s < flat_end, warm, cosine)
 
 
 def mtp_lambda(step: jax.Array, cfg: TrainConfig) -> jax.Array:
@@ -68,101 +58,27 @@ def bias_gamma(step: jax.Array, cfg: TrainConfig) -> jax.Array:
     return jnp.asarray(cfg.bias_gamma if stop is None else jnp.where(step < stop, cfg.bias_gamma, 0.0), jnp.float32)
 
 
-def decay_mask(abstract_params) -> dict:
-    """Weight decay on matrices only: not on norm scales or any 1-D (per stacked layer) parameter."""
-    def decays(v):
-        axes = v.get_metadata().get("axes", ())
-        return len(axes) >= 2 and "norm" not in axes
-
-    return nnx.to_pure_dict(jax.tree.map(decays, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
-def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
-    """`inner` with its floating-point state kept in `dtype` between steps (updated in float32)."""
-    def cast(tree, dt):
-        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-    def update(updates, state, params=None):
-        updates, state = inner.update(updates, cast(state, jnp.float32), params)
-        return updates, cast(state, dtype)
-
-    return optax.GradientTransformation(lambda params: cast(inner.init(params), dtype), update)
-
-
-def make_optimizer(cfg: TrainConfig, mask: dict) -> optax.GradientTransformation:
-    adamw = optax.adamw(functools.partial(learning_rate, cfg=cfg), b1=cfg.b1, b2=cfg.b2,
-                        weight_decay=cfg.weight_decay, mask=mask)
-    if cfg.moments_dtype != "float32":
-        adamw = stored_as(adamw, jnp.dtype(cfg.moments_dtype))
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # State creation (already sharded) and the abstract state for restores.
-
-
-def split_abstract(cfg: Config):
-    """(graphdef, abstract Param state, abstract RouterBias state) without allocating anything."""
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed), cfg.impl))
-    return nnx.split(model, nnx.Param, RouterBias)
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
-    """Shardings of `tx.init(params)`: every parameter-shaped leaf (AdamW mu, nu) takes its parameter's sharding,
-    the rest (step counts) is replicated. A plain jit of `tx.init` would replicate the moments on every device."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
-                                 transform_non_params=lambda _: replicated)
-
-
-def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransformation]:
-    """A fresh TrainState whose parameters are created directly in their shardings (`model.create`)."""
-    graphdef, params, bias = nnx.split(create(cfg.model, cfg.train.seed, mesh, cfg.impl), nnx.Param, RouterBias)
-    tx = make_optimizer(cfg.train, decay_mask(params))
-    params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    with jax.set_mesh(mesh):
-        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed)),
-                            out_shardings=replicated)()
-        shardings = jax.tree.map(lambda x: x.sharding, params)
-        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, shardings, mesh))(params)
-    return TrainState(step, params, bias, opt_state, rng), graphdef, tx
-
-
-def abstract_state(cfg: Config) -> dict:
-    """ShapeDtypeStructs of the TrainState (as a dict), for restoring without initialising."""
-    _, abs_params, abs_bias = split_abstract(cfg)
-    tx = make_optimizer(cfg.train, decay_mask(abs_params))
-    params, bias = nnx.to_pure_dict(abs_params), nnx.to_pure_dict(abs_bias)
-
-    def build():
-        return TrainState(jnp.zeros((), jnp.int32), params, bias, tx.init(params),
-                          jax.random.PRNGKey(cfg.train.seed))._asdict()
-
-    return jax.eval_shape(build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The step.
 
 
-def update_router_bias(bias: dict, counts_le: jax.Array, mtp_counts_ke: jax.Array, gamma: jax.Array) -> dict:
-    """Apply `moe.update_bias` to every MoE layer (stacked) and every MTP block from the global-batch counts."""
-    new = jax.tree.map(lambda x: x, bias)
-    if "moe_layers" in new:
-        mlp = new["moe_layers"]["mlp"]
-        mlp["bias"] = update_bias(mlp["bias"], counts_le, gamma)
-    for k, module in new.get("mtp", {}).items():
-        mlp = module["block"]["mlp"]
-        mlp["bias"] = update_bias(mlp["bias"], mtp_counts_ke[int(k)], gamma)
-    return new
+def update_router_bias(bias: dict, counts: dict, gamma: jax.Array) -> dict:
+    """Apply `moe.update_bias` to every router from the global-batch counts: `counts` has the structure of `bias`
+    (`Transformer.router_counts`), so each layer's counts meet its own bias by tree structure, not by path."""
+    return jax.tree.map(lambda b, c: update_bias(b, c, gamma), bias, counts)
 
 
 def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
-    """The model on the input columns [:, :-1] of a packed batch."""
+    """The model on the input columns [:, :-1] of a packed batch; MTP counts only positions with a target."""
     model = nnx.merge(graphdef, params, bias)
+    depth = len(model.mtp)
+    mtp_valid = losses.mtp_target_mask(batch["segment_ids"], depth) if mtp and depth else None
     return model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp)
+                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp, mtp_valid=mtp_valid)
 
 
 def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTransformation,
@@ -174,7 +90,7 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     n_tok = jnp.maximum(losses.same_document_mask(seg, 0).sum(), 1).astype(jnp.float32)
     n_mtp = jnp.stack([losses.same_document_mask(seg, k).sum() for k in range(1, depth + 1)]) if depth else \
         jnp.zeros((0,))
-    n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (D,) targets per MTP depth in the whole global batch
+    n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (M,) targets per MTP depth in the whole global batch
     lam, gamma = mtp_lambda(state.step, tcfg), bias_gamma(state.step, tcfg)
 
     def micro_loss(params, mb):
@@ -190,7 +106,7 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         bal = losses.balance_loss(out.aux, tcfg.balance_alpha) / m
         total = ce + losses.mtp_loss(mtp_ce, lam) + bal
         return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "counts": out.aux["expert_counts"],
-                       "mtp_counts": mtp_counts}
+                       "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     # (B, ...) -> (m, B/m, ...) taking rows i, i+m, ...: each micro-batch keeps the batch sharding of dim 0
@@ -208,7 +124,7 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    bias = update_router_bias(state.bias, aux["counts"], aux["mtp_counts"], gamma)
+    bias = update_router_bias(state.bias, aux["router_counts"], gamma)
     maxvio = max_violation(aux["counts"])  # (L_moe,)
     all_bias = jnp.concatenate([b.reshape(-1) for b in jax.tree.leaves(bias)] or [jnp.zeros((1,))])
     out = {
@@ -217,11 +133,12 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         "mtp_lambda": lam, "bias_gamma": gamma, "maxvio": maxvio,
         "maxvio_mean": maxvio.mean() if aux["counts"].shape[0] else jnp.zeros(()),
         "dead_experts": (aux["counts"] == 0).sum(), "bias_mean": all_bias.mean(), "bias_std": all_bias.std(),
-        "tokens": n_tok,
+        "tokens": n_tok, "routed_tokens": aux["counts"].sum(-1),  # (L_moe,) = valid tokens x K when counted once
     }
     if depth:
         out["mtp_maxvio"] = max_violation(aux["mtp_counts"])
-    return TrainState(state.step + 1, params, bias, opt_state, state.rng), out
+        out["mtp_routed_tokens"] = aux["mtp_counts"].sum(-1)  # (M,) = MTP targets x K
+    return TrainState(state.step + 1, params, bias, opt_state), out
 
 
 def eval_step(params: dict, bias: dict, batch: dict, graphdef) -> tuple[jax.Array, jax.Array]:

@@ -1,8 +1,10 @@
-"""Checkpoints: round trip, fallback past a broken checkpoint, and exact resume after SIGKILL (subprocess)."""
+"""Checkpoints: round trip, fallback past a broken checkpoint, exact resume after SIGKILL (subprocesses, `slow`),
+and what a full train.py run writes besides checkpoints: evaluation, the end-of-run sample, TensorBoard."""
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,22 +22,33 @@ ARGS = ["--config", "tiny", f"train.steps={STEPS}", f"train.checkpoint_every={KI
         "train.eval_every=0", "train.sample_tokens=0", "train.warmup_steps=2", "data.seq_len=32",
         "data.max_documents=200", "train.tensorboard=false", "train.async_checkpoint=true"]
 
-# Runs train.main, but SIGKILLs itself right after the checkpoint of step KILL_AT has been written.
+# Runs train.main, but SIGKILLs itself at a point chosen by KILL_MODE:
+#   after_write: right after the checkpoint of step KILL_AT has been fully written;
+#   between:     after step KILL_AT + 1 has trained and logged, before its (not due) save: step KILL_AT + 1 is replayed;
+#   during_write: right after the asynchronous save of step KILL_AT has started, without waiting for it.
 KILLER = f"""
 import os, signal, sys
 sys.path.insert(0, {str(REPO)!r})
 from dsv3_jax import checkpoint
 save = checkpoint.Checkpointer.save
+mode = os.environ["KILL_MODE"]
 def save_then_die(self, step, *args, **kwargs):
+    if mode == "between" and step == {KILL_AT} + 1:
+        self.wait()  # the step-{KILL_AT} checkpoint is committed; step {KILL_AT} + 1 trained but is not saved
+        os.kill(os.getpid(), signal.SIGKILL)
     started = save(self, step, *args, **kwargs)
-    if step == {KILL_AT}:
-        self.wait()
+    if step == {KILL_AT} and mode != "between":
+        if mode == "after_write":
+            self.wait()
         os.kill(os.getpid(), signal.SIGKILL)
     return started
 checkpoint.Checkpointer.save = save_then_die
 import train
 sys.exit(train.main(sys.argv[1:]))
 """
+# Run A also evaluates, samples at the end and writes TensorBoard (none of which changes the training state).
+EXTRAS = ["train.eval_every=3", "train.eval_batches=2", "train.sample_tokens=6", "train.tensorboard=true",
+          "train.peak_tflops=0.5"]
 
 
 def env(tmp_path_factory) -> dict:
@@ -82,35 +95,61 @@ def test_round_trip_and_fallback_past_a_broken_checkpoint(tmp_path, capfd):
     ck.close()
 
 
+def _train(args: list[str], e: dict, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *(script or ["train.py"]), *args], cwd=REPO, env=e, check=False,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_a_checkpoint_with_the_old_rng_entry_still_restores(tmp_path):
+    """Train states saved before `rng` was dropped hold an extra key: it is read and dropped."""
+    cfg = load_config("tiny")
+    ck = checkpoint.Checkpointer(tmp_path, every=1, keep=2, async_save=False)
+    ck.save(1, small_state(1), {"next": 1}, cfg)
+    ck.close()
+    current = {k: v for k, v in small_state(0).items() if k != "rng"}
+    ck = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
+    step, state, data_state = ck.restore_latest(abstract(current))
+    ck.close()
+    assert step == 1 and data_state == {"next": 1} and set(state) == {"step", "params"}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(small_state(1)["params"]["w"]))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run A: STEPS straight. Run B: killed with SIGKILL after the step-KILL_AT checkpoint, then restarted."""
-    base = tmp_path_factory.mktemp("resume")
-    e = env(tmp_path_factory)
-    a, b = base / "a", base / "b"
-    full = subprocess.run([sys.executable, "train.py", *ARGS, f"train.run_dir={a}"], cwd=REPO, env=e,
-                          check=False, capture_output=True, text=True, timeout=900)
+    """Run A: STEPS straight (with evaluation, the end-of-run sample and TensorBoard)."""
+    a = tmp_path_factory.mktemp("resume") / "a"
+    full = _train([*ARGS, *EXTRAS, f"train.run_dir={a}"], env(tmp_path_factory))
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = subprocess.run([sys.executable, "-c", KILLER, *ARGS, f"train.run_dir={b}"], cwd=REPO, env=e,
-                            check=False, capture_output=True, text=True, timeout=900)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert checkpoint.existing_steps(b) == [KILL_AT]
-    resumed = subprocess.run([sys.executable, "train.py", *ARGS, f"train.run_dir={b}"], cwd=REPO, env=e,
-                             check=False, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {b / 'checkpoints' / str(KILL_AT)}" in resumed.stderr
-    return a, b
+    return a, full
 
 
 def _losses(run_dir: pathlib.Path) -> dict[int, tuple[float, float]]:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))  # each step once: replays were truncated
     return {r["step"]: (r["loss"], r["mtp_loss"], r["grad_norm"]) for r in train}
 
 
-def test_resume_after_sigkill_is_bit_identical(runs):
-    a, b = runs
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["after_write", "between", "during_write"])
+def test_resume_after_sigkill_is_bit_identical(runs, mode, tmp_path, tmp_path_factory):
+    """Killed with SIGKILL (after a checkpoint, between checkpoints, during an asynchronous write), then restarted:
+    the steps after the restored checkpoint are replayed, the metrics file holds each step once, and losses,
+    parameters and bias equal the uninterrupted run's bit for bit."""
+    a, _ = runs
+    b = tmp_path / "b"
+    e = env(tmp_path_factory)
+    killed = _train([*ARGS, f"train.run_dir={b}"], {**e, "KILL_MODE": mode}, ["-c", KILLER])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    steps = checkpoint.existing_steps(b)
+    assert steps == [KILL_AT] if mode != "during_write" else steps in ([], [KILL_AT]), steps
+    if mode == "between":
+        logged = [json.loads(ln)["step"] for ln in (b / "metrics.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, KILL_AT + 2))  # step KILL_AT + 1 was logged before the kill
+    resumed = _train([*ARGS, f"train.run_dir={b}"], e)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if steps:
+        assert f"resumed from {b / 'checkpoints' / str(KILL_AT)}" in resumed.stderr
     assert _losses(a) == _losses(b)
     model_a, cfg_a = checkpoint.load_model(a)
     model_b, cfg_b = checkpoint.load_model(b)
@@ -124,6 +163,78 @@ def test_resume_after_sigkill_is_bit_identical(runs):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
+def test_train_falls_back_past_a_broken_checkpoint(runs, tmp_path, tmp_path_factory):
+    """train.py on a run dir whose newest checkpoint is broken: one warning line, resume from the one before,
+    the broken step set aside (renamed, not deleted), and the replayed steps equal the original run's."""
+    a, _ = runs
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    for f in (c / "checkpoints" / str(STEPS) / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.suffix != ".json" and "METADATA" not in f.name:
+            f.write_bytes(b"broken")
+    r = _train([*ARGS, f"train.run_dir={c}"], env(tmp_path_factory))
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: checkpoint")]
+    assert len(warnings) == 1 and f"step {STEPS}" in warnings[0] and f"trying step {KILL_AT}" in warnings[0]
+    assert f"resumed from {c / 'checkpoints' / str(KILL_AT)}" in r.stderr
+    assert any(p.name.startswith(f"{STEPS}.unrestorable-") for p in (c / "checkpoints").iterdir())
+    assert _losses(c) == _losses(a)
+
+
+@pytest.mark.slow
+def test_evaluation_sample_and_tensorboard(runs):
+    """Run A's eval rows (steps 3 and 6): the mean next-token loss over the first eval_batches eval batches of the
+    checkpointed model, and bits per byte = loss / ln 2 / bytes per token. MFU = tokens/s x FLOPs per token / peak.
+    The end-of-run sample is the model's own continuation of the prompt; TensorBoard holds the train and eval
+    scalars and the sample text."""
+    from tensorboardX.proto import event_pb2
+
+    from dsv3_jax import data, losses, metrics, sampling
+    from dsv3_jax.tokenizer import ByteTokenizer
+
+    a, full = runs
+    rows = [json.loads(ln) for ln in (a / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if r["kind"] == "eval"}
+    assert sorted(evals) == [KILL_AT, STEPS]
+    for step, row in evals.items():
+        model, cfg = checkpoint.load_model(a / "checkpoints" / str(step))
+        it = data.make_dataset(cfg.data, "eval", cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed)
+        total = count = 0.0
+        for _, batch in zip(range(cfg.train.eval_batches), it):
+            out = model(jnp.asarray(batch["tokens"][:, :-1]), positions=jnp.asarray(batch["positions"][:, :-1]),
+                        segment_ids=jnp.asarray(batch["segment_ids"][:, :-1]), mtp=False)
+            s, c = losses.next_token_loss(out.logits, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]))
+            total, count = total + float(s), count + float(c)
+        np.testing.assert_allclose(row["loss"], total / count, rtol=1e-5)
+        bpt = data.split_info(cfg.data, "eval").bytes_per_token
+        np.testing.assert_allclose(row["bits_per_byte"], row["loss"] / np.log(2) / bpt, rtol=1e-6)
+    model, cfg = checkpoint.load_model(a)
+    timed = [r for r in rows if r["kind"] == "train" and np.isfinite(r["tokens_per_s"])]
+    assert len(timed) >= STEPS - 2
+    fpt = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
+    for r in timed:
+        np.testing.assert_allclose(r["mfu"], r["tokens_per_s"] * fpt / (cfg.train.peak_tflops * 1e12), rtol=1e-9)
+    tok = ByteTokenizer()
+    s = cfg.sample
+    new = sampling.generate(model, [[tok.bos_id, *tok.encode(cfg.train.sample_prompt)]], cfg.train.sample_tokens,
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                            stop_tokens=[tok.eos_id]).tokens[0]
+    text = cfg.train.sample_prompt + tok.decode([t for t in new if t != tok.eos_id])
+    assert f"--- sample ---\n{text}\n---" in full.stdout
+    tags = set()
+    for f in (a / "tensorboard").glob("events.out.tfevents.*"):
+        raw, i = f.read_bytes(), 0
+        while i < len(raw):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            n = int.from_bytes(raw[i:i + 8], "little")
+            ev = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            tags |= {v.tag for v in ev.summary.value}
+            i += 16 + n
+    assert {"train/loss", "train/mfu", "eval/bits_per_byte", "eval/loss"} <= tags, tags
+    assert any(t.startswith("sample") for t in tags), tags
+
+
+@pytest.mark.slow
 def test_load_model_restores_params_and_bias(runs):
     a, _ = runs
     from flax import nnx

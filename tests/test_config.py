@@ -1,8 +1,6 @@
 """Config presets, overrides, HF config.json mapping and one-line validation errors."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 
@@ -113,12 +111,3 @@ def test_hf_config_rejects_unsupported_variants():
         from_hf_config({**hf, "scoring_func": "softmax"})
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         from_hf_config({**hf, "num_key_value_heads": 1})
-
-
-def test_param_count_cli_and_error_exit():
-    ok = subprocess.run([sys.executable, "-m", "dsv3_jax.config", "deepseek-v3-671b"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "671.03B total" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "dsv3_jax.config", "tiny", "model.n_group=3"], capture_output=True,
-                         text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "n_group" in bad.stderr

@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,3 +71,21 @@ def test_balance_loss_sums_moe_and_mtp_layers_times_alpha():
     aux = {"balance_loss": jnp.array([1.0, 2.0, 3.0]), "mtp_balance_loss": jnp.array([4.0])}
     np.testing.assert_allclose(float(losses.balance_loss(aux, 1e-2)), 0.1, rtol=1e-6)
     np.testing.assert_allclose(float(losses.balance_loss({"balance_loss": jnp.array([2.0])}, 0.5)), 1.0)
+
+
+class MaskAndBalanceVariants(chex.TestCase):
+    """The MTP target mask and the balance loss by hand, the same with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mtp_target_mask_by_hand(self):
+        seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 0]])  # T + 1 = 9 columns: inputs 0..7
+        mask = self.variant(losses.mtp_target_mask, static_argnums=1)(seg, 2)
+        chex.assert_shape(mask, (2, 1, 8))
+        np.testing.assert_array_equal(mask[0, 0], [1, 1, 0, 0, 1, 1, 0, 0])  # t, t+1, t+2 in one document
+        np.testing.assert_array_equal(mask[1, 0], [1, 0, 0, 0, 1, 0, 0, 0])  # t .. t+3
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_balance_loss_sums_main_and_mtp_layers(self):
+        aux = {"balance_loss": jnp.array([0.5, 0.25]), "mtp_balance_loss": jnp.array([2.0])}
+        got = self.variant(losses.balance_loss)(aux, 0.1)
+        chex.assert_trees_all_close(got, jnp.float32(0.275))

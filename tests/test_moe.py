@@ -209,3 +209,80 @@ def test_moe_layer_aux_counts_only_valid_tokens():
     assert float(aux["expert_counts"].sum()) == 7 * cfg.num_experts_per_tok
     chex.assert_shape(aux["expert_counts"], (8,))
     assert np.isfinite(float(aux["balance_loss"]))
+
+
+def _naive_balance(scores_bte, idx_btk, valid_bt, k):
+    """sum_i f_i P_i per sequence over its valid tokens, then the mean over sequences that have any (float64 loops)."""
+    scores, idx, valid = (np.asarray(a) for a in (scores_bte, idx_btk, valid_bt))
+    e = scores.shape[-1]
+    per_seq = []
+    for b in range(scores.shape[0]):
+        rows = [t for t in range(scores.shape[1]) if valid[b, t]]
+        if not rows:
+            continue
+        f = np.zeros(e)
+        p = np.zeros(e)
+        for t in rows:
+            for j in idx[b, t]:
+                f[j] += e / (k * len(rows))
+            p += scores[b, t].astype(np.float64) / scores[b, t].astype(np.float64).sum() / len(rows)
+        per_seq.append((f * p).sum())
+    return np.mean(per_seq)
+
+
+def test_sequence_balance_loss_is_a_mean_over_sequences_without_padding_rows():
+    # 3 rows, E=4, K=2: rows of 4 and 2 valid tokens (different lengths tell a per-sequence mean from a pooled one),
+    # and an all-padding row that must not count as a sequence with loss 0.
+    # Row 0 always picks experts 0 and 1 and scores them high (unbalanced); row 1 spreads over all four.
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.05, 0.3, (3, 4, 4))
+    scores[0, :, :2] += 0.6
+    scores = jnp.asarray(scores, jnp.float32)
+    idx = jnp.asarray([[[0, 1]] * 4, [[0, 1], [2, 3], [0, 1], [2, 3]], [[1, 2]] * 4], jnp.int32)
+    valid = jnp.array([[True] * 4, [True, True, False, False], [False] * 4])
+    got = float(moe.sequence_balance_loss(scores, idx, valid, k=2))
+    np.testing.assert_allclose(got, _naive_balance(scores, idx, valid, 2), rtol=1e-6)
+    # the alternatives it must differ from: pooled over all tokens, summed over rows, padding row counted as 0
+    pooled = _naive_balance(scores.reshape(1, 12, 4), idx.reshape(1, 12, 2), valid.reshape(1, 12), 2)
+    per_row = [_naive_balance(scores[i:i + 1], idx[i:i + 1], valid[i:i + 1], 2) for i in range(2)]
+    for wrong in (pooled, sum(per_row), sum(per_row) / 3):
+        assert abs(got - wrong) > 0.05, (got, wrong)
+
+
+def test_moe_layer_balance_loss_matches_a_naive_computation():
+    from flax import nnx
+
+    cfg = dataclasses.replace(ModelConfig(), n_routed_experts=8, n_group=2, topk_group=1).validate()
+    layer = moe.MoE(cfg, ImplConfig(), nnx.Rngs(0))
+    layer.bias[...] = jax.random.normal(jax.random.key(5), (8,)) * 0.05  # the bias steers selection, not P_i
+    x = jax.random.normal(jax.random.key(1), (3, 6, cfg.hidden_size))
+    valid = jnp.array([[True] * 6, [True, True, True, False, False, False], [False] * 6])
+    _, aux = layer(x, valid)
+    x_nd = np.asarray(x, np.float64).reshape(18, -1)
+    scores = 1 / (1 + np.exp(-(x_nd @ np.asarray(layer.router[...], np.float64))))  # (N, E)
+    idx, _ = moe.select_experts(jnp.asarray(scores, jnp.float32), layer.bias[...], cfg)
+    k = cfg.num_experts_per_tok
+    want = _naive_balance(scores.reshape(3, 6, 8), np.asarray(idx).reshape(3, 6, k), valid, k)
+    chex.assert_shape(aux["balance_loss"], ())
+    np.testing.assert_allclose(float(aux["balance_loss"]), want, rtol=1e-5)
+    counts = np.zeros(8)
+    for n in np.flatnonzero(np.asarray(valid).reshape(-1)):
+        counts[np.asarray(idx)[n]] += 1
+    np.testing.assert_array_equal(np.asarray(aux["expert_counts"]), counts)
+
+
+class RoutingVariants(chex.TestCase):
+    """Routing and the balance term are the same traced under jit and run eagerly (hand-computed cases above)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_group_limited_selection_and_balance(self):
+        cfg = _cfg(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=3)
+        s = jnp.array([[0.9, 0.8, 0.1, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.9, 0.2, 0.4]])
+        bias = jnp.array([0.0, 0.0, -0.6, 0.0, 0.0, 0.0])
+        idx, gates = self.variant(lambda s, b: moe.select_experts(s, b, cfg))(s, bias)
+        chex.assert_shape((idx, gates), (2, 3))
+        assert sorted(np.asarray(idx[0]).tolist()) == [0, 1, 2] and sorted(np.asarray(idx[1]).tolist()) == [3, 4, 5]
+        np.testing.assert_allclose(np.sort(np.asarray(gates[1])), np.sort([0.9, 0.2, 0.4]) / 1.5 * 2.5, rtol=1e-6)
+        valid = jnp.array([[True, True]])
+        loss = self.variant(moe.sequence_balance_loss, static_argnums=3)(s[None], idx[None], valid, 3)
+        np.testing.assert_allclose(loss, _naive_balance(s[None], idx[None], valid, 3), rtol=1e-6)

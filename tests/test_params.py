@@ -1,5 +1,8 @@
 """Parameter counts of the presets from abstract shapes, checked by hand and against the published figures."""
 
+import subprocess
+import sys
+
 import pytest
 
 from dsv3_jax.config import load_config
@@ -40,3 +43,12 @@ def test_16b_preset_is_16b_total_3b_active():
     c = count_params(load_config("dsv3-16b").model)
     assert round(c["total"] / 1e9) == 16
     assert 2.5e9 < c["activated"] < 3.5e9
+
+
+def test_param_count_cli_and_error_exit():
+    ok = subprocess.run([sys.executable, "-m", "dsv3_jax.params", "deepseek-v3-671b"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "671.03B total" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "dsv3_jax.params", "tiny", "model.n_group=3"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "n_group" in bad.stderr

@@ -71,6 +71,36 @@ def test_streamed_text(hf_dir, loaded, capsys):
     assert "cache: 312 bytes/token" in err and f"{NEW} tokens in" in err
 
 
+def test_text_is_printed_as_it_streams(hf_dir, capsys, monkeypatch):
+    """At every chunk callback, stdout already holds the prompt and the text of every token emitted so far: the text
+    streams, it is not printed at the end. (The spy maps tokens to printable bytes: a random model's bytes are
+    mostly incomplete UTF-8, which the streamer rightly holds back.)"""
+    seen, printed = [], []
+    real = sampling.generate
+
+    def spy(model, prompts, max_new_tokens, on_tokens=None, **kw):
+        assert on_tokens is not None, "a single text prompt must stream"
+
+        def record(new):
+            new = [[2 + ord("a") + t % 26 for t in row] for row in new]  # printable bytes, so every token shows
+            on_tokens(new)
+            seen.extend(new[0])
+            printed.append((list(seen), capsys.readouterr().out))
+
+        return real(model, prompts, max_new_tokens, on_tokens=record, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    code, out, err = run(["--checkpoint", hf_dir, "--prompt", "Hi", "--max-new-tokens", NEW, "--stop-ids", "",
+                          "--chunk-size", "2"], capsys)
+    assert code == 0, err
+    assert len(printed) == 1 + -(-(int(NEW) - 1) // 2)  # the prefill's token, then one call per 2-step chunk
+    so_far = ""
+    for ids, text in printed:
+        so_far += text
+        assert so_far == "Hi" + ByteTokenizer().decode(ids), (ids, so_far)
+    assert so_far + out == "Hi" + ByteTokenizer().decode(seen) + "\n"
+
+
 def test_speculative_batch_equals_plain(hf_dir, loaded, capsys):
     """Two prompts (text and ids) in one batch with MTP speculative decoding: each row is its plain greedy."""
     code, out, err = run(["--checkpoint", hf_dir, "--prompt", "Hi", "--prompt-ids", "0,72,105",

@@ -283,3 +283,38 @@ def test_cache_bytes_per_token_formula(model, cfg):
     assert measured == sampling.cache_bytes_per_token(cfg, mtp=True)
     main_only = sum(x.nbytes for k, v in cache.items() if k != "mtp" for x in jax.tree.leaves(v)) // (2 * 5)
     assert main_only == sampling.cache_bytes_per_token(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (4) Speculative sampling keeps the sampling distribution.
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_sampled_tokens_follow_the_model_distribution(speculative):
+    """N rows of one prompt sample 3 tokens at temperature 1 (V = 8). The frequency of every pair (t2, t3) must
+    match the exact P(t2, t3) = sum_t1 P(t1) P(t2 | t1) P(t3 | t1, t2) from the full forward. With the MTP
+    drafter, t3 is emitted through the accept path whenever the draft equals t2, so a verification that accepted
+    drafts the main model did not sample, or took y1 from the wrong position, shifts these frequencies.
+
+    Tolerance: a cell's frequency is binomial, sd = sqrt(p (1 - p) / N); 4.5 sd (+ 2 / N for tiny p) per cell
+    makes a false alarm over all 64 cells about 64 * 7e-6 < 1e-3 likely. N = 4096 gives sd <= 0.0078."""
+    n, v = 4096, 8
+    cfg = dataclasses.replace(load_config("tiny").model, vocab_size=v, initializer_range=0.3)
+    model = make_drafter(randomize(create(cfg, seed=1), seed=1), alpha=0.3)
+    prompt = [3, 5, 2, 6]
+    got = sampling.generate(model, [prompt] * n, 3, temperature=1.0, seed=7, speculative=speculative)
+    seqs = [prompt + [a, b] for a in range(v) for b in range(v)]
+    logits = full_logits(model, seqs)  # (64, 6, V)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float64 if jax.config.x64_enabled else jnp.float32)))
+    p1 = probs[0, len(prompt) - 1]  # (V,)
+    p2 = probs[::v, len(prompt)]  # row a * v: P(t2 | t1 = a), (V, V)
+    p3 = probs[:, len(prompt) + 1].reshape(v, v, v)  # P(t3 | t1, t2)
+    exact = np.einsum("a,ab,abc->bc", p1, p2, p3)  # (t2, t3)
+    assert exact.max() > 2.5 / v**2  # not uniform
+    freq = np.zeros((v, v))
+    for row in got.tokens:
+        freq[row[1], row[2]] += 1 / n
+    bound = 4.5 * np.sqrt(exact * (1 - exact) / n) + 2 / n
+    assert (np.abs(freq - exact) <= bound).all(), np.abs(freq - exact) / bound
+    if speculative:
+        assert got.accepted > n / 8, got.accepted  # the accept path emitted many of the t3

@@ -1,4 +1,6 @@
-"""train.py on bad input: one `error:` line, exit status 2, and an existing checkpoint left exactly as it was."""
+"""train.py on bad input: one `error:` line, exit status 2, and an existing checkpoint left exactly as it was.
+
+Each case runs train.py against a finished run dir (a full CLI run: `slow`)."""
 
 import os
 import pathlib
@@ -36,7 +38,6 @@ def run_dir(tmp_path_factory):
 CASES = {
     "missing data glob": (["data.source=/nonexistent/dir/*.txt"], {}, "/nonexistent/dir"),
     "empty data glob": (["data.source={empty}/*.txt"], {}, "empty"),
-    "token id beyond vocab": (["model.vocab_size=200"], {}, "vocab_size"),
     "seq_len beyond max positions": (["data.seq_len=1024"], {}, "max_position_embeddings"),
     "batch not divisible by data parallel": (["train.global_batch_size=6"],
                                              {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
@@ -47,6 +48,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_line_and_leaves_the_checkpoint_alone(case, run_dir, tmp_path):
     overrides, extra_env, must_name = CASES[case]
@@ -61,6 +63,18 @@ def test_bad_input_gives_one_line_and_leaves_the_checkpoint_alone(case, run_dir,
     assert "Traceback" not in r.stderr
     assert must_name in errors[0], errors[0]
     assert _listing(run_dir) == before
+
+
+def test_token_id_beyond_the_vocabulary_is_rejected_by_the_data_check(tmp_path):
+    """A fresh run dir, so no run-dir check can reject the smaller vocabulary: only the data's token-id check can."""
+    run = tmp_path / "fresh"
+    r = subprocess.run([sys.executable, "train.py", *BASE, f"train.run_dir={run}", "model.vocab_size=100"], cwd=REPO,
+                       env=_env(), check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "token id" in errors[0] and "is >= model vocab_size 100" in errors[0], errors[0]
+    assert not (run / "checkpoints").exists()
 
 
 def test_default_arguments_name_the_small_preset():
