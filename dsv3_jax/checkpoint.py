@@ -172,25 +172,28 @@ def load_config_of(path: str | pathlib.Path) -> tuple[Config, pathlib.Path, int]
 
 
 def load_model(path: str | pathlib.Path):
-    """(Transformer, Config) from a run dir (newest checkpoint) or a step dir: params and router bias restored
-    into a fresh model on the default device."""
+    """(Transformer, Config) from a run dir (newest checkpoint) or a step dir: only the parameters and router bias
+    are read (a partial restore; the optimizer state, twice the parameters, is never loaded), onto the default
+    device."""
     from flax import nnx
 
     cfg, ckpt_dir, step = load_config_of(path)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            train_state.abstract_state(cfg))
+    graphdef, abs_params, abs_bias = train_state.split_abstract(cfg)
+    abstract = {"params": nnx.to_pure_dict(abs_params), "bias": nnx.to_pure_dict(abs_bias)}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=device, global_shape=x.shape, dtype=x.dtype),
+                                abstract)
     absl_log = logging.getLogger("absl")  # orbax announces read-only mode as warnings; reading is all we do
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
     manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
-        state = _restore(manager, step, abstract)["state"]
+        args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+        state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
     finally:
         manager.close()
         absl_log.setLevel(level)
-    graphdef, _, _ = train_state.split_abstract(cfg)
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg

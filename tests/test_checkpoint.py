@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import checkpoint
-from dsv3_jax.config import load_config
+from dsv3_jax.config import ConfigError, load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS, KILL_AT = 6, 3
@@ -281,3 +281,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tmp_path_factory):
     assert "stopped by signal 15" in rest
     _, cfg = checkpoint.load_model(run)
     assert cfg.train.steps == 500
+
+
+def test_load_model_reads_only_params_and_bias(tmp_path):
+    """A checkpoint whose optimizer state matches no optimizer the config could build still loads: `load_model`
+    asks orbax for params and bias only (a full-state restore fails on it)."""
+    from flax import nnx
+
+    from dsv3_jax import state as train_state
+    from dsv3_jax.model import create
+    from dsv3_jax.moe import RouterBias
+
+    cfg = load_config("tiny", [f"train.run_dir={tmp_path}"])
+    model = create(cfg.model, seed=3, impl=cfg.impl)
+    _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    bias = jax.tree.map(lambda b: b + 0.25, nnx.to_pure_dict(bias))
+    saved = {"step": jnp.array(7, jnp.int32), "params": nnx.to_pure_dict(params), "bias": bias,
+             "opt_state": {"not_adamw": jnp.zeros((3,))}}
+    ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1, async_save=False)
+    ckpt.save(7, saved, {"unused": 0}, cfg, force=True)
+    ckpt.close()
+    with pytest.raises(ConfigError, match="could be restored"):  # the full train state cannot be restored from it
+        checkpoint.Checkpointer(tmp_path, 1, 1).restore_latest(train_state.abstract_state(cfg))
+    loaded, _ = checkpoint.load_model(tmp_path)
+    ids = jnp.array([[0, 5, 6, 7]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(loaded(ids).logits), np.asarray(nnx.merge(
+        *nnx.split(model, nnx.Param, RouterBias)[:2], bias)(ids).logits))
