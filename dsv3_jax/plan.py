@@ -125,24 +125,13 @@ def abstract_inputs(cfg: Config, mesh):
     """(TrainState of ShapeDtypeStructs with the trainer's shardings, batch likewise, graphdef, optimizer)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+    from jax.sharding import NamedSharding  # noqa: PLC0415
 
     from dsv3_jax import trainer  # noqa: PLC0415
-    from dsv3_jax.sharding import logical_spec, state_shardings  # noqa: PLC0415
+    from dsv3_jax.sharding import logical_spec  # noqa: PLC0415
+    from dsv3_jax.state import sharded_abstract_state  # noqa: PLC0415
 
-    graphdef, abs_params, abs_bias = _split_abstract(cfg.model, cfg.impl, cfg.train.seed)
-    tx = trainer.make_optimizer(cfg.train, trainer.decay_mask(abs_params))
-
-    def sds(values, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), values, shardings)
-
-    params = sds(nnx.to_pure_dict(abs_params), nnx.to_pure_dict(state_shardings(abs_params, mesh)))
-    bias = sds(nnx.to_pure_dict(abs_bias), nnx.to_pure_dict(state_shardings(abs_bias, mesh)))
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_state = sds(jax.eval_shape(tx.init, params), trainer.opt_state_shardings(tx, params, shardings, mesh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = trainer.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, bias, opt_state)
+    state, graphdef, tx = sharded_abstract_state(cfg, mesh, _split_abstract(cfg.model, cfg.impl, cfg.train.seed))
     rows = NamedSharding(mesh, logical_spec(("batch",)))
     shape = (cfg.train.global_batch_size, cfg.data.seq_len + 1)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in trainer.BATCH_KEYS}

@@ -94,6 +94,26 @@ def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransf
     return TrainState(step, params, bias, opt_state), graphdef, tx
 
 
+def sharded_abstract_state(cfg: Config, mesh, split=None) -> tuple[TrainState, Any, optax.GradientTransformation]:
+    """(TrainState of ShapeDtypeStructs carrying the shardings `init_state` would give, graphdef, optimizer), with
+    nothing allocated: what a resume restores into directly and what the planner compiles against. `split` is
+    `split_abstract(cfg)` when the caller has it already."""
+    from dsv3_jax.sharding import state_shardings  # noqa: PLC0415
+
+    graphdef, abs_params, abs_bias = split or split_abstract(cfg)
+    tx = make_optimizer(cfg.train, decay_mask(abs_params))
+
+    def sds(values, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), values, shardings)
+
+    params = sds(nnx.to_pure_dict(abs_params), nnx.to_pure_dict(state_shardings(abs_params, mesh)))
+    bias = sds(nnx.to_pure_dict(abs_bias), nnx.to_pure_dict(state_shardings(abs_bias, mesh)))
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_state = sds(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, shardings, mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return TrainState(step, params, bias, opt_state), graphdef, tx
+
+
 def abstract_state(cfg: Config) -> dict:
     """ShapeDtypeStructs of the TrainState (as a dict), for restoring without initialising."""
     _, abs_params, abs_bias = split_abstract(cfg)
