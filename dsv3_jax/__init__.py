@@ -8,7 +8,7 @@ the same letters in lower case):
     L  stacked layers             M  MTP depth (num_nextn_predict_layers)
     E  routed experts             K  experts per token                 G  expert groups
     F  expert hidden size         N  flattened tokens (B * T)          R  routed rows (N * K)
-    P  padded rows (expert-aligned blocks)
+    P  padded rows (expert-aligned blocks)   U  new-token budget of a generation call
 
 Attention adds its own head dims (n qk_nope, r qk_rope, v value, c kv_lora) in `attention.py`. Quantities that
 are not shapes spell their unit out (`compile_s` seconds, `tokens_per_s`).

@@ -6,7 +6,7 @@ restarting for each document in a row). The extra column is for the shift: input
 `[:, 1:]`, and a target is valid where `segment_ids[:, 1:] == segment_ids[:, :-1] != 0`.
 
 Packing (greedy, no padding inside the corpus). Every document becomes `[bos] + tokens + [eos]`; the documents of a
-split are concatenated into one stream in source order, and row r is `stream[r*S : r*S + S + 1]` (S = seq_len):
+split are concatenated into one stream in source order, and row r is `stream[r*T : r*T + T + 1]` (T = seq_len):
 adjacent rows share one token, so with the mask above every stream token except the bos tokens is a target exactly
 once per epoch. A document that crosses a row boundary continues in the next row as a new segment whose positions
 restart at 0 (it attends only within the row, and positions stay below seq_len, within the rotary range). Only the

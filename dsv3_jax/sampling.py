@@ -1,7 +1,7 @@
 """Generation on the latent MLA cache: one batched prefill, a compiled decode loop, sampling rules, and MTP
 speculative decoding.
 
-Legend: B prompts (rows), T padded prompt length, S cache slots, V vocabulary, N new-token budget per row.
+Legend: B prompts (rows), T padded prompt length, S cache slots, V vocabulary, U new-token budget per row.
 
 Prefill runs all prompts in ONE forward pass, right-padded: row b's tokens sit at positions 0..len_b-1 and are
 written to the cache there (padding writes garbage at positions >= len_b, which the row's own decode tokens
@@ -148,7 +148,7 @@ class Carry(NamedTuple):
     tok_b: jax.Array  # (B,) int32
     pos_b: jax.Array  # (B,) int32
     draft_b: jax.Array  # (B,) int32 MTP draft for position pos_b + 1 (speculative only)
-    out_bn: jax.Array  # (B, N) int32 emitted tokens
+    out_bu: jax.Array  # (B, U) int32 emitted tokens
     count_b: jax.Array  # (B,) int32 tokens emitted so far
     done_b: jax.Array  # (B,) bool
     key: jax.Array
@@ -157,22 +157,22 @@ class Carry(NamedTuple):
     accepted: jax.Array  # () int32
 
 
-def _emit(c: Carry, first_b, second_b, emit2_b, stop_s, budget):
+def _emit(c: Carry, first_b, second_b, emit2_b, stop_ids, budget):
     """Append first (and second where emit2) to every active row; rows finish on a stop token or the budget."""
     rows = jnp.arange(first_b.shape[0])
     active = ~c.done_b
-    n = c.out_bn.shape[1]
-    out = c.out_bn.at[rows, jnp.where(active, c.count_b, n)].set(first_b, mode="drop")
+    n = c.out_bu.shape[1]
+    out = c.out_bu.at[rows, jnp.where(active, c.count_b, n)].set(first_b, mode="drop")
     out = out.at[rows, jnp.where(emit2_b, c.count_b + 1, n)].set(second_b, mode="drop")
     n_new = active.astype(jnp.int32) + emit2_b.astype(jnp.int32)
     count = c.count_b + n_new
     last = jnp.where(emit2_b, second_b, first_b)
-    done = c.done_b | (active & (jnp.isin(last, stop_s) | (count >= budget)))
-    return c._replace(out_bn=out, count_b=count, done_b=done, tok_b=jnp.where(active, last, c.tok_b),
+    done = c.done_b | (active & (jnp.isin(last, stop_ids) | (count >= budget)))
+    return c._replace(out_bu=out, count_b=count, done_b=done, tok_b=jnp.where(active, last, c.tok_b),
                       pos_b=c.pos_b + n_new)
 
 
-def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_b, stop_s, key):
+def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_b, stop_ids, key):
     """Prefill, first token per row and (speculative) the first draft; returns the initial Carry."""
     model = nnx.merge(graphdef, *state)
     b = ids_bt.shape[0]
@@ -194,18 +194,18 @@ def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_
     zero = jnp.zeros((), jnp.int32)
     c = Carry(cache, mtp_cache, first_b, last_b, draft_b, jnp.zeros((b, budget), jnp.int32),
               jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), key, zero, zero, zero)
-    return _emit(c, first_b, first_b, jnp.zeros((b,), bool), stop_s, budget)
+    return _emit(c, first_b, first_b, jnp.zeros((b,), bool), stop_ids, budget)
 
 
-def _plain_step(model, c: Carry, rule, stop_s, budget) -> Carry:
+def _plain_step(model, c: Carry, rule, stop_ids, budget) -> Carry:
     key, sub = jax.random.split(c.key)
     logits, _, cache = decode_step(model, c.tok_b[:, None], c.pos_b[:, None], c.cache)
     nxt_b = sample_tokens(logits[:, 0], sub, rule)
     c = c._replace(cache=cache, key=key, forwards=c.forwards + 1)
-    return _emit(c, nxt_b, nxt_b, jnp.zeros_like(c.done_b), stop_s, budget)
+    return _emit(c, nxt_b, nxt_b, jnp.zeros_like(c.done_b), stop_ids, budget)
 
 
-def _speculative_step(model, c: Carry, rule, stop_s, budget) -> Carry:
+def _speculative_step(model, c: Carry, rule, stop_ids, budget) -> Carry:
     """Verify [tok, draft] at [p, p+1]; emit y0 (the main model's token at p) and, if the draft was y0, also
     y1; then redraft with the MTP module from the hidden states just computed."""
     b = c.tok_b.shape[0]
@@ -216,21 +216,21 @@ def _speculative_step(model, c: Carry, rule, stop_s, budget) -> Carry:
     active = ~c.done_b
     ok_b = y_b2[:, 0] == c.draft_b
     can2_b = active & (budget - c.count_b >= 2)  # a draft only counts when a second token could be emitted
-    emit2_b = can2_b & ok_b & ~jnp.isin(y_b2[:, 0], stop_s)
+    emit2_b = can2_b & ok_b & ~jnp.isin(y_b2[:, 0], stop_ids)
     # MTP entries p and p+1 pair h_p with y0 (token p+1) and h_{p+1} with y1 (token p+2, junk unless accepted)
     mtp_logits, mtp_c = mtp_draft(model, y_b2, hidden, pos_b2, c.mtp_cache[0])
     draft_b = jnp.argmax(mtp_logits[jnp.arange(b), emit2_b.astype(jnp.int32)], axis=-1).astype(jnp.int32)
     c = c._replace(cache=cache, mtp_cache=[mtp_c], key=key, draft_b=jnp.where(active, draft_b, c.draft_b),
                    forwards=c.forwards + 1, drafts=c.drafts + can2_b.sum(dtype=jnp.int32),
                    accepted=c.accepted + (can2_b & ok_b).sum(dtype=jnp.int32))
-    return _emit(c, y_b2[:, 0], y_b2[:, 1], emit2_b, stop_s, budget)
+    return _emit(c, y_b2[:, 0], y_b2[:, 1], emit2_b, stop_ids, budget)
 
 
-def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_s, n_steps) -> Carry:
+def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_ids, n_steps) -> Carry:
     """Up to n_steps decode steps in a while_loop; exits early when every row is done. The budget per row is
     the width of the output buffer."""
     step = _speculative_step if speculative else _plain_step
-    n = carry.out_bn.shape[1]
+    n = carry.out_bu.shape[1]
 
     def cond(ci):
         c, i = ci
@@ -238,7 +238,7 @@ def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_s, n_steps)
 
     def body(ci):
         c, i = ci
-        return step(nnx.merge(graphdef, *state), c, rule, stop_s, n), i + 1
+        return step(nnx.merge(graphdef, *state), c, rule, stop_ids, n), i + 1
 
     return jax.lax.while_loop(cond, body, (carry, jnp.zeros((), jnp.int32)))[0]
 
@@ -330,7 +330,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     seen = [0] * b
 
     def stream(c: Carry) -> None:
-        out, count = jax.device_get((c.out_bn, c.count_b))
+        out, count = jax.device_get((c.out_bu, c.count_b))
         new = [out[i, seen[i]: count[i]].tolist() for i in range(b)]
         seen[:] = count.tolist()
         on_tokens(new)
@@ -347,7 +347,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         if on_tokens is not None:
             stream(carry)
     out, count, done_stop, forwards, drafts, accepted = jax.device_get(
-        (carry.out_bn, carry.count_b, jnp.isin(carry.tok_b, stop), carry.forwards, carry.drafts, carry.accepted))
+        (carry.out_bu, carry.count_b, jnp.isin(carry.tok_b, stop), carry.forwards, carry.drafts, carry.accepted))
     decode_s = time.perf_counter() - t0
 
     tokens = [out[i, : count[i]].tolist() for i in range(b)]
