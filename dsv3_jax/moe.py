@@ -5,6 +5,16 @@ Legend: N tokens, E routed experts, K experts per token, G groups, D hidden size
 R = N*K routed rows, P padded rows (expert-aligned blocks of `block` rows), S expert-parallel shards, E_l = E/S
 experts per shard, M = S*R rows a shard can receive.
 
+Backends (`BACKENDS`, one signature): `dense` (every expert on every token, the reference), `ragged_dot` and
+`blocked` (grouped matmuls over rows sorted by expert), and the expert-parallel `ep_ragged` / `ep_a2a`. Under a mesh
+whose batch axes split the batch, the layer runs inside `jax.shard_map`: each device routes its own tokens, and the
+counts and balance-loss sums are psum'd once over the batch axes. Expert-parallel: rows sorted by expert are sent to
+the shard holding the expert, computed there by the local grouped matmul, and sent back; both exchanges follow
+`jax.lax.ragged_all_to_all` semantics with offsets from `exchange_plans`. `ep_ragged` is that collective (TPU/GPU);
+`ep_a2a` reproduces it with a dense `all_to_all` of R rows per peer (XLA:CPU lacks the ragged collective), dropless
+and exact but moving S times the routed rows. All-gathering tokens within the expert group was rejected: on an expert-only
+mesh it gathers the whole batch onto every device.
+
 Routing order (REFERENCE.md): float32 sigmoid scores s; biased scores s + b for selection only; group score is the
 sum of each group's top-2 biased scores; groups outside the best `topk_group` are masked with -inf; top-K experts
 by biased score; gates from the UNBIASED s, normalised when norm_topk_prob, then times routed_scaling_factor.
@@ -313,18 +323,20 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     """(backend name, context, whether to run inside shard_map) for `impl.moe_impl` on this mesh.
 
     `auto` is expert-parallel whenever the experts are split (ragged all-to-all on TPU/GPU, the dense exchange
-    elsewhere), else the platform's local grouped matmul. Whenever the batch splits over the mesh the backend runs
-    inside shard_map, so each device routes and sorts only its own tokens (GSPMD would gather the whole batch's
-    routing onto every device); when it does not (decoding one sequence) the local form runs under GSPMD."""
+    elsewhere), else the platform's local grouped matmul, and whenever the batch splits over the mesh it runs
+    inside shard_map, so each device routes and sorts only its own tokens. A local backend named explicitly runs
+    over the global batch and lets GSPMD partition it (the baseline, which gathers the whole batch's routing onto
+    every device); so does everything when the batch does not split (decoding one sequence)."""
     local = local_impl(platform)
     ctx = MoeContext(pol, block, local)
     if mesh.empty:
         return (local if impl == "auto" else impl), ctx, False
     ep_axes, batch_axes = mesh_axes("experts", rules), mesh_axes("batch", rules)
     ep = _size(mesh, ep_axes)
-    if impl == "auto":
+    auto = impl == "auto"
+    if auto:
         impl = ("ep_ragged" if platform in ("gpu", "tpu", "cuda", "rocm") else "ep_a2a") if ep > 1 else local
-    if batch % _size(mesh, batch_axes):
+    if batch % _size(mesh, batch_axes) or not (auto or BACKENDS[impl].expert_parallel):
         return (local if BACKENDS[impl].expert_parallel else impl), ctx, False
     ffn_axes = tuple(a for a in mesh_axes("expert_mlp", rules)
                      if a not in batch_axes and a not in ep_axes and mesh.shape[a] > 1)

@@ -4,6 +4,7 @@ start-up) the sharded train step against the single-device one, the collectives 
 ragged_all_to_all path cross-lowered for TPU."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -227,6 +228,7 @@ def test_auto_picks_expert_parallel_on_split_experts_and_the_local_matmul_per_pl
     assert pick(_abstract(expert=8), "tpu") == ("ep_ragged", "ragged_dot", ("expert",), True)
     assert pick(_abstract(data=8), "tpu")[:2] == ("ragged_dot", "ragged_dot")  # no expert split: local, own tokens
     assert pick(_abstract(data=8), "gpu") == ("blocked", "blocked", (), True)  # GPU ragged_dot pads to dense
+    assert pick(_abstract(expert=4), "cpu", impl="blocked") == ("blocked", "blocked", (), False)  # GSPMD baseline
     assert pick(AbstractMesh((), ()), "cpu") == ("blocked", "blocked", (), False)
     assert pick(_abstract(expert=4), "cpu", batch=1) == ("blocked", "blocked", (), False)  # decoding one row
     assert pick(_abstract(fsdp=2, expert=2, tensor=2), "cpu")[2] == ("expert",)
@@ -270,3 +272,25 @@ def test_ragged_path_cross_lowers_for_tpu_and_the_dense_exchange_matches_its_sem
     sent = z["sizes"].sum(1)  # rows a device sent come back in place; the rest of its buffer stays untouched
     for s in range(s_count):
         np.testing.assert_array_equal(back[s][:sent[s]], ops[s][:sent[s]])
+
+
+@pytest.mark.slow
+def test_loop_fetches_metrics_only_every_log_every_steps(tmp_path, monkeypatch):
+    """Steps are dispatched ahead: the host waits for metrics only at log steps, and those are still logged."""
+    cfg = load_config("tiny", ["train.steps=6", "train.log_every=3", "train.eval_every=0", "train.sample_tokens=0",
+                               f"train.run_dir={tmp_path}", "train.tensorboard=false", "train.progress=false",
+                               "train.checkpoint_every=6", "data.seq_len=32", "data.max_documents=100"])
+    fetched, device_get = [], jax.device_get
+
+    def spy(x):
+        if isinstance(x, dict) and "loss" in x:
+            fetched.append(x)
+        return device_get(x)
+
+    monkeypatch.setattr(jax, "device_get", spy)
+    last = trainer.train(cfg)
+    assert len(fetched) == 2, len(fetched)  # steps 3 and 6 only
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6], rows
+    assert np.isfinite(last["loss"]) and last["tokens_per_s"] > 0
+    assert (tmp_path / "checkpoints" / "6").is_dir()
