@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax import trainer
 from dsv3_jax.config import load_config
@@ -48,8 +49,9 @@ def measure(cfg, repeats: int) -> dict:
         with jax.set_mesh(mesh):
             batch = jax.tree.map(jnp.asarray, batch)
             t0 = time.perf_counter()
-            step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg)).lower(
-                state, batch).compile()
+            step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                           out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                                          NamedSharding(mesh, PartitionSpec()))).lower(state, batch).compile()
             compile_s = time.perf_counter() - t0
             times = []
             for _ in range(repeats):

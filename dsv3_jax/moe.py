@@ -11,9 +11,9 @@ whose batch axes split the batch, the layer runs inside `jax.shard_map`: each de
 counts and balance-loss sums are psum'd once over the batch axes. Expert-parallel: rows sorted by expert are sent to
 the shard holding the expert, computed there by the local grouped matmul, and sent back; both exchanges follow
 `jax.lax.ragged_all_to_all` semantics with offsets from `exchange_plans`. `ep_ragged` is that collective (TPU/GPU);
-`ep_a2a` reproduces it with a dense `all_to_all` of R rows per peer (XLA:CPU lacks the ragged collective), dropless
-and exact but moving S times the routed rows. All-gathering tokens within the expert group was rejected: on an expert-only
-mesh it gathers the whole batch onto every device.
+`ep_a2a` reproduces it with a dense `all_to_all` of R rows per peer (XLA:CPU lacks the ragged collective),
+dropless and exact but moving S times the routed rows. All-gathering tokens within the expert group was rejected: on
+an expert-only mesh it gathers the whole batch onto every device.
 
 Routing order (REFERENCE.md): float32 sigmoid scores s; biased scores s + b for selection only; group score is the
 sum of each group's top-2 biased scores; groups outside the best `topk_group` are masked with -inf; top-K experts

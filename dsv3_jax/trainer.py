@@ -332,7 +332,9 @@ def _train(cfg: Config) -> dict:
 
     state, graphdef, tx = init_state(cfg, mesh)
     batch_sharding = NamedSharding(mesh, logical_spec(("batch",)))
+    # the new state keeps the state's shardings (left to propagation, optimizer moments came back replicated)
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                      out_shardings=(jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, PartitionSpec())),
                       donate_argnums=() if jax.default_backend() == "cpu" else (0,))
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
 
