@@ -104,7 +104,10 @@ def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransf
     with jax.set_mesh(mesh):
         step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed)),
                             out_shardings=replicated)()
-        opt_state = jax.jit(tx.init)(params)
+        # moments in their parameter's sharding (left to propagation, zeros come out replicated)
+        opt_shardings = optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
+                                              transform_non_params=lambda _: replicated)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return TrainState(step, params, bias, opt_state, rng), graphdef, tx
 
 

@@ -188,3 +188,26 @@ def test_671b_preset_encodes_the_report_schedule():
     assert float(trainer.mtp_lambda(t.mtp_lambda_switch_step, t)) == pytest.approx(0.1)
     assert float(trainer.bias_gamma(t.bias_gamma_stop_step - 1, t)) == pytest.approx(1e-3)
     assert float(trainer.bias_gamma(t.bias_gamma_stop_step, t)) == 0.0
+
+
+OPT_STATE = textwrap.dedent("""
+    import jax
+    from flax import nnx
+    from dsv3_jax import trainer
+    from dsv3_jax.config import load_config
+    from dsv3_jax.sharding import make_mesh
+    cfg = load_config("tiny", ["mesh.data=2", "mesh.expert=4"])
+    state, _, _ = trainer.init_state(cfg, make_mesh(cfg.mesh))
+    mu = state.opt_state[1][0].mu
+    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu)):
+        assert m.sharding.spec == p.sharding.spec, (m.sharding.spec, p.sharding.spec)
+    w = mu["moe_layers"]["mlp"]["w_gate"]
+    assert w.addressable_shards[0].data.shape[1] == cfg.model.n_routed_experts // 4
+    print("OPT_OK")
+""")
+
+
+def test_optimizer_moments_are_created_in_their_parameters_shardings():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", OPT_STATE], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "OPT_OK" in r.stdout, r.stderr[-3000:]
