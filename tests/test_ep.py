@@ -294,3 +294,9 @@ def test_loop_fetches_metrics_only_every_log_every_steps(tmp_path, monkeypatch):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6], rows
     assert np.isfinite(last["loss"]) and last["tokens_per_s"] > 0
     assert (tmp_path / "checkpoints" / "6").is_dir()
+
+
+def test_config_accepts_exactly_the_registry_names():
+    from dsv3_jax.config import _MOE_IMPLS
+
+    assert _MOE_IMPLS == {"auto", *moe.BACKENDS}
