@@ -78,8 +78,6 @@ STEP_SCRIPT = textwrap.dedent(r"""
         ops = re.findall(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
                          r"(?:-start)?\(", hlo)
         assert ops, "no collectives parsed"
-        moved = [t for t, op in ops if op == "all-to-all" and f"f32[1,{rows},{d}]" in t]
-        assert len(moved) >= 4, ("token rows do not move by all-to-all", [t for t, op in ops if op == "all-to-all"])
         batch_dims = {B * SEQ, B // M * SEQ, B * SEQ * k, B // M * SEQ * k}
         for t, op in ops:
             for shp in re.findall(r"\[([0-9,]*)\]", t):
@@ -87,6 +85,8 @@ STEP_SCRIPT = textwrap.dedent(r"""
                 assert not batch_dims & set(dims), f"{op} of {t}: a whole-batch routing/activation tensor"
                 assert dims[:2] not in ([B, SEQ], [B // M, SEQ]), f"{op} of {t}: the whole batch's activations"
                 assert not (op != "all-reduce" and dims[-3:] in ([e, d, f], [e, f, d])), f"{op} of {t}: all experts"
+        moved = [t for t, op in ops if op == "all-to-all" and f"f32[1,{rows},{d}]" in t]
+        assert len(moved) >= 4, ("token rows do not move by all-to-all", [t for t, op in ops if op == "all-to-all"])
         w = state.params["moe_layers"]["mlp"]["w_gate"]
         assert w.sharding.shard_shape(w.shape)[1] == e // ep, w.sharding
         print("EP_HLO_OK", len(moved), "all-to-alls of", rows, "rows")
