@@ -139,7 +139,7 @@ class ImplConfig:
     param_dtype: str = "float32"  # master weights
     precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (precision.policy)
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
-    moe_impl: str = "auto"  # auto | ragged_dot | blocked | dense : grouped-matmul backend (moe.py)
+    moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense : moe.BACKENDS entry
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
     attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
     attention_block_size: int = 512  # queries and keys per block of the blocked backend
@@ -163,7 +163,7 @@ class ImplConfig:
 IMPL_FIELDS = frozenset(f.name for f in dataclasses.fields(ImplConfig))
 PRECISIONS = ("fp32", "bf16", "fp8")
 _REMAT = {"none", "full", "dots"}
-_MOE_IMPLS = {"auto", "ragged_dot", "blocked", "dense"}
+_MOE_IMPLS = {"auto", "ep_ragged", "ep_a2a", "ragged_dot", "blocked", "dense"}  # "auto" + moe.BACKENDS
 _DTYPES = {"float32", "bfloat16", "float16"}
 
 
@@ -174,12 +174,42 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; -1 on one axis takes all remaining devices."""
+    """Mesh axis sizes (-1 on one axis takes all remaining devices) and overrides of the logical -> mesh rules table
+    (sharding.RULES): `rules: {heads: tensor, embed: [fsdp, expert], q_lora: null}`, kept as sorted pairs so the
+    config stays hashable."""
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    rules: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", _rule_pairs(self.rules))
+
+    def validate(self) -> MeshConfig:
+        if self.rules:
+            from dsv3_jax.sharding import rules_for  # noqa: PLC0415  (the logical-axis vocabulary lives there)
+
+            rules_for(self)
+        return self
+
+
+def _rule_pairs(rules) -> tuple:
+    """A `mesh.rules` mapping (or pairs) -> sorted ((logical, mesh axis | tuple of mesh axes | None), ...)."""
+    try:
+        items = dict(rules or {}).items()
+    except (TypeError, ValueError):
+        raise ConfigError(f"mesh.rules must map logical axes to a mesh axis, a list of mesh axes or null, got "
+                          f"{rules!r}") from None
+    out = []
+    for name, value in items:
+        if isinstance(value, (list, tuple)):
+            value = tuple(value)
+        if not (value is None or isinstance(value, str) or all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"mesh.rules.{name} must be a mesh axis, a list of mesh axes or null, got {value!r}")
+        out.append((str(name), value))
+    return tuple(sorted(out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +314,7 @@ class Config:
     def validate(self) -> Config:
         self.model.validate()
         self.impl.validate()
+        self.mesh.validate()
         self.train.validate()
         if self.impl.precision == "fp8":
             for name, k in fp8_contraction_dims(self.model).items():

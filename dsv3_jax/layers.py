@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv3_jax import precision
 from dsv3_jax.config import ModelConfig, yarn_mscale
+from dsv3_jax.sharding import constrain
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None, dtype) -> nnx.Param:
@@ -62,7 +63,9 @@ class Embed(nnx.Module):
         self.dtype = policy.out_dtype
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)  # (B, T, D)
+        # gather the table's D shards first (FSDP): a lookup into a D-sharded table would fetch every token's ids
+        table = constrain(self.weight[...], ("vocab", None))
+        return jnp.take(table, ids_bt, axis=0).astype(self.dtype)  # (B, T, D)
 
 
 class MLP(nnx.Module):

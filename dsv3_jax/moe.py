@@ -1,7 +1,19 @@
-"""DeepSeekMoE: routing as pure functions, the grouped-matmul expert FFN, the bias update rule and load statistics.
+"""DeepSeekMoE: routing as pure functions, the expert-FFN backends (one registry), the bias update rule and load
+statistics.
 
 Legend: N tokens, E routed experts, K experts per token, G groups, D hidden size, F expert hidden size,
-R = N*K routed rows, P padded rows (expert-aligned blocks of `block` rows).
+R = N*K routed rows, P padded rows (expert-aligned blocks of `block` rows), S expert-parallel shards, E_l = E/S
+experts per shard, M = S*R rows a shard can receive.
+
+Backends (`BACKENDS`, one signature): `dense` (every expert on every token, the reference), `ragged_dot` and
+`blocked` (grouped matmuls over rows sorted by expert), and the expert-parallel `ep_ragged` / `ep_a2a`. Under a mesh
+whose batch axes split the batch, the layer runs inside `jax.shard_map`: each device routes its own tokens, and the
+counts and balance-loss sums are psum'd once over the batch axes. Expert-parallel: rows sorted by expert are sent to
+the shard holding the expert, computed there by the local grouped matmul, and sent back; both exchanges follow
+`jax.lax.ragged_all_to_all` semantics with offsets from `exchange_plans`. `ep_ragged` is that collective (TPU/GPU);
+`ep_a2a` reproduces it with a dense `all_to_all` of R rows per peer (XLA:CPU lacks the ragged collective),
+dropless and exact but moving S times the routed rows. All-gathering tokens within the expert group was rejected: on
+an expert-only mesh it gathers the whole batch onto every device.
 
 Routing order (REFERENCE.md): float32 sigmoid scores s; biased scores s + b for selection only; group score is the
 sum of each group's top-2 biased scores; groups outside the best `topk_group` are masked with -inf; top-K experts
@@ -10,14 +22,21 @@ by biased score; gates from the UNBIASED s, normalised when norm_topk_prob, then
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.config import ImplConfig, ModelConfig
+from dsv3_jax.config import ConfigError, ImplConfig, ModelConfig
 from dsv3_jax.layers import MLP, param
 from dsv3_jax.precision import Policy, policy, ragged_dot
 from dsv3_jax.precision import einsum as policy_einsum
+from dsv3_jax.sharding import current_rules, mesh_axes
 
 
 class RouterBias(nnx.Variable):
@@ -63,6 +82,13 @@ def sequence_balance_loss(scores_bte: jax.Array, idx_btk: jax.Array, valid_bt: j
 
     f_i = E / (K T) * (tokens of the sequence choosing i); P_i = mean_t s[t, i] / sum_j s[t, j]; T counts valid
     tokens only."""
+    total, n_seq = sequence_balance_terms(scores_bte, idx_btk, valid_bt, k)
+    return total / jnp.maximum(n_seq, 1.0)
+
+
+def sequence_balance_terms(scores_bte: jax.Array, idx_btk: jax.Array, valid_bt: jax.Array,
+                           k: int) -> tuple[jax.Array, jax.Array]:
+    """(sum over sequences of sum_i f_i P_i, number of sequences with tokens): sums, so shards can psum them."""
     b, t, e = scores_bte.shape
     valid = valid_bt.astype(jnp.float32)
     n_tok = jnp.maximum(valid.sum(-1), 1.0)  # (B,)
@@ -72,7 +98,7 @@ def sequence_balance_loss(scores_bte: jax.Array, idx_btk: jax.Array, valid_bt: j
     p = (s_norm * valid[..., None]).sum(1) / n_tok[:, None]  # (B, E)
     per_seq = (f * p).sum(-1)
     has_tokens = (valid.sum(-1) > 0).astype(jnp.float32)
-    return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+    return (per_seq * has_tokens).sum(), has_tokens.sum()
 
 
 def update_bias(bias_e: jax.Array, counts_e: jax.Array, gamma: float | jax.Array) -> jax.Array:
@@ -86,68 +112,244 @@ def max_violation(counts_e: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Grouped matmul backends: (R, D) rows sorted by expert, group sizes (E,) -> (R, F).
+# Expert-FFN backends: one registry, one signature
+#     backend(x_nd, routing, weights, ctx) -> y_nd = sum_k gate_k * Expert_{idx_k}(x_n)
+# Local backends see every expert; expert-parallel ones run inside `jax.shard_map` (the layer wraps them) and see
+# this device's tokens and its E_l experts.
 
 
-def _blocked_layout(sorted_expert_r: jax.Array, group_sizes_e: jax.Array, block: int, num_blocks: int):
-    """Where each sorted row lands in an expert-aligned padded buffer, and each block's expert."""
-    padded_sizes = (group_sizes_e + block - 1) // block * block
-    padded_start = jnp.cumsum(padded_sizes) - padded_sizes  # (E,)
-    start = jnp.cumsum(group_sizes_e) - group_sizes_e
-    rank = jnp.arange(sorted_expert_r.shape[0]) - start[sorted_expert_r]
-    dest_r = padded_start[sorted_expert_r] + rank
-    block_expert = jnp.repeat(jnp.arange(group_sizes_e.shape[0]), padded_sizes // block,
-                              total_repeat_length=num_blocks)
-    return dest_r, block_expert
+class Routing(NamedTuple):
+    idx_nk: jax.Array  # (N, K) int32 chosen experts
+    gates_nk: jax.Array  # (N, K) float32 gates
 
 
-def grouped_ffn(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                w_down: jax.Array, impl: str, block: int, policy: Policy) -> jax.Array:
-    """sum_k gate_k * Expert_{idx_k}(x) for every token, computing each expert only on its own rows.
-
-    w_gate, w_up: (E, D, F); w_down: (E, F, D). impl: ragged_dot | blocked | dense."""
-    n, d = x_nd.shape
-    k = idx_nk.shape[1]
-    e = w_gate.shape[0]
-    if impl == "dense":  # every expert on every token: a reference, never the training path
-        h = jax.nn.silu(policy_einsum("nd,edf->nef", x_nd, w_gate, policy)) * policy_einsum(
-            "nd,edf->nef", x_nd, w_up, policy)
-        y_ned = policy_einsum("nef,efd->ned", h, w_down, policy)
-        combine = jnp.zeros((n, e), gates_nk.dtype).at[jnp.arange(n)[:, None], idx_nk].add(gates_nk)
-        return jnp.einsum("ned,ne->nd", y_ned, combine.astype(y_ned.dtype))
-
-    flat_expert = idx_nk.reshape(-1)  # (R,)
-    order = jnp.argsort(flat_expert, stable=True)
-    sorted_expert = flat_expert[order]
-    x_rd = x_nd[order // k]
-    group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-
-    if impl == "ragged_dot":
-        h = jax.nn.silu(ragged_dot(x_rd, w_gate, group_sizes, policy)) * ragged_dot(x_rd, w_up, group_sizes, policy)
-        y_rd = ragged_dot(h, w_down, group_sizes, policy)
-    elif impl == "blocked":
-        r = x_rd.shape[0]
-        num_blocks = min(-(-r // block) + e, r)
-        dest, block_expert = _blocked_layout(sorted_expert, group_sizes, block, num_blocks)
-        x_pd = jnp.zeros((num_blocks * block, d), x_rd.dtype).at[dest].set(x_rd, unique_indices=True)
-        x_nbd = x_pd.reshape(num_blocks, block, d)
-        h = jax.nn.silu(policy_einsum("nbd,ndf->nbf", x_nbd, w_gate[block_expert], policy)) * policy_einsum(
-            "nbd,ndf->nbf", x_nbd, w_up[block_expert], policy)
-        y_nbd = policy_einsum("nbf,nfd->nbd", h, w_down[block_expert], policy)
-        y_rd = y_nbd.reshape(num_blocks * block, d)[dest]
-    else:
-        raise ValueError(f"unknown moe_impl {impl!r}")
-
-    inverse = jnp.argsort(order)
-    y_nkd = y_rd[inverse].reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", y_nkd, gates_nk.astype(y_nkd.dtype))
+class ExpertWeights(NamedTuple):
+    w_gate: jax.Array  # (E, D, F)
+    w_up: jax.Array  # (E, D, F)
+    w_down: jax.Array  # (E, F, D)
 
 
-def resolve_impl(impl: str) -> str:
-    """`auto` picks ragged_dot where it is a native grouped matmul (GPU/TPU) and the blocked form elsewhere."""
-    if impl != "auto":
-        return impl
-    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "blocked"
+@dataclasses.dataclass(frozen=True)
+class MoeContext:
+    """What a backend needs besides data: the precision policy, the blocked form's block size, and for the
+    expert-parallel backends the local grouped matmul and the mesh axes (experts split over `expert_axes`, the
+    expert hidden width F over `ffn_axes`, whose partial outputs are psum'd)."""
+
+    policy: Policy = Policy()
+    block: int = 32
+    local: str = "blocked"
+    expert_axes: tuple[str, ...] = ()
+    ffn_axes: tuple[str, ...] = ()
+
+
+def combine(y_nkd: jax.Array, gates_nk: jax.Array, pol: Policy) -> jax.Array:
+    """sum_k g_k y_k in float32 at HIGHEST precision (gates are float32 router outputs), in the policy's dtype."""
+    y = jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), gates_nk.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.astype(pol.out_dtype)
+
+
+# Grouped matmuls: rows sorted by expert, group sizes (E,) -> (R, D). Rows past sum(group sizes) belong to no
+# expert and come back as zeros (the padding of the expert-parallel receive buffer).
+
+
+def _ffn_ragged(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    pol = ctx.policy
+    h = jax.nn.silu(ragged_dot(x_rd, w.w_gate, sizes_e, pol)) * ragged_dot(x_rd, w.w_up, sizes_e, pol)
+    return ragged_dot(h, w.w_down, sizes_e, pol)
+
+
+def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """Rows scattered into expert-aligned blocks of `block` rows, one batched matmul per weight (portable)."""
+    (r, d), e, block, pol = x_rd.shape, sizes_e.shape[0], ctx.block, ctx.policy
+    num_blocks = min(-(-r // block) + e, r)
+    ends = jnp.cumsum(sizes_e)
+    row = jnp.arange(r)
+    expert_r = jnp.searchsorted(ends, row, side="right")  # (R,) E for rows past the last group
+    padded = (sizes_e + block - 1) // block * block
+    padded_start = jnp.cumsum(padded) - padded
+    e_r = jnp.minimum(expert_r, e - 1)
+    # rows of no expert go to distinct out-of-range slots and are dropped
+    dest_r = jnp.where(expert_r < e, padded_start[e_r] + row - (ends - sizes_e)[e_r], num_blocks * block + row)
+    block_expert = jnp.repeat(jnp.arange(e), padded // block, total_repeat_length=num_blocks)
+    x_pd = jnp.zeros((num_blocks * block, d), x_rd.dtype).at[dest_r].set(x_rd, mode="drop", unique_indices=True)
+    x_nbd = x_pd.reshape(num_blocks, block, d)
+    h = jax.nn.silu(policy_einsum("nbd,ndf->nbf", x_nbd, w.w_gate[block_expert], pol)) * policy_einsum(
+        "nbd,ndf->nbf", x_nbd, w.w_up[block_expert], pol)
+    y_pd = policy_einsum("nbf,nfd->nbd", h, w.w_down[block_expert], pol).reshape(num_blocks * block, d)
+    return y_pd.at[dest_r].get(mode="fill", fill_value=0)
+
+
+LOCAL_FFN = {"ragged_dot": _ffn_ragged, "blocked": _ffn_blocked}
+
+
+def _sort_rows(idx_nk: jax.Array, num_experts: int):
+    """Routed rows r = n*K + k sorted by expert: (order (R,), sorted experts (R,), group sizes (E,))."""
+    flat = idx_nk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, flat[order], jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def _unsort_combine(y_rd: jax.Array, order: jax.Array, routing: Routing, pol: Policy) -> jax.Array:
+    n, k = routing.idx_nk.shape
+    y_nkd = y_rd[jnp.argsort(order)].reshape(n, k, -1)
+    return combine(y_nkd, routing.gates_nk, pol)
+
+
+def _local_backend(ffn):
+    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+        k = routing.idx_nk.shape[1]
+        order, _, sizes = _sort_rows(routing.idx_nk, w.w_gate.shape[0])
+        return _unsort_combine(ffn(x_nd[order // k], sizes, w, ctx), order, routing, ctx.policy)
+
+    return backend
+
+
+def _dense_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """Every expert on every token: a reference, never the training path."""
+    pol, e = ctx.policy, w.w_gate.shape[0]
+    h = jax.nn.silu(policy_einsum("nd,edf->nef", x_nd, w.w_gate, pol)) * policy_einsum("nd,edf->nef", x_nd,
+                                                                                      w.w_up, pol)
+    y_ned = policy_einsum("nef,efd->ned", h, w.w_down, pol)
+    sel_nke = jax.nn.one_hot(routing.idx_nk, e, dtype=jnp.float32)
+    y_nkd = jnp.einsum("ned,nke->nkd", y_ned.astype(jnp.float32), sel_nke, precision=jax.lax.Precision.HIGHEST)
+    return combine(y_nkd, routing.gates_nk, pol)
+
+
+# Expert parallelism. Inside shard_map each device sorts its own routed rows by expert (hence by destination
+# shard), sends chunk j to shard j, runs its E_l experts on what it received and sends the results back to where
+# they came from. Both exchanges have the semantics of `jax.lax.ragged_all_to_all` and take the same offsets from
+# `exchange_plans`; `ragged_exchange` is that collective (TPU/GPU), `all_to_all_exchange` reproduces it with a
+# dense all_to_all of fixed capacity (runs everywhere, including XLA:CPU, which lacks the ragged collective).
+
+
+class ExchangePlan(NamedTuple):
+    input_offsets: jax.Array  # (S,) where chunk j starts in the operand
+    send_sizes: jax.Array  # (S,) rows of chunk j
+    output_offsets: jax.Array  # (S,) where chunk j lands in device j's output
+    recv_sizes: jax.Array  # (S,) rows received from device s
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def exchange_plans(sizes_sj: jax.Array, me: jax.Array) -> tuple[ExchangePlan, ExchangePlan]:
+    """Offsets of the dispatch and the return exchange for device `me`, from sizes_sj[s, j] = rows device s sends
+    to device j (every device's send sizes). Received rows are packed in sender order from row 0."""
+    send, recv = sizes_sj[me], sizes_sj[:, me]
+    forward = ExchangePlan(_exclusive_cumsum(send), send, _exclusive_cumsum(sizes_sj, 0)[me], recv)
+    back = ExchangePlan(_exclusive_cumsum(recv), recv, _exclusive_cumsum(sizes_sj, 1)[:, me], send)
+    return forward, back
+
+
+def ragged_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ...], capacity: int):
+    """The plan as one `jax.lax.ragged_all_to_all` (moves only the routed rows)."""
+    del capacity
+    return jax.lax.ragged_all_to_all(operand, output, plan.input_offsets, plan.send_sizes, plan.output_offsets,
+                                     plan.recv_sizes, axis_name=axes)
+
+
+def all_to_all_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ...], capacity: int):
+    """`ragged_exchange`'s result from a dense `jax.lax.all_to_all` of `capacity` rows per peer: each chunk is
+    padded to capacity, exchanged, and written at the offset its sender chose. Exact for chunks <= capacity."""
+    s, c = plan.send_sizes.shape[0], jnp.arange(capacity)
+    tail = (1,) * (operand.ndim - 1)
+    rows = plan.input_offsets[:, None] + c  # (S, C)
+    keep = (c < plan.send_sizes[:, None]).reshape(s, capacity, *tail)
+    buf = jnp.where(keep, operand.at[rows].get(mode="fill", fill_value=0), 0)  # (S, C, ...)
+    recv = jax.lax.all_to_all(buf, axes, 0, 0, tiled=True)  # recv[s]: what device s sent here
+    at = jax.lax.all_to_all(plan.output_offsets, axes, 0, 0, tiled=True)  # (S,) where device s writes here
+    dest = jnp.where(c < plan.recv_sizes[:, None], at[:, None] + c, output.shape[0] + jnp.arange(s * capacity)
+                     .reshape(s, capacity))
+    return output.at[dest.reshape(-1)].set(recv.reshape(s * capacity, *operand.shape[1:]), mode="drop",
+                                           unique_indices=True)
+
+
+def _expert_parallel_backend(exchange):
+    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+        axes, (n, k), d = ctx.expert_axes, routing.idx_nk.shape, x_nd.shape[1]
+        s, e_l = jax.lax.axis_size(axes), w.w_gate.shape[0]
+        r = n * k
+        order, sorted_e, sizes_e = _sort_rows(routing.idx_nk, s * e_l)
+        send_j = sizes_e.reshape(s, e_l).sum(1)
+        forward, back = exchange_plans(jax.lax.all_gather(send_j, axes), jax.lax.axis_index(axes))
+        # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows
+        x_md = exchange(x_nd[order // k], jnp.zeros((s * r, d), x_nd.dtype), forward, axes, r)
+        local_m = exchange(sorted_e % e_l, jnp.full((s * r,), e_l, jnp.int32), forward, axes, r)
+        order_m = jnp.argsort(local_m, stable=True)
+        sizes_l = jnp.bincount(local_m, length=e_l + 1)[:e_l].astype(jnp.int32)
+        y_md = LOCAL_FFN[ctx.local](x_md[order_m], sizes_l, w, ctx)[jnp.argsort(order_m)]
+        y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, r)
+        return _unsort_combine(y_rd, order, routing, ctx.policy)
+
+    return backend
+
+
+class Backend(NamedTuple):
+    fn: Callable  # (x_nd, Routing, ExpertWeights, MoeContext) -> y_nd
+    expert_parallel: bool  # runs inside shard_map on this device's tokens and experts
+
+
+BACKENDS: dict[str, Backend] = {
+    "dense": Backend(_dense_backend, False),
+    "ragged_dot": Backend(_local_backend(_ffn_ragged), False),
+    "blocked": Backend(_local_backend(_ffn_blocked), False),
+    "ep_a2a": Backend(_expert_parallel_backend(all_to_all_exchange), True),
+    "ep_ragged": Backend(_expert_parallel_backend(ragged_exchange), True),
+}
+
+
+def grouped_ffn(x_nd, idx_nk, gates_nk, w_gate, w_up, w_down, impl: str, block: int, pol: Policy) -> jax.Array:
+    """A local backend called with plain arrays (benchmarks, tests)."""
+    return BACKENDS[impl].fn(x_nd, Routing(idx_nk, gates_nk), ExpertWeights(w_gate, w_up, w_down),
+                             MoeContext(pol, block))
+
+
+def local_impl(platform: str) -> str:
+    """The grouped matmul for this platform: ragged_dot is native only on TPU (GPU pads it to a dense matmul)."""
+    return "ragged_dot" if platform == "tpu" else "blocked"
+
+
+def _size(mesh, axes: tuple[str, ...]) -> int:
+    out = 1
+    for a in axes:
+        out *= mesh.shape[a]
+    return out
+
+
+def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int, block: int, pol: Policy,
+           platform: str) -> tuple[str, MoeContext, bool]:
+    """(backend name, context, whether to run inside shard_map) for `impl.moe_impl` on this mesh.
+
+    `auto` is expert-parallel whenever the experts are split (ragged all-to-all on TPU/GPU, the dense exchange
+    elsewhere), else the platform's local grouped matmul, and whenever the batch splits over the mesh it runs
+    inside shard_map, so each device routes and sorts only its own tokens. A local backend named explicitly runs
+    over the global batch and lets GSPMD partition it (the baseline, which gathers the whole batch's routing onto
+    every device); so does everything when the batch does not split (decoding one sequence)."""
+    local = local_impl(platform)
+    ctx = MoeContext(pol, block, local)
+    if mesh.empty:
+        return (local if impl == "auto" else impl), ctx, False
+    ep_axes, batch_axes = mesh_axes("experts", rules), mesh_axes("batch", rules)
+    ep = _size(mesh, ep_axes)
+    auto = impl == "auto"
+    if auto:
+        impl = ("ep_ragged" if platform in ("gpu", "tpu", "cuda", "rocm") else "ep_a2a") if ep > 1 else local
+    if batch % _size(mesh, batch_axes) or not (auto or BACKENDS[impl].expert_parallel):
+        return (local if BACKENDS[impl].expert_parallel else impl), ctx, False
+    ffn_axes = tuple(a for a in mesh_axes("expert_mlp", rules)
+                     if a not in batch_axes and a not in ep_axes and mesh.shape[a] > 1)
+    ctx = dataclasses.replace(ctx, ffn_axes=ffn_axes if ffn % _size(mesh, ffn_axes) == 0 else ())
+    if not BACKENDS[impl].expert_parallel:
+        return impl, ctx, True
+    if num_experts % ep:
+        raise ConfigError(f"model.n_routed_experts ({num_experts}) is not divisible by the expert-parallel size "
+                          f"{ep} (mesh {'*'.join(ep_axes)})")
+    if not set(ep_axes) <= set(batch_axes):
+        raise ConfigError(f"impl.moe_impl={impl} needs the expert mesh axes {ep_axes} among the batch axes "
+                          f"{batch_axes} (mesh.rules)")
+    return impl, dataclasses.replace(ctx, expert_axes=ep_axes), True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,20 +372,42 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, f * cfg.n_shared_experts, self.policy, rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
-        """Returns the layer output and aux {expert_counts (E,), balance_loss ()} over valid tokens."""
+        """Returns the layer output and aux {expert_counts (E,), balance_loss ()} over valid tokens, both over
+        the whole global batch (psum'd once across the shards under expert parallelism)."""
         cfg = self.cfg
-        b, t, d = x_btd.shape
-        x_nd = x_btd.reshape(b * t, d)
-        scores = router_scores(x_nd, self.router[...])  # (N, E) float32
-        idx, gates = select_experts(scores, self.bias[...], cfg)
-        y = grouped_ffn(x_nd, idx, gates, self.w_gate[...], self.w_up[...], self.w_down[...],
-                        resolve_impl(self.impl.moe_impl), self.impl.moe_block_size, self.policy)
-        y_btd = y.reshape(b, t, d).astype(x_btd.dtype)
+        mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
+        name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
+                           cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy, jax.default_backend())
+        weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
+        routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
+        args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)
+        if sharded:
+            bat, e, f = mesh_axes("batch", rules), ctx.expert_axes or None, ctx.ffn_axes or None
+            w_in, w_out = P(e, None, f), P(e, f, None)
+            routed = jax.shard_map(functools.partial(routed, reduce_axes=bat), mesh=mesh,
+                                   in_specs=(P(bat), P(bat), P(), P(), ExpertWeights(w_in, w_in, w_out)),
+                                   out_specs=(P(bat), P(), P()))
+        y_btd, counts, balance = routed(*args)
+        y_btd = y_btd.astype(x_btd.dtype)
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)
-        aux = {
-            "expert_counts": expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts),
-            "balance_loss": sequence_balance_loss(scores.reshape(b, t, -1), idx.reshape(b, t, -1), valid_bt,
-                                                  cfg.num_experts_per_tok),
-        }
-        return y_btd, aux
+        return y_btd, {"expert_counts": counts, "balance_loss": balance}
+
+
+def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: ModelConfig, backend, ctx,
+            reduce_axes: tuple[str, ...] = ()):
+    """Route these tokens, run the backend, count: (y (B, T, D), expert counts (E,), balance loss ()). Inside
+    shard_map the counts and the balance-loss sums are psum'd over the batch axes: global, counted once."""
+    b, t, d = x_btd.shape
+    x_nd = x_btd.reshape(b * t, d)
+    scores = router_scores(x_nd, router_de)  # (N, E) float32
+    idx, gates = select_experts(scores, bias_e, cfg)
+    y_nd = backend(x_nd, Routing(idx, gates), weights, ctx)
+    if ctx.ffn_axes:  # each device computed its slice of every expert's hidden width: partial sums
+        y_nd = jax.lax.psum(y_nd, ctx.ffn_axes)
+    counts = expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts)
+    bal_sum, n_seq = sequence_balance_terms(scores.reshape(b, t, -1), idx.reshape(b, t, -1), valid_bt,
+                                            cfg.num_experts_per_tok)
+    if reduce_axes:
+        counts, bal_sum, n_seq = jax.lax.psum((counts, bal_sum, n_seq), reduce_axes)
+    return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0)

@@ -16,10 +16,22 @@ Logical axes used by activations:
   batch, seq, act_embed, act_heads, act_mlp, act_vocab
 Mesh axes: data (pure data parallel), fsdp (data parallel with sharded parameters), expert (expert parallel;
 also carries batch outside the MoE layers), tensor (tensor parallel over heads / FFN width / vocab).
+
+Every large weight is sharded over the data-parallel axes that hold a parameter shard (fsdp and expert) as well as
+its model axis: `embed` (and the low-rank `q_lora` / `kv_lora`) map to ("fsdp", "expert"), and a mesh axis that an
+earlier dimension of the same weight already uses is dropped (routed experts are (expert, fsdp, tensor)), so
+parameters take about 1/N of their bytes per device at any mesh shape. A dimension that a mesh axis does not
+divide keeps the longest prefix of its axes that does.
+
+`mesh.rules` in the config overrides entries of the table (a preset changes its strategy without a code edit);
+`use_rules` makes a table current for `constrain`, `state_shardings` and the MoE layer, as `jax.set_mesh` does
+for the mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -39,9 +51,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_mlp": "tensor",
     "act_vocab": "tensor",
     "vocab": "tensor",
-    "embed": "fsdp",
-    "q_lora": None,
-    "kv_lora": None,
+    "embed": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert"),
+    "kv_lora": ("fsdp", "expert"),
     "heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
@@ -52,9 +64,55 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def logical_spec(axes: tuple[str | None, ...], rules: dict = RULES) -> PartitionSpec:
-    """PartitionSpec for a tuple of logical axis names (None stays replicated)."""
-    return PartitionSpec(*(rules[a] if a is not None else None for a in axes))
+_ACTIVE_RULES: contextvars.ContextVar[dict] = contextvars.ContextVar("dsv3_rules", default=RULES)
+
+
+def current_rules() -> dict:
+    """The rules table made current by `use_rules` (the default table otherwise)."""
+    return _ACTIVE_RULES.get()
+
+
+@contextlib.contextmanager
+def use_rules(rules: dict):
+    """Make `rules` the table that constrain / state_shardings / the MoE layer read, for the enclosed code."""
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def rules_for(cfg: MeshConfig) -> dict:
+    """The default table with `mesh.rules` overrides applied; unknown logical or mesh axes are ConfigErrors."""
+    rules = dict(RULES)
+    for name, value in cfg.rules:
+        if name not in RULES:
+            raise ConfigError(f"mesh.rules: unknown logical axis {name!r}; known: {', '.join(RULES)}")
+        axes = (value,) if isinstance(value, str) else tuple(value or ())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes: {', '.join(MESH_AXES)}")
+        rules[name] = axes[0] if len(axes) == 1 else (axes or None)
+    return rules
+
+
+def mesh_axes(logical: str, rules: dict | None = None) -> tuple[str, ...]:
+    """The mesh axes a logical axis maps to, as a tuple (empty when replicated)."""
+    value = (rules or current_rules())[logical]
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def logical_spec(axes: tuple[str | None, ...], rules: dict | None = None) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical axis names (None stays replicated). A mesh axis already used by an
+    earlier dimension is dropped from later ones (a spec may name each mesh axis once)."""
+    rules = rules or current_rules()
+    used: set[str] = set()
+    out = []
+    for a in axes:
+        names = tuple(n for n in (mesh_axes(a, rules) if a is not None else ()) if n not in used)
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else (names or None))
+    return PartitionSpec(*out)
 
 
 def param_axes(variable) -> tuple[str | None, ...]:
@@ -65,15 +123,18 @@ def param_axes(variable) -> tuple[str | None, ...]:
 
 
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Replicate the dims whose size the mapped mesh axes do not divide (e.g. 3 heads on tensor=2)."""
+    """Keep, per dim, the longest prefix of its mesh axes whose product divides the size (3 heads on tensor=2 are
+    replicated; 576 rows on fsdp=32 x expert=8 keep fsdp)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else (axes or ())
-        out.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        while names and dim % math.prod(mesh.shape[a] for a in names):
+            names = names[:-1]
+        out.append(names[0] if len(names) == 1 else (names or None))
     return PartitionSpec(*out)
 
 
-def state_shardings(state, mesh: Mesh, rules: dict = RULES):
+def state_shardings(state, mesh: Mesh, rules: dict | None = None):
     """NamedShardings for every variable of an nnx State (abstract or concrete), from its logical axes."""
     import flax.nnx as nnx  # noqa: PLC0415
 
@@ -92,6 +153,11 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, fit_spec(logical_spec(axes), x.shape, mesh))
+
+
+def expert_axis_size(mesh, rules: dict | None = None) -> int:
+    """How many ways the routed experts are split: the product of the mesh axes `experts` maps to."""
+    return math.prod(mesh.shape[a] for a in mesh_axes("experts", rules))
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:

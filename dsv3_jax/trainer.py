@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax import checkpoint, losses, metrics
 from dsv3_jax.config import Config, ConfigError, TrainConfig
 from dsv3_jax.moe import max_violation, update_bias
-from dsv3_jax.sharding import RULES, constrain, logical_spec, make_mesh
+from dsv3_jax.sharding import constrain, expert_axis_size, logical_spec, make_mesh, mesh_axes, rules_for, use_rules
 from dsv3_jax.state import (  # noqa: F401  (re-exported: the trainer's API)
     TrainState,
     abstract_state,
@@ -37,6 +37,7 @@ from dsv3_jax.state import (  # noqa: F401  (re-exported: the trainer's API)
     learning_rate,
     make_optimizer,
     opt_state_shardings,
+    sharded_abstract_state,
     split_abstract,
 )
 
@@ -153,7 +154,7 @@ def eval_step(params: dict, bias: dict, batch: dict, graphdef) -> tuple[jax.Arra
 
 def data_parallel_size(mesh) -> int:
     """How many ways the batch is split: the product of the mesh axes the `batch` rule maps to."""
-    return math.prod(mesh.shape[a] for a in RULES["batch"])
+    return math.prod(mesh.shape[a] for a in mesh_axes("batch"))
 
 
 def check_run(cfg: Config, mesh) -> None:
@@ -165,12 +166,16 @@ def check_run(cfg: Config, mesh) -> None:
     dp = data_parallel_size(mesh)
     if b % dp:
         raise ConfigError(f"train.global_batch_size ({b}) is not divisible by the data-parallel size {dp} "
-                          f"(mesh {'*'.join(RULES['batch'])} = {dict(mesh.shape)})")
+                          f"(mesh {'*'.join(mesh_axes('batch'))} = {dict(mesh.shape)})")
     if (b // t.micro_batches) % dp:
         raise ConfigError(f"the micro-batch size ({b} / train.micro_batches {t.micro_batches}) is not divisible "
                           f"by the data-parallel size {dp}")
     if b % jax.process_count():
         raise ConfigError(f"train.global_batch_size ({b}) is not divisible by the {jax.process_count()} processes")
+    ep = expert_axis_size(mesh)
+    if cfg.model.n_routed_experts % ep:
+        raise ConfigError(f"model.n_routed_experts ({cfg.model.n_routed_experts}) is not divisible by the expert "
+                          f"axis size {ep} (mesh {'*'.join(mesh_axes('experts'))} = {dict(mesh.shape)})")
 
 
 def check_run_dir(cfg: Config) -> None:
@@ -245,7 +250,13 @@ def generate_sample(cfg: Config, graphdef, state: TrainState) -> str:
 
 
 def train(cfg: Config) -> dict:
-    """Train `cfg` (resuming from the newest checkpoint in train.run_dir); returns the final metrics."""
+    """Train `cfg` (resuming from the newest checkpoint in train.run_dir); returns the final metrics. The sharding
+    rules (defaults with `mesh.rules` overrides) are current for the whole run."""
+    with use_rules(rules_for(cfg.mesh)):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     from dsv3_jax import data
 
     tcfg, b = cfg.train, cfg.train.global_batch_size
@@ -258,23 +269,26 @@ def train(cfg: Config) -> dict:
     bytes_per_token = data.split_info(cfg.data, "eval").bytes_per_token if tcfg.eval_every else math.nan
     check_run_dir(cfg)
 
-    state, graphdef, tx = init_state(cfg, mesh)
-    batch_sharding = NamedSharding(mesh, logical_spec(("batch",)))
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
-                      donate_argnums=() if jax.default_backend() == "cpu" else (0,))
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
-
+    # A resume restores straight into the sharded abstract state: nothing is initialised first.
+    abstract, graphdef, tx = sharded_abstract_state(cfg, mesh)
     run_dir = pathlib.Path(tcfg.run_dir)
     ckpt = checkpoint.Checkpointer(run_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints, tcfg.async_checkpoint)
-    shardings = jax.tree.map(lambda x: x.sharding, state._asdict())
-    restored = ckpt.restore_latest(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                state._asdict(), shardings))
+    restored = ckpt.restore_latest(abstract._asdict())
     if restored is not None:
         start, saved, data_state = restored
         state = TrainState(**saved)
         train_it.set_state(data_state)
         if lead:
             print(f"resumed from {ckpt.dir / str(start)}", file=sys.stderr)
+    else:
+        state, _, _ = init_state(cfg, mesh)
+    batch_sharding = NamedSharding(mesh, logical_spec(("batch",)))
+    # the new state keeps the state's shardings (left to propagation, optimizer moments came back replicated)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                      out_shardings=(jax.tree.map(lambda x: x.sharding, abstract),
+                                     NamedSharding(mesh, PartitionSpec())),
+                      donate_argnums=() if jax.default_backend() == "cpu" else (0,))
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
     start = int(state.step)
     writer = metrics.Writer(run_dir, tcfg.tensorboard)
     writer.truncate_after(start)
@@ -291,24 +305,25 @@ def train(cfg: Config) -> dict:
     progress = metrics.Progress(tcfg.steps, tcfg.progress)
     last: dict = {}
     t_begin = time.perf_counter()
-    window = [0, 0.0]  # steps and seconds since the last log line, the compiling first step excluded
-    overall = [0, 0.0]
+    # Metrics come to the host only every log_every steps, so the host dispatches steps ahead of the device. The
+    # rate clock starts once the first (compiling) step has finished.
+    t_window, window_steps, overall = t_begin, 0, [0, 0.0]
     with jax.set_mesh(mesh), _StopSignal() as stop:
         for step in range(start + 1, tcfg.steps + 1):
-            t0 = time.perf_counter()
             batch = to_global(next(train_it), batch_sharding, b)
             state, m = step_fn(state, batch)
-            values = metrics.scalars(jax.device_get(m))
-            if step > start + 1:
-                dt = time.perf_counter() - t0
-                window, overall = [window[0] + 1, window[1] + dt], [overall[0] + 1, overall[1] + dt]
-            rate = window[0] * tokens_per_step / window[1] if window[0] else math.nan
-            mean_step_s = overall[1] / overall[0] if overall[0] else math.nan
-            progress.update(step, values["loss"], values["mtp_loss"], tokens_per_step / mean_step_s,
-                            (tcfg.steps - step) * mean_step_s)
+            if step == start + 1:
+                jax.block_until_ready(m)
+                t_window = time.perf_counter()
+            else:
+                window_steps += 1
             if step % tcfg.log_every == 0 or step == tcfg.steps:
+                values = metrics.scalars(jax.device_get(m))  # waits for this step: the one sync per window
                 now = time.perf_counter()
-                window = [0, 0.0]
+                rate = window_steps * tokens_per_step / (now - t_window) if window_steps else math.nan
+                overall = [overall[0] + window_steps, overall[1] + now - t_window]
+                t_window, window_steps = now, 0
+                mean_step_s = overall[1] / overall[0] if overall[0] else math.nan
                 values["tokens_per_s"] = rate
                 values["mfu"] = rate * flops_per_step / tokens_per_step / peak
                 values["elapsed_s"] = now - t_begin
@@ -320,6 +335,8 @@ def train(cfg: Config) -> dict:
                           f" | {rate:,.0f} tok/s | mfu {100 * values['mfu']:.2f}% | maxvio "
                           f"{values['maxvio_mean']:.3f} | dead {int(values['dead_experts'])} | ETA "
                           f"{metrics.format_duration((tcfg.steps - step) * mean_step_s)}", flush=True)
+                progress.update(step, values["loss"], values["mtp_loss"], tokens_per_step / mean_step_s,
+                                (tcfg.steps - step) * mean_step_s)
                 last = values
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                 loss = evaluate(cfg, eval_fn, state, batch_sharding)

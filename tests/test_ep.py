@@ -1,0 +1,302 @@
+"""Expert parallelism: the backend registry against a naive loop, the exchange offsets against a simulation of
+ragged_all_to_all, the platform/mesh choice, and on 8 CPU devices (subprocesses: the device count is fixed at JAX
+start-up) the sharded train step against the single-device one, the collectives of the compiled step, and the
+ragged_all_to_all path cross-lowered for TPU."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from dsv3_jax import moe, trainer
+from dsv3_jax.config import ConfigError, load_config
+from dsv3_jax.precision import Policy
+from dsv3_jax.sharding import MESH_AXES, RULES
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+# The train step on a mesh vs on one device. The optimizer is replaced by one that stores the gradients as its
+# state, so the (micro-batch accumulated) gradients come out of the real train_step. With --hlo: the collectives of
+# the compiled step instead.
+STEP_SCRIPT = textwrap.dedent(r"""
+    import re, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from dsv3_jax import trainer
+    from dsv3_jax.config import MeshConfig, load_config
+    from dsv3_jax.sharding import make_mesh
+    SEQ, B, M = 16, 16, 2
+    cfg = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={B}", f"train.micro_batches={M}",
+                               "train.bias_gamma=0.01", "train.balance_alpha=0.01"])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, cfg.model.vocab_size, size=(B, SEQ + 1)).astype(np.int32)
+    seg = np.ones((B, SEQ + 1), np.int32); seg[:, 9:] = 2; seg[-1, -3:] = 0
+    pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (B, 1)); pos[:, 9:] -= 9
+    batch = {"tokens": tokens, "segment_ids": seg, "positions": pos}
+    keep_grads = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                              lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+    def compile_step(mesh):
+        state, graphdef, _ = trainer.init_state(cfg, mesh)
+        state = state._replace(opt_state=keep_grads.init(state.params))
+
+        def f(state, batch):
+            new, metrics = trainer.train_step(state, batch, graphdef, keep_grads, cfg)
+            out = trainer.forward(graphdef, state.params, state.bias, batch)
+            return dict(metrics=metrics, grads=new.opt_state, bias=new.bias, logits=out.logits,
+                        mtp_logits=out.mtp_logits, counts=out.aux["expert_counts"],
+                        mtp_counts=out.aux["mtp_expert_counts"])
+
+        with jax.set_mesh(mesh):
+            return jax.jit(f).lower(state, batch).compile(), state
+
+    shape = {k: int(v) for k, v in (kv.split("=") for kv in sys.argv[1].split(","))}
+    mesh = make_mesh(MeshConfig(**{"data": 1, **shape}))
+    step, state = compile_step(mesh)
+    if "--hlo" not in sys.argv:
+        ref_step, ref_state = compile_step(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+        ref, got = jax.device_get(ref_step(ref_state, batch)), jax.device_get(step(state, batch))
+        for (path, r), g in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5,
+                                       err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(got["counts"], ref["counts"])
+        assert got["counts"].sum() == (seg[:, :-1] != 0).sum() * cfg.model.num_experts_per_tok * 2
+        print("EP_STEP_OK")
+    else:
+        hlo = step.as_text()
+        k, d, e, f = (cfg.model.num_experts_per_tok, cfg.model.hidden_size, cfg.model.n_routed_experts,
+                      cfg.model.moe_intermediate_size)
+        dp, ep = 8, mesh.shape["expert"]
+        rows = B // M // dp * SEQ * k  # routed rows one device sends per micro-batch
+        ops = re.findall(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+                         r"(?:-start)?\(", hlo)
+        assert ops, "no collectives parsed"
+        batch_dims = {B * SEQ, B // M * SEQ, B * SEQ * k, B // M * SEQ * k}
+        for t, op in ops:
+            for shp in re.findall(r"\[([0-9,]*)\]", t):
+                dims = [int(x) for x in shp.split(",") if x]
+                assert not batch_dims & set(dims), f"{op} of {t}: a whole-batch routing/activation tensor"
+                assert dims[:2] not in ([B, SEQ], [B // M, SEQ]), f"{op} of {t}: the whole batch's activations"
+                assert not (op != "all-reduce" and dims[-3:] in ([e, d, f], [e, f, d])), f"{op} of {t}: all experts"
+        moved = [t for t, op in ops if op == "all-to-all" and f"f32[1,{rows},{d}]" in t]
+        assert len(moved) >= 4, ("token rows do not move by all-to-all", [t for t, op in ops if op == "all-to-all"])
+        w = state.params["moe_layers"]["mlp"]["w_gate"]
+        assert w.sharding.shard_shape(w.shape)[1] == e // ep, w.sharding
+        print("EP_HLO_OK", len(moved), "all-to-alls of", rows, "rows")
+""")
+
+# The dense exchange against ragged_all_to_all's semantics on 4 devices (arrays saved for the parent), and the
+# ragged backend (forward and gradient) exported for TPU and CUDA.
+EXCHANGE_SCRIPT = textwrap.dedent("""
+    import functools, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from dsv3_jax import moe
+    from dsv3_jax.precision import Policy
+    S, R, D = 4, 6, 3
+    mesh = Mesh(np.array(jax.devices()[:S]), ("expert",))
+    rng = np.random.default_rng(0)
+    sizes = np.stack([rng.multinomial(int(rng.integers(0, R + 1)), [1 / S] * S) for _ in range(S)]).astype(np.int32)
+    operand = rng.normal(size=(S * R, D)).astype(np.float32)
+
+    def both_ways(op, sizes):
+        fwd, back = moe.exchange_plans(sizes, jax.lax.axis_index("expert"))
+        there = moe.all_to_all_exchange(op, jnp.full((S * R, D), -1.0), fwd, ("expert",), R)
+        return there, moe.all_to_all_exchange(there, jnp.full((R, D), -1.0), back, ("expert",), R)
+
+    there, back = jax.jit(jax.shard_map(both_ways, mesh=mesh, in_specs=(P("expert"), P()), out_specs=P("expert"),
+                                        check_vma=False))(operand, sizes)
+    np.savez(sys.argv[1], sizes=sizes, operand=operand, there=there, back=back)
+    print("EXCHANGE_OK")
+
+    N, K, E, F = 8, 2, 8, 5
+    ctx = moe.MoeContext(Policy(), 4, "ragged_dot", ("expert",))
+    w_spec = moe.ExpertWeights(P("expert"), P("expert"), P("expert"))
+
+    def loss(x, idx, gates, w):
+        y = moe.BACKENDS["ep_ragged"].fn(x, moe.Routing(idx, gates), w, ctx)
+        return jax.lax.psum((y * y).sum(), "expert")
+
+    f = jax.shard_map(jax.value_and_grad(loss, argnums=(0, 3)), mesh=mesh,
+                      in_specs=(P("expert"), P("expert"), P("expert"), w_spec),
+                      out_specs=(P(), (P("expert"), w_spec)), check_vma=False)
+    args = (jax.ShapeDtypeStruct((S * N, D), jnp.float32), jax.ShapeDtypeStruct((S * N, K), jnp.int32),
+            jax.ShapeDtypeStruct((S * N, K), jnp.float32),
+            moe.ExpertWeights(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, D, F), (E, D, F), (E, F, D)])))
+    for platform in ("tpu", "cuda"):
+        exp = jax.export.export(jax.jit(f), platforms=[platform], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(*args)
+        text = exp.mlir_module()
+        n = text.count("ragged_all_to_all")
+        assert n >= 4, (platform, n)  # dispatch rows + ids, return rows, and the transposes in the gradient
+        print("EXPORT_OK", platform, n)
+""")
+
+
+def _run(script: str, *args: str, timeout: int = 1500) -> str:
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
+                       timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r.stdout
+
+
+def _naive(x, idx, gates, wg, wu, wd):
+    x, idx, gates = np.asarray(x, np.float64), np.asarray(idx), np.asarray(gates, np.float64)
+    wg, wu, wd = (np.asarray(w, np.float64) for w in (wg, wu, wd))
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            h = x[n] @ wg[idx[n, j]]
+            out[n] += gates[n, j] * ((h / (1 + np.exp(-h)) * (x[n] @ wu[idx[n, j]])) @ wd[idx[n, j]])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(moe.BACKENDS))
+def test_every_backend_matches_a_naive_loop(name):
+    """Each registry entry on one device (expert-parallel ones inside shard_map over a 1-device mesh)."""
+    if name == "ep_ragged" and jax.default_backend() == "cpu":
+        pytest.skip("XLA:CPU has no ragged-all-to-all; test_ragged_path_cross_lowers_for_tpu compiles it")
+    n, d, f, e, k = 24, 12, 10, 6, 2
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (n, d))
+    rng = np.random.default_rng(0)
+    idx = jnp.asarray(np.stack([rng.choice([0, 1, 2, 3, 5], k, replace=False) for _ in range(n)]), jnp.int32)
+    gates = jax.random.uniform(keys[1], (n, k))
+    w = moe.ExpertWeights(*(jax.random.normal(kk, s) * 0.3 for kk, s in
+                            zip(keys[2:], [(e, d, f), (e, d, f), (e, f, d)])))
+    ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",) if moe.BACKENDS[name].expert_parallel else ())
+    fn = functools.partial(moe.BACKENDS[name].fn, ctx=ctx)
+    if moe.BACKENDS[name].expert_parallel:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
+    y = fn(x, moe.Routing(idx, gates), w)
+    np.testing.assert_allclose(y, _naive(x, idx, gates, *w), rtol=1e-5, atol=1e-5)
+
+
+def _simulate_ragged_all_to_all(operands, outputs, plans):
+    """ragged_all_to_all's documented semantics in numpy: device s writes operand[in_off[j] : +send[j]] into
+    device j's output at out_off[j]."""
+    outs = [o.copy() for o in outputs]
+    for op, plan in zip(operands, plans):
+        for j in range(len(outs)):
+            a, m, o = int(plan.input_offsets[j]), int(plan.send_sizes[j]), int(plan.output_offsets[j])
+            outs[j][o:o + m] = op[a:a + m]
+    for j, plan in enumerate(plans):  # recv_sizes must agree with what the senders send
+        assert [int(plans[s].send_sizes[j]) for s in range(len(plans))] == list(map(int, plan.recv_sizes))
+    return outs
+
+
+def test_exchange_plans_deliver_every_row_and_bring_it_back():
+    """The offsets both exchanges share: rows reach their shard packed in sender order, and come back in place."""
+    sizes = np.array([[2, 0, 3], [1, 4, 0], [0, 2, 2]], np.int32)  # sizes[s, j]: rows device s sends to j
+    s_count = sizes.shape[0]
+    plans = [moe.exchange_plans(jnp.asarray(sizes), jnp.int32(me)) for me in range(s_count)]
+    # each device's rows, tagged (sender, destination, rank) and sorted by destination
+    rows = [np.array([(s, j, r) for j in range(s_count) for r in range(sizes[s, j])], np.int32) for s in range(3)]
+    cap = sizes.sum(0).max()
+    recv = _simulate_ragged_all_to_all(rows, [np.full((cap, 3), -1, np.int32)] * 3, [p[0] for p in plans])
+    for j in range(s_count):
+        want = np.array([(s, j, r) for s in range(s_count) for r in range(sizes[s, j])], np.int32)
+        np.testing.assert_array_equal(recv[j][:len(want)], want)
+        assert np.all(recv[j][len(want):] == -1)
+    back = _simulate_ragged_all_to_all(recv, [np.full_like(r, -1) for r in rows], [p[1] for p in plans])
+    for s in range(s_count):
+        np.testing.assert_array_equal(back[s], rows[s])
+
+
+def _abstract(**shape) -> AbstractMesh:
+    sizes = {a: shape.get(a, 1) for a in MESH_AXES}
+    return AbstractMesh(tuple(sizes.values()), tuple(sizes))
+
+
+def test_auto_picks_expert_parallel_on_split_experts_and_the_local_matmul_per_platform():
+    pol = Policy()
+
+    def pick(mesh, platform, batch=8, impl="auto", experts=8):
+        name, ctx, sharded = moe.choose(impl, mesh, RULES, batch, experts, 16, 4, pol, platform)
+        return name, ctx.local, ctx.expert_axes, sharded
+
+    assert pick(_abstract(data=2, expert=4), "cpu") == ("ep_a2a", "blocked", ("expert",), True)
+    assert pick(_abstract(expert=8), "gpu") == ("ep_ragged", "blocked", ("expert",), True)
+    assert pick(_abstract(expert=8), "tpu") == ("ep_ragged", "ragged_dot", ("expert",), True)
+    assert pick(_abstract(data=8), "tpu")[:2] == ("ragged_dot", "ragged_dot")  # no expert split: local, own tokens
+    assert pick(_abstract(data=8), "gpu") == ("blocked", "blocked", (), True)  # GPU ragged_dot pads to dense
+    assert pick(_abstract(expert=4), "cpu", impl="blocked") == ("blocked", "blocked", (), False)  # GSPMD baseline
+    assert pick(AbstractMesh((), ()), "cpu") == ("blocked", "blocked", (), False)
+    assert pick(_abstract(expert=4), "cpu", batch=1) == ("blocked", "blocked", (), False)  # decoding one row
+    assert pick(_abstract(fsdp=2, expert=2, tensor=2), "cpu")[2] == ("expert",)
+    _, ctx, _ = moe.choose("auto", _abstract(fsdp=2, expert=2, tensor=2), RULES, 8, 8, 16, 4, pol, "cpu")
+    assert ctx.ffn_axes == ("tensor",)
+    with pytest.raises(ConfigError, match="n_routed_experts"):
+        pick(_abstract(expert=8), "cpu", experts=12)
+
+
+def test_experts_not_divisible_by_expert_axis_is_one_line_error():
+    cfg = load_config("tiny", ["train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match=r"model.n_routed_experts \(8\) is not divisible by the expert axis size 3"):
+        trainer.check_run(cfg, _abstract(expert=3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2"])
+def test_sharded_step_equals_single_device_step(mesh):
+    """Logits, losses, gradients, expert counts, bias update on the mesh (micro_batches 2) vs one device."""
+    assert "EP_STEP_OK" in _run(STEP_SCRIPT, mesh)
+
+
+@pytest.mark.slow
+def test_compiled_ep_step_moves_rows_by_all_to_all_and_gathers_no_batch():
+    """The compiled (data=2, expert=4) step: all-to-all of routed rows, no batch-sized gather, experts stay split."""
+    assert "EP_HLO_OK" in _run(STEP_SCRIPT, "data=2,expert=4", "--hlo")
+
+
+def test_ragged_path_cross_lowers_for_tpu_and_the_dense_exchange_matches_its_semantics(tmp_path):
+    out = _run(EXCHANGE_SCRIPT, str(tmp_path / "x.npz"), timeout=600)
+    assert "EXPORT_OK tpu" in out and "EXPORT_OK cuda" in out, out
+    z = np.load(tmp_path / "x.npz")
+    s_count, r = z["sizes"].shape[0], z["operand"].shape[0] // z["sizes"].shape[0]
+    plans = [moe.exchange_plans(jnp.asarray(z["sizes"]), jnp.int32(me)) for me in range(s_count)]
+    ops = np.split(z["operand"], s_count)
+    there = _simulate_ragged_all_to_all(ops, [np.full((s_count * r, 3), -1.0, np.float32)] * s_count,
+                                        [p[0] for p in plans])
+    np.testing.assert_array_equal(z["there"], np.concatenate(there))
+    back = _simulate_ragged_all_to_all(there, [np.full((r, 3), -1.0, np.float32)] * s_count, [p[1] for p in plans])
+    np.testing.assert_array_equal(z["back"], np.concatenate(back))
+    sent = z["sizes"].sum(1)  # rows a device sent come back in place; the rest of its buffer stays untouched
+    for s in range(s_count):
+        np.testing.assert_array_equal(back[s][:sent[s]], ops[s][:sent[s]])
+
+
+@pytest.mark.slow
+def test_loop_fetches_metrics_only_every_log_every_steps(tmp_path, monkeypatch):
+    """Steps are dispatched ahead: the host waits for metrics only at log steps, and those are still logged."""
+    cfg = load_config("tiny", ["train.steps=6", "train.log_every=3", "train.eval_every=0", "train.sample_tokens=0",
+                               f"train.run_dir={tmp_path}", "train.tensorboard=false", "train.progress=false",
+                               "train.checkpoint_every=6", "data.seq_len=32", "data.max_documents=100"])
+    fetched, device_get = [], jax.device_get
+
+    def spy(x):
+        if isinstance(x, dict) and "loss" in x:
+            fetched.append(x)
+        return device_get(x)
+
+    monkeypatch.setattr(jax, "device_get", spy)
+    last = trainer.train(cfg)
+    assert len(fetched) == 2, len(fetched)  # steps 3 and 6 only
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6], rows
+    assert np.isfinite(last["loss"]) and last["tokens_per_s"] > 0
+    assert (tmp_path / "checkpoints" / "6").is_dir()
+
+
+def test_config_accepts_exactly_the_registry_names():
+    from dsv3_jax.config import _MOE_IMPLS
+
+    assert _MOE_IMPLS == {"auto", *moe.BACKENDS}
