@@ -159,6 +159,80 @@ def _ffn_ragged(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeC
     return ragged_dot(h, w.w_down, sizes_e, pol)
 
 
+# Weights one step of `block_matmul` may gather: each block of rows needs its expert's whole (D, F) matrix, so
+# gathering them for every block at once costs num_blocks x D x F (for DeepSeek-V3's 8K-block micro-batches,
+# hundreds of GB). Past this budget the blocks are processed in chunks whose gathered weights fit in it.
+BLOCK_WEIGHT_BUDGET_BYTES = 256 * 2**20
+
+
+def _blocks_per_chunk(num_blocks: int, w_eio: jax.Array, budget: int) -> int:
+    per_block = w_eio.shape[1] * w_eio.shape[2] * w_eio.dtype.itemsize
+    return max(1, min(num_blocks, budget // per_block))
+
+
+def _chunked(x: jax.Array, expert_n: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(Nb, b, i) blocks and their experts -> (C, chunk, b, i), (C, chunk), padded with empty blocks of expert 0."""
+    pad = -x.shape[0] % chunk
+    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+    expert_n = jnp.pad(expert_n, (0, pad))
+    return x.reshape(-1, chunk, *x.shape[1:]), expert_n.reshape(-1, chunk)
+
+
+def block_matmul(x_nbi: jax.Array, w_eio: jax.Array, expert_n: jax.Array, pol: Policy,
+                 budget: int = BLOCK_WEIGHT_BUDGET_BYTES) -> jax.Array:
+    """y[n] = x[n] @ w[expert[n]] for (Nb, b, i) blocks of rows, each block owned by one expert, under the policy.
+    Within `budget` (see BLOCK_WEIGHT_BUDGET_BYTES) it is one batched matmul; past it, a loop over chunks of blocks
+    whose backward recomputes each chunk's VJP (the policy's own, FP8 included) and adds the weight gradient of the
+    chunk into one (E, i, o) accumulator, so memory stays O(budget + E x i x o) at any number of blocks."""
+    chunk = _blocks_per_chunk(x_nbi.shape[0], w_eio, budget)
+    if chunk >= x_nbi.shape[0]:
+        return policy_einsum("nbi,nio->nbo", x_nbi, w_eio[expert_n], pol)
+    return _chunked_matmul(x_nbi, w_eio, expert_n, pol, chunk)
+
+
+def _chunk_product(x_cbi, w_cio, pol):
+    return policy_einsum("nbi,nio->nbo", x_cbi, w_cio, pol)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_matmul(x_nbi, w_eio, expert_n, pol, chunk):
+    x_c, e_c = _chunked(x_nbi, expert_n, chunk)
+    y_c = jax.lax.map(lambda a: _chunk_product(a[0], w_eio[a[1]], pol), (x_c, e_c))
+    return y_c.reshape(-1, *y_c.shape[2:])[: x_nbi.shape[0]]
+
+
+def _chunked_fwd(x_nbi, w_eio, expert_n, pol, chunk):
+    return _chunked_matmul(x_nbi, w_eio, expert_n, pol, chunk), (x_nbi, w_eio, expert_n)
+
+
+def _chunked_bwd(pol, chunk, res, g_nbo):
+    x_nbi, w_eio, expert_n = res
+    x_c, e_c = _chunked(x_nbi, expert_n, chunk)
+    g_c, _ = _chunked(g_nbo, expert_n, chunk)
+
+    def step(dw, a):
+        x, e, g = a
+        _, vjp = jax.vjp(lambda xx, ww: _chunk_product(xx, ww, pol), x, w_eio[e])
+        dx, dw_c = vjp(g.astype(pol.out_dtype))
+        return dw.at[e].add(dw_c.astype(jnp.float32)), dx
+
+    # the first chunk outside the loop: its result carries the inputs' shard_map variance, a fresh zeros would not
+    dw, dx_0 = step(jnp.zeros(w_eio.shape, jnp.float32), (x_c[0], e_c[0], g_c[0]))
+    dw, dx_c = jax.lax.scan(step, dw, (x_c[1:], e_c[1:], g_c[1:]))
+    dx = jnp.concatenate([dx_0[None], dx_c]).reshape(-1, *dx_c.shape[2:])[: x_nbi.shape[0]]
+    return _like(dx, x_nbi), _like(dw, w_eio), None
+
+
+def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent in its primal's dtype, summed over the shard_map axes it varies over and its primal does not
+    (what autodiff's implicit broadcast of a replicated weight transposes to)."""
+    extra = tuple(sorted(jax.typeof(ct).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying))
+    return (jax.lax.psum(ct, extra) if extra else ct).astype(primal.dtype)
+
+
+_chunked_matmul.defvjp(_chunked_fwd, _chunked_bwd)
+
+
 def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
     """Rows scattered into expert-aligned blocks of `block` rows, one batched matmul per weight (portable)."""
     (r, d), e, block, pol = x_rd.shape, sizes_e.shape[0], ctx.block, ctx.policy
@@ -174,9 +248,9 @@ def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: Moe
     block_expert = jnp.repeat(jnp.arange(e), padded // block, total_repeat_length=num_blocks)
     x_pd = jnp.zeros((num_blocks * block, d), x_rd.dtype).at[dest_r].set(x_rd, mode="drop", unique_indices=True)
     x_nbd = x_pd.reshape(num_blocks, block, d)
-    h = jax.nn.silu(policy_einsum("nbd,ndf->nbf", x_nbd, w.w_gate[block_expert], pol)) * policy_einsum(
-        "nbd,ndf->nbf", x_nbd, w.w_up[block_expert], pol)
-    y_pd = policy_einsum("nbf,nfd->nbd", h, w.w_down[block_expert], pol).reshape(num_blocks * block, d)
+    h = jax.nn.silu(block_matmul(x_nbd, w.w_gate, block_expert, pol)) * block_matmul(x_nbd, w.w_up, block_expert,
+                                                                                      pol)
+    y_pd = block_matmul(h, w.w_down, block_expert, pol).reshape(num_blocks * block, d)
     return y_pd.at[dest_r].get(mode="fill", fill_value=0)
 
 

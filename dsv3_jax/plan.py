@@ -171,15 +171,16 @@ def plan(cfg: Config, mesh, hbm_bytes: float, hw: hardware.Hardware | None = Non
     import jax  # noqa: PLC0415
 
     from dsv3_jax import hlo, metrics, trainer  # noqa: PLC0415
+    from dsv3_jax.sharding import rules_for, use_rules  # noqa: PLC0415
 
     trainer.check_run(cfg, mesh)
     n = mesh.size
     t0, c0 = time.perf_counter(), time.process_time()
     log: list[str] = []
-    with captured_stderr(log):
+    with use_rules(rules_for(cfg.mesh)), captured_stderr(log):
         state, batch, graphdef, tx = abstract_inputs(cfg, mesh)
-    step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg), donate_argnums=(0,))
-    with jax.set_mesh(mesh), captured_stderr(log):
+    step = trainer.jit_train_step(cfg, graphdef, tx, mesh, state)
+    with jax.set_mesh(mesh), use_rules(rules_for(cfg.mesh)), captured_stderr(log):
         lowered = step.lower(state, batch)
         t1, c1 = time.perf_counter(), time.process_time()
         # backend optimisation only speeds up the CPU code we never run; buffer assignment is the same without it

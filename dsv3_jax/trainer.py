@@ -142,6 +142,15 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     return TrainState(state.step + 1, params, bias, opt_state), out
 
 
+def jit_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, abstract: TrainState,
+                   donate: bool = True):
+    """`train_step` jitted as the trainer runs it (and the planner compiles it): the new state keeps the state's
+    shardings (left to propagation, the optimizer moments came back replicated), metrics replicated."""
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                   out_shardings=(jax.tree.map(lambda x: x.sharding, abstract), NamedSharding(mesh, PartitionSpec())),
+                   donate_argnums=(0,) if donate else ())
+
+
 def eval_step(params: dict, bias: dict, batch: dict, graphdef) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token cross-entropies, number of targets) on one batch, without MTP."""
     out = forward(graphdef, params, bias, batch, mtp=False)
@@ -283,11 +292,7 @@ def _train(cfg: Config) -> dict:
     else:
         state, _, _ = init_state(cfg, mesh)
     batch_sharding = NamedSharding(mesh, logical_spec(("batch",)))
-    # the new state keeps the state's shardings (left to propagation, optimizer moments came back replicated)
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
-                      out_shardings=(jax.tree.map(lambda x: x.sharding, abstract),
-                                     NamedSharding(mesh, PartitionSpec())),
-                      donate_argnums=() if jax.default_backend() == "cpu" else (0,))
+    step_fn = jit_train_step(cfg, graphdef, tx, mesh, abstract, donate=jax.default_backend() != "cpu")
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
     start = int(state.step)
     writer = metrics.Writer(run_dir, tcfg.tensorboard)
