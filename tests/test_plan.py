@@ -282,3 +282,13 @@ def test_hardware_lookup_and_roofline_bound():
     assert est["compute_s"] == pytest.approx(1.0) and est["memory_s"] == pytest.approx(0.5)
     assert hardware.peak_flops(h, "fp8") == 2 * hardware.peak_flops(h, "bf16")
     assert hardware.peak_flops(hardware.TABLE["TPU v6e"], "fp8") == hardware.TABLE["TPU v6e"].bf16_flops
+
+
+@pytest.mark.slow
+def test_the_16b_preset_fits_one_8_gpu_node():
+    """The dsv3-16b preset as shipped (mesh expert=8, 64 micro-batches of one 4,096-token row per device) compiles
+    within 80 GB per device: the guard against a change that blows up the MoE's temporaries (the blocked grouped
+    matmul once gathered one expert weight matrix per 32-row block: 350 GiB per device here)."""
+    out = _json("--config", "dsv3-16b", "--devices", "8", "--hbm-gib", "74.5")
+    assert out["mesh"]["expert"] == 8 and out["config"]["micro_batches"] == 64
+    assert out["fits"], out["bytes_per_device"]
