@@ -180,7 +180,8 @@ def test_json_report(data8):
 
 
 def test_gradients_are_reduced_across_the_data_axis(data8, single):
-    assert single["collectives"] == {}
+    # one device sends nothing (the MoE's shard_map may still psum over size-1 axes: zero link bytes)
+    assert all(c["link_bytes"] == 0 for c in single["collectives"].values()), single["collectives"]
     ar = data8["collectives"]["all-reduce"]
     # every parameter's gradient (f32) is summed over the 8 devices at least once per step
     assert ar["bytes"] >= _param_bytes(MINI[2:])
