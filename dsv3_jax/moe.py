@@ -186,7 +186,7 @@ def block_matmul(x_nbi: jax.Array, w_eio: jax.Array, expert_n: jax.Array, pol: P
     chunk into one (E, i, o) accumulator, so memory stays O(budget + E x i x o) at any number of blocks."""
     chunk = _blocks_per_chunk(x_nbi.shape[0], w_eio, budget)
     if chunk >= x_nbi.shape[0]:
-        return policy_einsum("nbi,nio->nbo", x_nbi, w_eio[expert_n], pol)
+        return _chunk_product(x_nbi, w_eio[expert_n], pol)
     return _chunked_matmul(x_nbi, w_eio, expert_n, pol, chunk)
 
 

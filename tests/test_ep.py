@@ -20,6 +20,7 @@ from dsv3_jax import moe, trainer
 from dsv3_jax.config import ConfigError, load_config
 from dsv3_jax.precision import Policy
 from dsv3_jax.sharding import MESH_AXES, RULES
+from tests.test_moe import _naive
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 
@@ -145,17 +146,6 @@ def _run(script: str, *args: str, timeout: int = 1500) -> str:
                        timeout=timeout)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r.stdout
-
-
-def _naive(x, idx, gates, wg, wu, wd):
-    x, idx, gates = np.asarray(x, np.float64), np.asarray(idx), np.asarray(gates, np.float64)
-    wg, wu, wd = (np.asarray(w, np.float64) for w in (wg, wu, wd))
-    out = np.zeros_like(x)
-    for n in range(x.shape[0]):
-        for j in range(idx.shape[1]):
-            h = x[n] @ wg[idx[n, j]]
-            out[n] += gates[n, j] * ((h / (1 + np.exp(-h)) * (x[n] @ wu[idx[n, j]])) @ wd[idx[n, j]])
-    return out
 
 
 @pytest.mark.parametrize("name", sorted(moe.BACKENDS))
