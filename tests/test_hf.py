@@ -301,16 +301,21 @@ def random_model(seed: int) -> Transformer:
     return model
 
 
+def assert_logits_match(ours, ref) -> None:
+    """Our model's logits equal transformers' `ref` on random ids (float32, 1e-4), and are not near-constant."""
+    ids = np.random.default_rng(1).integers(0, ours.cfg.vocab_size, (2, 12)).astype(np.int32)
+    logits = np.asarray(ours(ids).logits)
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(ids).long()).logits.numpy()
+    assert logits.std() > 0.3
+    np.testing.assert_allclose(logits, theirs, atol=1e-4, rtol=0)
+
+
 def test_export_loads_in_transformers(tmp_path):
     model = random_model(0)
     hf.save(model, tmp_path)
     ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 12)).astype(np.int32)
-    ours = np.asarray(model(ids).logits)
-    with torch.no_grad():
-        theirs = ref(torch.from_numpy(ids).long()).logits.numpy()
-    assert ours.std() > 0.3
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert_logits_match(model, ref)
     assert_same_model(model, hf.load(tmp_path))
 
 
@@ -490,9 +495,4 @@ def test_fp8_export_loads_in_transformers(tmp_path):
     ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert ref.model.layers[1].self_attn.o_proj.weight.dtype == torch.float32
     ours = hf.load(tmp_path)
-    ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 12)).astype(np.int32)
-    logits = np.asarray(ours(ids).logits)
-    with torch.no_grad():
-        theirs = ref(torch.from_numpy(ids).long()).logits.numpy()
-    assert logits.std() > 0.3
-    np.testing.assert_allclose(logits, theirs, atol=1e-4, rtol=0)
+    assert_logits_match(ours, ref)
