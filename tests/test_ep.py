@@ -291,7 +291,8 @@ def test_experts_not_divisible_by_expert_axis_is_one_line_error():
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh,overrides", [("data=8", ()), ("data=2,expert=4", ()), ("expert=8", ()),
                                             ("fsdp=2,expert=2,tensor=2", ()),
-                                            ("data=2,expert=4", ("impl.moe_ep_chunk_tokens=6",))])
+                                            ("data=2,expert=4", ("impl.moe_ep_chunk_tokens=6",))],
+                         ids=["data=8", "data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2", "ep-chunks"])
 def test_sharded_step_equals_single_device_step(mesh, overrides):
     """Logits, losses, gradients, expert counts, bias update on the mesh (micro_batches 2) vs one device; last case:
     the exchange in 3 chunks of 6 of the 16 tokens per device (the last chunk padded)."""
