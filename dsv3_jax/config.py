@@ -141,6 +141,7 @@ class ImplConfig:
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
     moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense : moe.BACKENDS entry
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
+    moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once
     attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
     attention_block_size: int = 512  # queries and keys per block of the blocked backend
 
@@ -151,6 +152,8 @@ class ImplConfig:
                 raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         if self.moe_block_size <= 0:
             raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
+        if self.moe_ep_chunk_tokens < 0:
+            raise ConfigError(f"impl.moe_ep_chunk_tokens must be >= 0, got {self.moe_ep_chunk_tokens}")
         from dsv3_jax.attention_ops import NAMES  # noqa: PLC0415  (the registry imports this module)
 
         if self.attention not in NAMES:

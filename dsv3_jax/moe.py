@@ -132,14 +132,16 @@ class ExpertWeights(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class MoeContext:
     """What a backend needs besides data: the precision policy, the blocked form's block size, and for the
-    expert-parallel backends the local grouped matmul and the mesh axes (experts split over `expert_axes`, the
-    expert hidden width F over `ffn_axes`, whose partial outputs are psum'd)."""
+    expert-parallel backends the local grouped matmul, the mesh axes (experts split over `expert_axes`, the
+    expert hidden width F over `ffn_axes`, whose partial outputs are psum'd) and how many tokens one exchange
+    carries at most (`chunk_tokens`, 0 = all of this device's tokens at once)."""
 
     policy: Policy = Policy()
     block: int = 32
     local: str = "blocked"
     expert_axes: tuple[str, ...] = ()
     ffn_axes: tuple[str, ...] = ()
+    chunk_tokens: int = 0
 
 
 def combine(y_nkd: jax.Array, gates_nk: jax.Array, pol: Policy) -> jax.Array:
@@ -221,6 +223,12 @@ def _chunked_bwd(pol, chunk, res, g_nbo):
     dw, dx_c = jax.lax.scan(step, dw, (x_c[1:], e_c[1:], g_c[1:]))
     dx = jnp.concatenate([dx_0[None], dx_c]).reshape(-1, *dx_c.shape[2:])[: x_nbi.shape[0]]
     return _like(dx, x_nbi), _like(dw, w_eio), None
+
+
+def _varying_like(a: jax.Array, like: jax.Array) -> jax.Array:
+    """`a` marked as varying over the shard_map axes `like` varies over (its gradient is psum'd over them here)."""
+    extra = tuple(sorted(jax.typeof(like).manual_axis_type.varying - jax.typeof(a).manual_axis_type.varying))
+    return jax.lax.pcast(a, extra, to="varying") if extra else a
 
 
 def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
@@ -341,7 +349,7 @@ def all_to_all_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ..
 
 
 def _expert_parallel_backend(exchange):
-    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    def one_shot(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
         axes, (n, k), d = ctx.expert_axes, routing.idx_nk.shape, x_nd.shape[1]
         s, e_l = jax.lax.axis_size(axes), w.w_gate.shape[0]
         r = n * k
@@ -357,7 +365,31 @@ def _expert_parallel_backend(exchange):
         y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, r)
         return _unsort_combine(y_rd, order, routing, ctx.policy)
 
+    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+        if 0 < ctx.chunk_tokens < x_nd.shape[0]:
+            return in_token_chunks(one_shot, x_nd, routing, w, ctx)
+        return one_shot(x_nd, routing, w, ctx)
+
     return backend
+
+
+def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """`fn` (a backend) over C chunks of at most `ctx.chunk_tokens` tokens, one after another: every buffer of
+    the exchange (S*R/C receive rows instead of S*R) is live for one chunk only, and each chunk is rematerialised,
+    so the backward keeps only the chunk inputs. Dropless and exact: a token's output depends on its own routed
+    rows only. Padding tokens (when C does not divide N) have zero gates and are cut off."""
+    n = x_nd.shape[0]
+    c = -(-n // ctx.chunk_tokens)
+    size = -(-n // c)
+
+    def split(a):  # (N, ...) -> (C, N/C, ...)
+        return jnp.pad(a, ((0, c * size - n),) + ((0, 0),) * (a.ndim - 1)).reshape(c, size, *a.shape[1:])
+
+    # weights made varying like the tokens before the loop: the psum of their gradient then runs once, not per chunk
+    w = ExpertWeights(*(_varying_like(a, x_nd) for a in w))
+    body = jax.checkpoint(lambda xs: fn(xs[0], Routing(xs[1], xs[2]), w, ctx), prevent_cse=False)
+    y_cnd = jax.lax.map(body, (split(x_nd), split(routing.idx_nk), split(routing.gates_nk)))
+    return y_cnd.reshape(c * size, -1)[:n]
 
 
 class Backend(NamedTuple):
@@ -393,7 +425,7 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
 
 
 def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int, block: int, pol: Policy,
-           platform: str) -> tuple[str, MoeContext, bool]:
+           platform: str, chunk_tokens: int = 0) -> tuple[str, MoeContext, bool]:
     """(backend name, context, whether to run inside shard_map) for `impl.moe_impl` on this mesh.
 
     `auto` is expert-parallel whenever the experts are split (ragged all-to-all on TPU/GPU, the dense exchange
@@ -423,7 +455,7 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     if not set(ep_axes) <= set(batch_axes):
         raise ConfigError(f"impl.moe_impl={impl} needs the expert mesh axes {ep_axes} among the batch axes "
                           f"{batch_axes} (mesh.rules)")
-    return impl, dataclasses.replace(ctx, expert_axes=ep_axes), True
+    return impl, dataclasses.replace(ctx, expert_axes=ep_axes, chunk_tokens=chunk_tokens), True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,7 +483,8 @@ class MoE(nnx.Module):
         cfg = self.cfg
         mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
         name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
-                           cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy, jax.default_backend())
+                           cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy, jax.default_backend(),
+                           self.impl.moe_ep_chunk_tokens)
         weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
         routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
         args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)

@@ -85,14 +85,15 @@ def check_mesh(cfg: Config, n_devices: int) -> None:
 
 
 def candidate_meshes(cfg: Config, n: int, max_tensor: int = 8) -> list[MeshConfig]:
-    """(data, fsdp, expert, tensor) with product n that the model and batch divide; tensor stays inside a node."""
+    """(data, fsdp, expert, tensor) with product n that the model and batch divide; tensor stays inside a node.
+    Each keeps the config's `mesh.rules` (a preset's sharding strategy is part of what is planned)."""
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     out = []
     for tensor, expert, fsdp in itertools.product(divisors, repeat=3):
         if n % (tensor * expert * fsdp) or tensor > max_tensor:
             continue
         data = n // (tensor * expert * fsdp)
-        mesh = MeshConfig(data=data, fsdp=fsdp, expert=expert, tensor=tensor)
+        mesh = MeshConfig(data=data, fsdp=fsdp, expert=expert, tensor=tensor, rules=cfg.mesh.rules)
         batch = cfg.train.global_batch_size // cfg.train.micro_batches
         if (cfg.model.n_routed_experts % expert or cfg.model.num_attention_heads % tensor
                 or batch % (data * fsdp * expert)):

@@ -35,7 +35,8 @@ STEP_SCRIPT = textwrap.dedent(r"""
     from dsv3_jax.sharding import make_mesh
     SEQ, B, M = 16, 16, 2
     cfg = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={B}", f"train.micro_batches={M}",
-                               "train.bias_gamma=0.01", "train.balance_alpha=0.01"])
+                               "train.bias_gamma=0.01", "train.balance_alpha=0.01",
+                               *[a for a in sys.argv[2:] if "=" in a]])
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, cfg.model.vocab_size, size=(B, SEQ + 1)).astype(np.int32)
     seg = np.ones((B, SEQ + 1), np.int32); seg[:, 9:] = 2; seg[-1, -3:] = 0
@@ -141,11 +142,57 @@ EXCHANGE_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Token chunks of the expert-parallel exchange (impl.moe_ep_chunk_tokens) against the one-shot exchange on a
+# (data=2, expert=4) mesh: outputs and gradients (tokens, gates, expert weights), and the compiled all-to-alls carry
+# only one chunk's rows. 14 tokens per device in chunks of <= 4: 4 chunks, the last padded by 2 tokens.
+CHUNK_SCRIPT = textwrap.dedent(r"""
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from dsv3_jax import hlo, moe
+    from dsv3_jax.precision import Policy
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"))
+    N, K, E, D, F, CHUNK = 14, 2, 8, 6, 5, 4
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8 * N, D)).astype(np.float32)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(8 * N)]).astype(np.int32)
+    idx[:N] = [0, 1]  # device 0 sends every row to shard 0
+    gates = rng.uniform(size=(8 * N, K)).astype(np.float32)
+    cot = rng.normal(size=(8 * N, D)).astype(np.float32)
+    w = moe.ExpertWeights(*(rng.normal(size=s).astype(np.float32) * 0.3 for s in [(E, D, F), (E, D, F), (E, F, D)]))
+    tok, w_spec = P(("data", "expert")), moe.ExpertWeights(P("expert"), P("expert"), P("expert"))
+
+    def run(chunk):  # (loss, grads) and the compiled program's text
+        ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",), chunk_tokens=chunk)
+        y = jax.shard_map(lambda x, i, g, w: moe.BACKENDS["ep_a2a"].fn(x, moe.Routing(i, g), w, ctx), mesh=mesh,
+                          in_specs=(tok, tok, tok, w_spec), out_specs=tok)
+        f = jax.jit(jax.value_and_grad(lambda x, g, w: (y(x, idx, g, w) * cot).sum(), argnums=(0, 1, 2)))
+        compiled = f.lower(x, gates, w).compile()
+        return compiled(x, gates, w), compiled.as_text()
+
+    (ref, ref_hlo), (got, got_hlo) = run(0), run(CHUNK)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    for text, rows in ((ref_hlo, N * K), (got_hlo, CHUNK * K)):  # rows per peer of every exchanged activation
+        shapes = re.findall(r"= \(?([^=]*?)\)? all-to-all", text)
+        dims = {int(m) for t in shapes for m in re.findall(r"f32\[\d+,(\d+),%d\]" % D, t)}
+        assert dims == {rows}, (rows, dims, shapes)
+    # the weights' gradient is psum'd over `data` once, after the loop over chunks, as in the one-shot program
+    reduces = [hlo.analyze(t, 8)["collectives"]["all-reduce"]["count"] for t in (ref_hlo, got_hlo)]
+    assert reduces[0] == reduces[1], reduces
+    print("CHUNKS_OK", reduces)
+""")
+
+
 def _run(script: str, *args: str, timeout: int = 1500) -> str:
     r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
                        timeout=timeout)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r.stdout
+
+
+def test_ep_token_chunks_equal_the_one_shot_exchange_and_move_one_chunk_at_a_time():
+    assert "CHUNKS_OK" in _run(CHUNK_SCRIPT, timeout=600)
 
 
 @pytest.mark.parametrize("name", sorted(moe.BACKENDS))
@@ -223,9 +270,16 @@ def test_auto_picks_expert_parallel_on_split_experts_and_the_local_matmul_per_pl
     assert pick(_abstract(expert=4), "cpu", batch=1) == ("blocked", "blocked", (), False)  # decoding one row
     assert pick(_abstract(fsdp=2, expert=2, tensor=2), "cpu")[2] == ("expert",)
     _, ctx, _ = moe.choose("auto", _abstract(fsdp=2, expert=2, tensor=2), RULES, 8, 8, 16, 4, pol, "cpu")
-    assert ctx.ffn_axes == ("tensor",)
+    assert ctx.ffn_axes == ("tensor",) and ctx.chunk_tokens == 0
+    _, ctx, _ = moe.choose("auto", _abstract(expert=8), RULES, 8, 8, 16, 4, pol, "gpu", chunk_tokens=64)
+    assert ctx.chunk_tokens == 64  # impl.moe_ep_chunk_tokens reaches the expert-parallel backend
     with pytest.raises(ConfigError, match="n_routed_experts"):
         pick(_abstract(expert=8), "cpu", experts=12)
+
+
+def test_negative_ep_chunk_is_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"impl.moe_ep_chunk_tokens must be >= 0, got -1"):
+        load_config("tiny", ["impl.moe_ep_chunk_tokens=-1"])
 
 
 def test_experts_not_divisible_by_expert_axis_is_one_line_error():
@@ -235,10 +289,14 @@ def test_experts_not_divisible_by_expert_axis_is_one_line_error():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["data=8", "data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2"])
-def test_sharded_step_equals_single_device_step(mesh):
-    """Logits, losses, gradients, expert counts, bias update on the mesh (micro_batches 2) vs one device."""
-    assert "EP_STEP_OK" in _run(STEP_SCRIPT, mesh)
+@pytest.mark.parametrize("mesh,overrides", [("data=8", ()), ("data=2,expert=4", ()), ("expert=8", ()),
+                                            ("fsdp=2,expert=2,tensor=2", ()),
+                                            ("data=2,expert=4", ("impl.moe_ep_chunk_tokens=6",))],
+                         ids=["data=8", "data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2", "ep-chunks"])
+def test_sharded_step_equals_single_device_step(mesh, overrides):
+    """Logits, losses, gradients, expert counts, bias update on the mesh (micro_batches 2) vs one device; last case:
+    the exchange in 3 chunks of 6 of the 16 tokens per device (the last chunk padded)."""
+    assert "EP_STEP_OK" in _run(STEP_SCRIPT, mesh, *overrides)
 
 
 @pytest.mark.slow

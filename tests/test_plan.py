@@ -249,6 +249,7 @@ def test_search_candidates_divide_devices_model_and_batch():
     cands = candidate_meshes(cfg, 256)
     shapes = {(m.data, m.fsdp, m.expert, m.tensor) for m in cands}
     assert (1, 32, 8, 1) in shapes and (256, 1, 1, 1) in shapes
+    assert cfg.mesh.rules and all(m.rules == cfg.mesh.rules for m in cands)  # the preset's sharding rules are kept
     for d, f, e, t in shapes:
         assert d * f * e * t == 256 and 256 % e == 0 and 128 % t == 0 and t <= 8
     tiny = candidate_meshes(load_config("tiny", ["train.global_batch_size=2"]), 6)  # 3 heads, 8 experts, 2 rows

@@ -102,12 +102,12 @@ PARAM_BYTES = textwrap.dedent("""
     import jax
     from dsv3_jax import trainer
     from dsv3_jax.config import load_config
-    from dsv3_jax.sharding import make_mesh, state_shardings
+    from dsv3_jax.sharding import make_mesh, rules_for, state_shardings
     cfg = load_config(sys.argv[1], sys.argv[2:])
     mesh = make_mesh(cfg.mesh)
     _, params, _ = trainer.split_abstract(cfg)  # abstract: nothing is allocated
     total = per_device = 0
-    for v, s in zip(jax.tree.leaves(params), jax.tree.leaves(state_shardings(params, mesh))):
+    for v, s in zip(jax.tree.leaves(params), jax.tree.leaves(state_shardings(params, mesh, rules_for(cfg.mesh)))):
         total += math.prod(v.shape) * v.dtype.itemsize
         per_device += math.prod(s.shard_shape(v.shape)) * v.dtype.itemsize
     print("BYTES", mesh.size, total, per_device)
@@ -118,8 +118,8 @@ PARAM_BYTES = textwrap.dedent("""
                                                       ("dsv3-16b", 8, ["mesh.data=1", "mesh.expert=8"]),
                                                       ("dsv3-16b", 8, ["mesh.data=1", "mesh.fsdp=8"])])
 def test_parameters_take_about_one_nth_per_device(preset, devices, overrides):
-    """The 671B preset's mesh (fsdp 32 x expert 8) on 256 fake devices: parameters take ~1/256 per device (the
-    attention projections used to be replicated: 23.9 GiB instead of 9.9)."""
+    """The 671B preset's mesh (fsdp 4 x expert 8 x tensor 8, its mesh.rules) on 256 fake devices: parameters take
+    ~1/256 per device (the attention projections used to be replicated: 23.9 GiB instead of 9.9)."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", PARAM_BYTES, preset, *overrides], capture_output=True, text=True,
                        env=env, timeout=600)
