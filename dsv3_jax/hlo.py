@@ -4,7 +4,10 @@ multiplied by how often it runs.
 XLA's own `cost_analysis()` counts the body of a `while` loop once, so a 61-layer `lax.scan` looks like one layer;
 here every instruction is weighted by the product of the `known_trip_count`s of the loops around it. Matmul FLOPs
 are 2 * |output| * |contracted dims| of every `dot`; HBM traffic is operand + result bytes of every unfused
-instruction (fusions count as one instruction), the same convention as XLA's "bytes accessed".
+instruction (fusions count as one instruction), XLA's "bytes accessed" convention, with one correction that matters
+inside loops: a slice (`dynamic-slice`, `slice`, `gather`) reads only what it returns and an in-place update
+(`dynamic-update-slice`, `scatter`) writes only its update, also when either sits inside a fusion. Without it a
+scanned layer that slices its weights out of the stacked (L, ...) array would be charged the whole stack per layer.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5, "token": 0}
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
-_INSTR = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = ")
+_INSTR = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = ")
 _CALLED = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((\[[^\]]*\](?:T\([^)]*\))?)\))? "
                           r"\{([^}]*)\}")
+_SLICES = {"dynamic-slice", "slice", "gather"}
+_UPDATE_OPERAND = {"dynamic-update-slice": 1, "scatter": 2}  # in-place updates: which operand is the update
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -38,6 +43,8 @@ class Instr:
     op: str
     operands: list[str]
     attrs: str
+    root: bool = False
+    param_index: int = -1  # the `parameter(i)` number, for parameters
 
 
 def _closing(s: str, i: int) -> int:
@@ -64,7 +71,8 @@ def parse_instr(line: str) -> Instr | None:
     p = rest.find("(")
     op, close = rest[:p], _closing(rest, p)
     operands = re.findall(r"%([\w.\-]+)", rest[p:close])
-    return Instr(m.group(1), shape, op, operands, rest[close:])
+    index = int(rest[p + 1:close - 1]) if op == "parameter" else -1
+    return Instr(m.group(2), shape, op, operands, rest[close:], bool(m.group(1)), index)
 
 
 def parse(text: str) -> tuple[dict[str, list[Instr]], str]:
@@ -90,6 +98,35 @@ def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def nbytes(shape: str) -> float:
     return sum(_DTYPE_BYTES.get(dt, 4) * math.prod(dims) for dt, dims in arrays(shape))
+
+
+def instruction_traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) -> float:
+    """HBM bytes one execution of a top-level instruction moves: result + operands, except that slices read only
+    what they return and in-place updates move only the update (see the module docstring)."""
+    if ins.op in _SLICES:
+        return 2 * nbytes(ins.shape)
+    if ins.op in _UPDATE_OPERAND:
+        return 2 * nbytes(shapes.get(ins.operands[_UPDATE_OPERAND[ins.op]], ""))
+    reads = [nbytes(shapes.get(o, "")) for o in ins.operands]
+    write = nbytes(ins.shape)
+    fused = re.search(r"\bcalls=%([\w.\-]+)", ins.attrs) if ins.op == "fusion" else None
+    body = comps.get(fused.group(1), []) if fused else []
+    params = {i.name: i.param_index for i in body if i.op == "parameter"}
+    users: dict[str, list[tuple[Instr, int]]] = {}
+    for i in body:
+        for pos, o in enumerate(i.operands):
+            users.setdefault(o, []).append((i, pos))
+    for name, k in params.items():
+        used = users.get(name, [])
+        if 0 <= k < len(reads) and used and all(u.op in _SLICES and pos == 0 for u, pos in used):
+            reads[k] = sum(nbytes(u.shape) for u, _ in used)
+    root = next((i for i in body if i.root), None)
+    if root is not None and root.op in _UPDATE_OPERAND and root.operands[0] in params:
+        k = params[root.operands[0]]
+        update = nbytes({i.name: i.shape for i in body}.get(root.operands[_UPDATE_OPERAND[root.op]], ""))
+        if 0 <= k < len(reads) and users.get(root.operands[0]) == [(root, 0)]:
+            reads[k], write = 0.0, update
+    return write + sum(reads)
 
 
 def multipliers(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[str, int], set[str]]:
@@ -190,7 +227,7 @@ def analyze(text: str, n_devices: int, node: int | None = None) -> dict:
                     k = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d)
                     flops += times * 2 * math.prod(arrays(ins.shape)[0][1]) * k
             if cname not in inner and ins.op not in _NO_TRAFFIC and not ins.op.endswith("-done"):
-                traffic += times * (nbytes(ins.shape) + sum(nbytes(shapes.get(o, "")) for o in ins.operands))
+                traffic += times * instruction_traffic(ins, shapes, comps)
             kind = ins.op.removesuffix("-start")
             if kind not in COLLECTIVES or ins.op.endswith("-done"):
                 continue

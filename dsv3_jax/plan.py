@@ -272,7 +272,7 @@ def format_plan(p: dict) -> str:
         f"FLOPs per step per device: {f['compiled_matmul_per_device']:.3e} compiled matmuls (loops x trip counts "
         f"{p['loop_trip_counts']}), {f['xla_cost_analysis_per_device']:.3e} XLA cost analysis (loop bodies once), "
         f"{f['analytic_per_device']:.3e} analytic 6N + attention",
-        f"HBM traffic per device per step (unfused instructions): {_size(p['hbm_traffic_per_device'])}",
+        f"HBM traffic per device per step (unfused ops; slices as read): {_size(p['hbm_traffic_per_device'])}",
         "collectives per device per step    count        result          sent    sent across nodes",
     ]
     for kind, v in sorted(p["collectives"].items(), key=lambda kv: -kv[1]["bytes"]):
