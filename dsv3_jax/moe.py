@@ -188,8 +188,27 @@ def block_matmul(x_nbi: jax.Array, w_eio: jax.Array, expert_n: jax.Array, pol: P
     chunk into one (E, i, o) accumulator, so memory stays O(budget + E x i x o) at any number of blocks."""
     chunk = _blocks_per_chunk(x_nbi.shape[0], w_eio, budget)
     if chunk >= x_nbi.shape[0]:
-        return _chunk_product(x_nbi, w_eio[expert_n], pol)
+        return _chunk_product(x_nbi, expert_blocks(w_eio, expert_n), pol)
     return _chunked_matmul(x_nbi, w_eio, expert_n, pol, chunk)
+
+
+@jax.custom_vjp
+def expert_blocks(w_eio: jax.Array, expert_n: jax.Array) -> jax.Array:
+    """w[expert[n]] (Nb, i, o) for blocks sorted by expert. Its gradient is a sorted segment sum over each expert's
+    run of blocks; autodiff's transpose of the gather is an unsorted scatter-add, which XLA:CPU runs row by row."""
+    return w_eio[expert_n]
+
+
+def _expert_blocks_fwd(w_eio, expert_n):
+    return w_eio[expert_n], (w_eio, expert_n)
+
+
+def _expert_blocks_bwd(res, g_nio):
+    w_eio, expert_n = res
+    return _like(jax.ops.segment_sum(g_nio, expert_n, w_eio.shape[0], indices_are_sorted=True), w_eio), None
+
+
+expert_blocks.defvjp(_expert_blocks_fwd, _expert_blocks_bwd)
 
 
 def _chunk_product(x_cbi, w_cio, pol):
@@ -263,6 +282,85 @@ def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: Moe
 
 
 LOCAL_FFN = {"ragged_dot": _ffn_ragged, "blocked": _ffn_blocked}
+
+# The local blocked backend places each routed row r = n*K + k straight into its slot of the expert-aligned padded
+# layout (one gather from the tokens), and reads each row's result straight back from its slot (one gather), with
+# gradients that are gathers too: XLA:CPU runs a scatter(-add) one row at a time. With few experts a row's rank
+# within its expert comes from a cumulative sum over a (R, E) one-hot instead of a sort.
+ONE_HOT_RANK_MAX = 2**22  # R * E up to which ranks come from the one-hot cumsum (16 MiB of int32), else a sort
+
+
+class BlockLayout(NamedTuple):
+    slot_r: jax.Array  # (R,) slot of routed row r in the padded layout (unique)
+    row_p: jax.Array  # (P,) routed row in slot p; R for padding slots
+    expert_b: jax.Array  # (Nb,) expert of each block, sorted
+
+
+def block_layout(idx_nk: jax.Array, num_experts: int, block: int) -> BlockLayout:
+    """Where every routed row goes when each expert's rows (in row order) fill whole blocks of `block` rows."""
+    flat, e = idx_nk.reshape(-1), num_experts
+    r = flat.shape[0]
+    num_blocks = min(-(-r // block) + e, r)
+    if r * e <= ONE_HOT_RANK_MAX:
+        hot_re = (flat[:, None] == jnp.arange(e, dtype=flat.dtype)).astype(jnp.int32)
+        rank_r = jnp.take_along_axis(jnp.cumsum(hot_re, 0), flat[:, None], 1)[:, 0] - 1
+        sizes_e = hot_re.sum(0)
+    else:
+        order = jnp.argsort(flat, stable=True)
+        sizes_e = jnp.bincount(flat, length=e).astype(jnp.int32)
+        rank_sorted = jnp.arange(r, dtype=jnp.int32) - (jnp.cumsum(sizes_e) - sizes_e)[flat[order]]
+        rank_r = jnp.zeros((r,), jnp.int32).at[order].set(rank_sorted, unique_indices=True)
+    padded_e = (sizes_e + block - 1) // block * block
+    slot_r = (jnp.cumsum(padded_e) - padded_e)[flat] + rank_r
+    row_p = jnp.full((num_blocks * block,), r, jnp.int32).at[slot_r].set(jnp.arange(r, dtype=jnp.int32),
+                                                                        unique_indices=True)
+    expert_b = jnp.repeat(jnp.arange(e, dtype=jnp.int32), padded_e // block, total_repeat_length=num_blocks)
+    return BlockLayout(slot_r, row_p, expert_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dispatch_rows(x_nd: jax.Array, layout: BlockLayout, k: int) -> jax.Array:
+    """x_pd[p] = x_nd[row_p[p] // K] (zeros in padding slots); the gradient sums each token's K slots."""
+    return x_nd.at[layout.row_p // k].get(mode="fill", fill_value=0)
+
+
+def _dispatch_fwd(x_nd, layout, k):
+    return dispatch_rows(x_nd, layout, k), layout
+
+
+def _dispatch_bwd(k, layout, g_pd):
+    return g_pd[layout.slot_r].reshape(-1, k, g_pd.shape[1]).sum(1), None
+
+
+dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def collect_rows(y_pd: jax.Array, layout: BlockLayout) -> jax.Array:
+    """y_rd[r] = y_pd[slot_r[r]]; the gradient puts each row back in its slot (zeros in padding slots)."""
+    return y_pd[layout.slot_r]
+
+
+def _collect_fwd(y_pd, layout):
+    return y_pd[layout.slot_r], layout
+
+
+def _collect_bwd(layout, g_rd):
+    return g_rd.at[layout.row_p].get(mode="fill", fill_value=0), None
+
+
+collect_rows.defvjp(_collect_fwd, _collect_bwd)
+
+
+def _blocked_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """Blocked grouped matmuls with gather-only dispatch and combine (`block_layout`)."""
+    (n, k), d, pol = routing.idx_nk.shape, x_nd.shape[1], ctx.policy
+    layout = block_layout(routing.idx_nk, w.w_gate.shape[0], ctx.block)
+    x_nbd = dispatch_rows(x_nd, layout, k).reshape(-1, ctx.block, d)
+    e_b = layout.expert_b
+    h = jax.nn.silu(block_matmul(x_nbd, w.w_gate, e_b, pol)) * block_matmul(x_nbd, w.w_up, e_b, pol)
+    y_pd = block_matmul(h, w.w_down, e_b, pol).reshape(-1, d)
+    return combine(collect_rows(y_pd, layout).reshape(n, k, d), routing.gates_nk, pol)
 
 
 def _sort_rows(idx_nk: jax.Array, num_experts: int):
@@ -400,7 +498,7 @@ class Backend(NamedTuple):
 BACKENDS: dict[str, Backend] = {
     "dense": Backend(_dense_backend, False),
     "ragged_dot": Backend(_local_backend(_ffn_ragged), False),
-    "blocked": Backend(_local_backend(_ffn_blocked), False),
+    "blocked": Backend(_blocked_backend, False),
     "ep_a2a": Backend(_expert_parallel_backend(all_to_all_exchange), True),
     "ep_ragged": Backend(_expert_parallel_backend(ragged_exchange), True),
 }

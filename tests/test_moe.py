@@ -328,3 +328,17 @@ def test_blocked_moe_under_a_small_weight_budget_matches_the_naive_loop(monkeypa
     monkeypatch.setattr(moe, "BLOCK_WEIGHT_BUDGET_BYTES", 2 * d * f * 4)
     got = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy())
     chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank_max", [0, 2**22])
+def test_block_layout_by_hand_from_the_sort_and_the_one_hot_ranks(monkeypatch, rank_max):
+    """Each expert's rows, in row order, fill its run of whole blocks; padding slots point past the rows. Both
+    ways of ranking rows (one-hot cumsum for few experts, a sort past ONE_HOT_RANK_MAX) give this layout."""
+    monkeypatch.setattr(moe, "ONE_HOT_RANK_MAX", rank_max)
+    idx = jnp.array([[2, 0], [0, 3], [2, 0], [0, 2]], jnp.int32)  # rows 0..7 -> experts 2 0 0 3 2 0 0 2; none: 1
+    layout = moe.block_layout(idx, 4, 2)
+    # expert 0: rows 1 2 5 6 -> blocks 0-1; expert 2: rows 0 4 7 -> blocks 2-3 (one pad); expert 3: row 3 -> block 4;
+    # the static bound is min(8/2 + 4, 8) = 8 blocks, the unused ones are padding
+    np.testing.assert_array_equal(layout.slot_r, [4, 0, 1, 8, 5, 2, 3, 6])
+    np.testing.assert_array_equal(layout.row_p, [1, 2, 5, 6, 0, 4, 7, 8, 3] + [8] * 7)
+    np.testing.assert_array_equal(layout.expert_b[:5], [0, 0, 2, 2, 3])

@@ -1,0 +1,334 @@
+"""`python -m dsv3_jax.bench [--quick] [--json] [--config NAME]`: this project against transformers on this machine.
+
+One run measures, side by side: (a) the float32 matmul peak (a large jnp.dot), (b) our train step's tokens/s and
+MFU on the named config, (c) the identical step (same weights, batch, AdamW, grad clip) in transformers on PyTorch
+and the ratio, (d) one MoE layer against a dense SwiGLU FFN of the same activated FLOPs (forward + backward),
+(e) decode against transformers' `generate` (`dsv3_jax.bench_decode`), (f) the train step's compile time against
+depth. Every figure is a median after a warm-up; every ratio is computed from the figures it divides. Both sides
+train without MTP (transformers has no MTP training path), so the comparison is one model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import Config, ConfigError, load_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Repeats and sizes of one run: full (about 10 minutes on 2 CPU cores) or quick."""
+
+    matmul_n: int = 2048
+    matmul_repeats: int = 7
+    train_steps: int = 7
+    moe_repeats: int = 9
+    depths: tuple[int, ...] = (2, 4, 8)
+
+
+FULL = Budget()
+QUICK = Budget(matmul_n=1024, matmul_repeats=5, train_steps=3, moe_repeats=5, depths=(2, 4))
+
+
+def median_s(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() (which must block until its result is ready) after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paired_medians_s(fa, fb, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of fa() and fb(), timed alternately (a, b, a, b, ...) so that both see the same load from
+    other jobs on the machine; `warmup` calls of each first."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, ts in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def row(name: str, ours: float, reference: float | None, unit: str, higher_is_better: bool = True) -> dict:
+    """One table row; ratio = how many times better ours is (ours/ref for rates, ref/ours for times)."""
+    if reference is None:
+        ratio = None
+    else:
+        ratio = ours / reference if higher_is_better else reference / ours
+    return {"name": name, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) matmul peak.
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    """float32 GFLOP/s of an n x n @ n x n jnp.dot (median)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    return 2 * n**3 / median_s(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) our train step, (c) the same step in transformers.
+
+
+def synthetic_batch(cfg: Config, seed: int = 0) -> dict:
+    """A (B, T+1) packed batch of random bytes, one document per row (what both trainers see)."""
+    b, t = cfg.train.global_batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    return {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+            "positions": np.broadcast_to(np.arange(t + 1, dtype=np.int32), (b, t + 1)).copy()}
+
+
+def our_train(cfg: Config):
+    """(a blocking call of the trainer's jitted train step on one device, the initial model)."""
+    from flax import nnx
+
+    from dsv3_jax import trainer
+    from dsv3_jax.sharding import make_mesh, rules_for, use_rules
+
+    rules = rules_for(cfg.mesh)
+    with use_rules(rules):
+        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+        state, graphdef, tx = trainer.init_state(cfg, mesh)
+        model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.bias))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        step = trainer.jit_train_step(cfg, graphdef, tx, mesh, abstract, donate=False)
+    batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(cfg).items()})
+    holder = [state]
+
+    def one():
+        with use_rules(rules), jax.set_mesh(mesh):
+            holder[0], m = step(holder[0], batch)
+            jax.block_until_ready(m)
+
+    return one, model
+
+
+def hf_train(cfg: Config, model):
+    """A call of one step of transformers' DeepseekV3ForCausalLM on the same weights and batch: forward, float32
+    cross-entropy on the next tokens, backward, global-norm clip, torch AdamW."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    from dsv3_jax import hf
+
+    with tempfile.TemporaryDirectory() as d:
+        hf.save(model, d)
+        ref = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ref.train()
+    t = cfg.train
+    opt = torch.optim.AdamW(ref.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2), weight_decay=t.weight_decay)
+    tokens = torch.from_numpy(synthetic_batch(cfg)["tokens"]).long()
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        logits = ref(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), t.grad_clip)
+        opt.step()
+
+    return one
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d) one MoE layer against a dense SwiGLU FFN of the same activated FLOPs.
+
+
+def moe_vs_dense(cfg: Config, repeats: int) -> tuple[float, float]:
+    """(MoE layer seconds, dense FFN seconds), forward + backward on B*T tokens. The dense FFN's hidden width is
+    (K + shared) * moe_intermediate_size: the expert FLOPs a token activates (the router's D x E is extra)."""
+    from flax import nnx
+
+    from dsv3_jax.layers import MLP
+    from dsv3_jax.moe import MoE
+    from dsv3_jax.precision import policy
+
+    m = cfg.model
+    b, t = cfg.train.global_batch_size, cfg.data.seq_len
+    x = jax.random.normal(jax.random.key(0), (b, t, m.hidden_size), jnp.float32)
+    valid = jnp.ones((b, t), bool)
+    moe = MoE(m, cfg.impl, nnx.Rngs(0))
+    width = (m.num_experts_per_tok + m.n_shared_experts) * m.moe_intermediate_size
+    dense = MLP(m, width, policy(cfg.impl), nnx.Rngs(0))
+
+    def timed(module, call):
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        @jax.jit
+        def grad(params, x):
+            def loss(p, x):
+                return call(nnx.merge(graphdef, p, rest), x).sum()
+
+            return jax.grad(loss, argnums=(0, 1))(params, x)
+
+        return lambda: jax.block_until_ready(grad(params, x))
+
+    return paired_medians_s(timed(moe, lambda mod, x: mod(x, valid)[0]), timed(dense, lambda mod, x: mod(x)), repeats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (e) decode: the decode module's rows.
+
+
+def _decode_rows(quick: bool) -> list[dict]:
+    """Decode tok/s (batch 1 and 16) against transformers' generate, cache bytes/token, speculative decoding."""
+    from dsv3_jax import bench_decode
+
+    return bench_decode.run(quick)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (f) compile time against depth.
+
+
+def compile_seconds(cfg: Config, layers: int) -> float:
+    """Seconds to lower and compile the train step of `cfg` with `layers` layers (the dense prefix kept)."""
+    from dsv3_jax import trainer
+    from dsv3_jax.config import apply_overrides
+    from dsv3_jax.sharding import make_mesh, rules_for, use_rules
+
+    dense = min(cfg.model.first_k_dense_replace, layers - 1)
+    cfg = apply_overrides(cfg, [f"model.num_hidden_layers={layers}", f"model.first_k_dense_replace={dense}"])
+    with use_rules(rules_for(cfg.mesh)):
+        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+        abstract, graphdef, tx = trainer.sharded_abstract_state(cfg, mesh)
+        step = trainer.jit_train_step(cfg, graphdef, tx, mesh, abstract, donate=False)
+        b, t = cfg.train.global_batch_size, cfg.data.seq_len + 1
+        batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in trainer.BATCH_KEYS}
+        with jax.set_mesh(mesh):
+            t0 = time.perf_counter()
+            step.lower(abstract, batch).compile()
+            return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def bench_config(name: str, overrides: list[str] = ()) -> Config:
+    """The preset with MTP off (both sides train the same model) and one data-parallel device."""
+    return load_config(name, ["model.num_nextn_predict_layers=0", "mesh.data=1", *overrides])
+
+
+SECTIONS = ("matmul", "train", "moe", "decode", "compile")
+
+
+def run(name: str = "bench", quick: bool = False, overrides: list[str] = (), log=None,
+        only: tuple[str, ...] = SECTIONS) -> dict:
+    """The sections in `only` (the matmul peak always: MFU needs it); returns {"config", "quick", "machine",
+    "sections": {name: [rows]}} (rows as `row`)."""
+    from dsv3_jax.metrics import flops_per_token
+
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"--only: unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    budget = QUICK if quick else FULL
+    cfg = bench_config(name, list(overrides))
+    say = log or (lambda s: None)
+    out = {"config": name, "quick": quick, "machine": _machine(), "sections": {}}
+    sec = out["sections"]
+
+    gflops = matmul_gflops(budget.matmul_n, budget.matmul_repeats)
+    sec["matmul"] = [row(f"f32 matmul {budget.matmul_n}^3", gflops, None, "GFLOP/s")]
+    say(f"(a) matmul {gflops:.1f} GFLOP/s")
+
+    if "train" in only:
+        tokens = cfg.train.global_batch_size * cfg.data.seq_len
+        ours_step, model = our_train(cfg)
+        ours_s, hf_s = paired_medians_s(ours_step, hf_train(cfg, model), budget.train_steps)
+        ours_rate = tokens / ours_s
+        mfu = ours_rate * flops_per_token(cfg.model, cfg.data.seq_len) / (gflops * 1e9)
+        say(f"(b) ours {ours_rate:,.0f} tok/s, MFU {100 * mfu:.1f}%; (c) transformers {tokens / hf_s:,.0f} tok/s")
+        sec["train"] = [row("train tokens/s vs transformers", ours_rate, tokens / hf_s, "tok/s"),
+                        row("train step", ours_s * 1e3, hf_s * 1e3, "ms", higher_is_better=False),
+                        row("MFU vs (a)", 100 * mfu, None, "%")]
+    if "moe" in only:
+        _moe_section(cfg, budget, sec, say)
+    if "decode" in only:
+        sec["decode"] = _decode_rows(quick)
+        say("(e) decode done")
+    if "compile" in only:
+        sec["compile"] = [row(f"train step compile, {n} layers", compile_seconds(cfg, n), None, "s")
+                          for n in budget.depths]
+        say("(f) compile done")
+    return out
+
+
+def _moe_section(cfg: Config, budget: Budget, sec: dict, say) -> None:
+    moe_s, dense_s = moe_vs_dense(cfg, budget.moe_repeats)
+    # the target is MoE <= 1.5x dense: the ratio here is MoE time over dense time (lower is better)
+    sec["moe"] = [{"name": "MoE layer vs dense FFN of equal activated FLOPs (fwd+bwd)", "ours": moe_s * 1e3,
+                   "reference": dense_s * 1e3, "ratio": moe_s / dense_s, "unit": "ms (ratio = MoE / dense)"}]
+    say(f"(d) MoE {moe_s * 1e3:.1f} ms, dense {dense_s * 1e3:.1f} ms")
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"backend": jax.default_backend(), "devices": len(jax.devices()), "cpu_cores": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_1min": os.getloadavg()[0]}  # other jobs on the cores skew every figure
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def table(result: dict) -> str:
+    """The result as a Markdown table."""
+    lines = ["| section | measurement | ours | reference | ratio | unit |", "| --- | --- | --- | --- | --- | --- |"]
+    for section, rows in result["sections"].items():
+        for r in rows:
+            ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+            lines.append(f"| {section} | {r['name']} | {_fmt(r['ours'])} | {_fmt(r.get('reference'))} | {ratio} | "
+                         f"{r.get('unit', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and depths (about 2 minutes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--config", default="bench", help="preset name or YAML file (default: bench)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
+                     only=tuple(x for x in args.only.split(",") if x))
+    except ConfigError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`python -m dsv3_jax.bench`: every section present, ratios derived from the figures, bad input as one line."""
+
+import json
+import math
+
+import pytest
+
+from dsv3_jax import bench
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_quick_json_on_tiny_has_every_section_and_derived_ratios(capsys):
+    assert bench.main(["--quick", "--json", "--config", "tiny"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    sec = out["sections"]
+    assert list(sec) == list(bench.SECTIONS) and out["config"] == "tiny" and out["quick"]
+    for rows in sec.values():
+        for r in rows:
+            assert {"name", "ours", "reference", "ratio", "unit"} <= set(r), r
+            assert r["ours"] > 0, r
+    assert sec["matmul"][0]["ours"] > 0
+    rate, step, mfu = sec["train"]
+    assert _close(rate["ratio"], rate["ours"] / rate["reference"])
+    assert _close(step["ratio"], step["reference"] / step["ours"])  # a time: ratio = reference / ours
+    assert _close(rate["ratio"], step["ratio"])  # the same step, as a rate and as a time
+    assert 0 < mfu["ours"] < 100
+    (layer,) = sec["moe"]
+    assert _close(layer["ratio"], layer["ours"] / layer["reference"])  # MoE time over dense time
+    ratios = [r for r in sec["decode"] if r["reference"] is not None and r["ratio"] is not None]
+    assert ratios, sec["decode"]
+    for r in ratios:
+        assert _close(r["ratio"], r["ours"] / r["reference"]), r
+    assert [r["name"] for r in sec["compile"]] == [f"train step compile, {n} layers" for n in bench.QUICK.depths]
+
+
+@pytest.mark.parametrize("argv,needle", [(["--only", "train,bogus"], "unknown section(s) ['bogus']"),
+                                         (["--config", "no_such_preset"], "no_such_preset")])
+def test_bad_input_is_one_line(capsys, argv, needle):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err, err
