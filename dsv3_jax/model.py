@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax import moe
 from dsv3_jax.attention import MLA, LatentCache
 from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
@@ -52,7 +53,9 @@ class Block(nnx.Module):
             h, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, positions, cache)
         x_btd = constrain(x_btd + h, ("batch", "seq", "act_embed"))
         with jax.named_scope("moe" if self.is_moe else "mlp"):
-            if self.is_moe:
+            if self.is_moe and cache is not None and moe.decodes(x_btd.shape[0] * x_btd.shape[1]):
+                h, aux = moe.decode_forward(self.mlp, self.mlp_norm(x_btd), valid)  # few tokens: no dispatch
+            elif self.is_moe:
                 h, aux = self.mlp(self.mlp_norm(x_btd), valid)
             else:
                 h, aux = self.mlp(self.mlp_norm(x_btd)), {}
@@ -100,7 +103,9 @@ def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, remat: s
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x_btd, (state, cache))
+    # on the cache (prefill, decode) the layers are unrolled: a scan slices every layer's weights out of the stack
+    # on each step, which at a handful of tokens costs more than the layer itself (about 2x per decode step on CPU)
+    return jax.lax.scan(body, x_btd, (state, cache), unroll=cache is not None)
 
 
 class MTPModule(nnx.Module):

@@ -396,6 +396,30 @@ def _dense_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: Moe
     return combine(y_nkd, routing.gates_nk, pol)
 
 
+def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """For a handful of tokens (decoding): each (token, choice) pair slices its expert's three matrices out of the
+    stack and applies them as plain vector-matrix products, reading N*K expert matrices and no sort, padding or
+    scatter (a gathered (N, K, D, F) batched einsum is ~3x slower on XLA:CPU). Once N*K reaches E every expert
+    is read anyway, so every expert runs on every token, batched over experts (no weight transpose), and each
+    token's K outputs are gathered: 2.5x faster than `dense` at 16 tokens and 16 experts on XLA:CPU."""
+    n, k = routing.idx_nk.shape
+    pol, e = ctx.policy, w.w_gate.shape[0]
+    if n * k >= e:
+        x_end = jnp.broadcast_to(x_nd, (e, *x_nd.shape))
+        h_enf = jax.nn.silu(policy_einsum("end,edf->enf", x_end, w.w_gate, pol)) * policy_einsum(
+            "end,edf->enf", x_end, w.w_up, pol)
+        y_end = policy_einsum("enf,efd->end", h_enf, w.w_down, pol)
+        return combine(y_end[routing.idx_nk, jnp.arange(n)[:, None]], routing.gates_nk, pol)
+
+    def expert(x_d, e):
+        w_df = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False) for m in w]
+        h_f = jax.nn.silu(policy_einsum("d,df->f", x_d, w_df[0], pol)) * policy_einsum("d,df->f", x_d, w_df[1], pol)
+        return policy_einsum("f,fd->d", h_f, w_df[2], pol)
+
+    y_nkd = jnp.stack([jnp.stack([expert(x_nd[i], routing.idx_nk[i, j]) for j in range(k)]) for i in range(n)])
+    return combine(y_nkd, routing.gates_nk, pol)
+
+
 # Expert parallelism. Inside shard_map each device sorts its own routed rows by expert (hence by destination
 # shard), sends chunk j to shard j, runs its E_l experts on what it received and sends the results back to where
 # they came from. Both exchanges have the semantics of `jax.lax.ragged_all_to_all` and take the same offsets from
@@ -501,6 +525,7 @@ BACKENDS: dict[str, Backend] = {
     "blocked": Backend(_blocked_backend, False),
     "ep_a2a": Backend(_expert_parallel_backend(all_to_all_exchange), True),
     "ep_ragged": Backend(_expert_parallel_backend(ragged_exchange), True),
+    "decode": Backend(_decode_backend, False),  # picked by the decode path (`decode_forward`), not by `choose`
 }
 
 
@@ -616,3 +641,25 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
     if reduce_axes:
         counts, bal_sum, n_seq = jax.lax.psum((counts, bal_sum, n_seq), reduce_axes)
     return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0)
+
+
+# The decode path: a handful of tokens on the latent cache (`model.Block` calls this instead of the layer when it
+# decodes). Same routing, same aux; the `decode` backend instead of the training dispatch.
+DECODE_MAX_TOKENS = 64
+
+
+def decodes(n_tokens: int) -> bool:
+    """Whether the decode path takes `n_tokens` tokens: few of them, and no mesh (under a mesh the layer's own
+    sharded dispatch stays in charge)."""
+    return n_tokens <= DECODE_MAX_TOKENS and jax.sharding.get_abstract_mesh().empty
+
+
+def decode_forward(layer: MoE, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
+    """`layer(x_btd, valid_bt)` computed with the `decode` backend."""
+    weights = ExpertWeights(layer.w_gate[...], layer.w_up[...], layer.w_down[...])
+    y_btd, counts, balance = _routed(x_btd, valid_bt, layer.router[...], layer.bias[...], weights, cfg=layer.cfg,
+                                     backend=BACKENDS["decode"].fn, ctx=MoeContext(layer.policy))
+    y_btd = y_btd.astype(x_btd.dtype)
+    if layer.shared is not None:
+        y_btd = y_btd + layer.shared(x_btd)
+    return y_btd, {"expert_counts": counts, "balance_loss": balance}
