@@ -26,20 +26,13 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig, load_config
 
-# Issue 12's benchmark config: hidden 256, 6 layers of which 5 MoE, 8 heads, q_lora 128, kv_lora 64, 16 routed
-# experts in 4 groups, top-4 of 2 groups, 1 shared, byte vocabulary, no MTP. `configs/bench.yaml` wins when present.
-BENCH_MODEL = dict(vocab_size=258, hidden_size=256, num_hidden_layers=6, first_k_dense_replace=1,
-                   num_attention_heads=8, intermediate_size=1024, moe_intermediate_size=256, n_routed_experts=16,
-                   n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=128,
-                   kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                   max_position_embeddings=1024, num_nextn_predict_layers=0)
 PROMPT_LEN = 16
 SPEC_PROMPT = "def main("
 
 
 def bench_config() -> ModelConfig:
-    path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "bench.yaml"
-    return load_config(str(path)).model if path.is_file() else ModelConfig(**BENCH_MODEL).validate()
+    """Issue 12's benchmark model (`configs/bench.yaml`), the one `dsv3_jax.bench` trains."""
+    return load_config("bench").model
 
 
 def median_seconds(fns: list, repeats: int) -> list[float]:
