@@ -11,6 +11,7 @@ from flax import nnx
 
 from dsv3_jax import losses, moe, trainer
 from dsv3_jax.config import ConfigError, ImplConfig, ModelConfig, TrainConfig, load_config
+from dsv3_jax.sharding import make_mesh
 
 
 def test_aux_balance_terms_by_hand():
@@ -76,3 +77,27 @@ def test_unknown_strategy_is_a_one_line_config_error():
 def test_bias_gamma_is_zero_unless_aux_free(strategy):
     cfg = TrainConfig(balance=strategy, bias_gamma=0.01)
     assert float(trainer.bias_gamma(jnp.int32(0), cfg)) == pytest.approx(0.01 if strategy == "aux_free" else 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["aux_loss", "none"])
+def test_train_step_freezes_the_bias_and_adds_the_aux_loss_only_under_aux_loss(strategy):
+    cfg = load_config("tiny", ["data.seq_len=16", f"train.balance={strategy}", "train.aux_loss_alpha=0.5",
+                               "train.bias_gamma=0.01", "train.balance_alpha=0"])
+    mesh = make_mesh(cfg.mesh)
+    state, graphdef, tx = trainer.init_state(cfg, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(2, 258, (4, 17)), jnp.int32),
+             "segment_ids": jnp.ones((4, 17), jnp.int32),
+             "positions": jnp.tile(jnp.arange(17, dtype=jnp.int32), (4, 1))}
+    with jax.set_mesh(mesh):
+        new, m = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))(state, batch)
+        out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias, batch)
+    for old_b, new_b in zip(jax.tree.leaves(state.bias), jax.tree.leaves(new.bias)):
+        np.testing.assert_array_equal(np.asarray(new_b), np.asarray(old_b))  # frozen at zero
+    k = cfg.model.num_experts_per_tok
+    want = float(losses.aux_balance_loss(out.aux, 0.5, k)) if strategy == "aux_loss" else 0.0
+    np.testing.assert_allclose(float(m["aux_balance_loss"]), want, rtol=1e-5)
+    ce_mtp = float(m["loss"]) + float(m["mtp_lambda"]) * float(m["mtp_loss"])
+    np.testing.assert_allclose(float(m["total_loss"]), ce_mtp + want, rtol=1e-5)
+    assert (want > 0) == (strategy == "aux_loss")
