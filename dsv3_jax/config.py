@@ -250,7 +250,9 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_lambda_switch_step: int | None = None  # step where lambda drops to mtp_lambda_late (None: never)
-    balance_alpha: float = 1e-4
+    balance_alpha: float = 1e-4  # the report's sequence-wise balance loss; applies under every `balance` strategy
+    balance: str = "aux_free"  # aux_free (bias rule) | aux_loss (batch-level aux loss, bias frozen) | none
+    aux_loss_alpha: float = 1e-2  # weight of the batch-level aux loss under balance=aux_loss
     bias_gamma: float = 1e-3
     bias_gamma_stop_step: int | None = None  # step from which gamma is 0 (None: never)
     seed: int = 0
@@ -274,8 +276,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "mtp_lambda",
-                     "mtp_lambda_late", "balance_alpha", "bias_gamma", "warmup_steps", "constant_steps",
-                     "eval_every", "eval_batches", "sample_tokens"):
+                     "mtp_lambda_late", "balance_alpha", "aux_loss_alpha", "bias_gamma", "warmup_steps",
+                     "constant_steps", "eval_every", "eval_batches", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batches:
@@ -287,9 +289,14 @@ class TrainConfig:
             raise ConfigError(f"train.peak_tflops must be positive or null, got {self.peak_tflops}")
         if not self.run_dir:
             raise ConfigError("train.run_dir must not be empty")
+        if self.balance not in BALANCE_STRATEGIES:
+            raise ConfigError(f"train.balance must be one of {list(BALANCE_STRATEGIES)}, got {self.balance!r}")
         if self.moments_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.moments_dtype must be float32 or bfloat16, got {self.moments_dtype!r}")
         return self
+
+
+BALANCE_STRATEGIES = ("aux_free", "aux_loss", "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training losses as pure functions: masked next-token cross-entropy, multi-token prediction, balance loss.
+"""Training losses as pure functions: masked next-token cross-entropy, multi-token prediction, balance losses.
 
 Batches are packed: `tokens`, `segment_ids` (0 = padding, equal ids = one document) and `positions`, each (B, T+1).
 The model reads the first T columns; the target of column t is column t+1 (depth k of MTP: column t+k+1).
@@ -69,4 +69,25 @@ def balance_loss(aux: dict, alpha: float | jax.Array) -> jax.Array:
     total = aux["balance_loss"].sum()
     if "mtp_balance_loss" in aux:
         total = total + aux["mtp_balance_loss"].sum()
+    return alpha * total
+
+
+def aux_balance_terms(counts_le: jax.Array, affinity_le: jax.Array, k: int) -> jax.Array:
+    """Per-layer batch-level (Switch/GShard) balance term E * sum_i f_i P_i, shape (L,).
+
+    f_i = c_i / sum_j c_j (fraction of the batch's routed slots that went to expert i; no gradient) and
+    P_i = A_i / N (mean over the N = sum_j c_j / K valid tokens of the normalised affinity s_i / sum_j s_j, A_i
+    their sum). Perfect balance with uniform affinities gives 1."""
+    e = counts_le.shape[-1]
+    slots = jnp.maximum(counts_le.sum(-1, keepdims=True), 1.0)
+    f = jax.lax.stop_gradient(counts_le) / slots
+    p = affinity_le * k / slots
+    return e * (f * p).sum(-1)
+
+
+def aux_balance_loss(aux: dict, alpha: float | jax.Array, k: int) -> jax.Array:
+    """alpha * sum over MoE layers and MTP layers of `aux_balance_terms` (the `aux_loss` balancing strategy)."""
+    total = aux_balance_terms(aux["expert_counts"], aux["expert_affinity"], k).sum()
+    if "mtp_expert_counts" in aux:
+        total = total + aux_balance_terms(aux["mtp_expert_counts"], aux["mtp_expert_affinity"], k).sum()
     return alpha * total

@@ -146,3 +146,25 @@ class Writer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_records(run_dir: str | pathlib.Path) -> list[dict]:
+    """The records of `RUN_DIR/metrics.jsonl`; a run dir without one is a one-line FileNotFoundError."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (not a training run dir, or nothing logged yet)")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def series(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key` in the records of `kind` ("train" or "eval") that have it."""
+    rows = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
+    return np.array([s for s, _ in rows], np.int64), np.array([v for _, v in rows], np.float64)
+
+
+def layer_matrix(record: dict, name: str, num_experts: int) -> np.ndarray:
+    """A logged (L, E) matrix back from its flattened `name/i` scalars (row-major, as `scalars` wrote it)."""
+    flat = []
+    while f"{name}/{len(flat)}" in record:
+        flat.append(record[f"{name}/{len(flat)}"])
+    return np.array(flat, np.float64).reshape(-1, num_experts)

@@ -30,8 +30,9 @@ _REMAT_POLICIES = {
 class ModelOutput(NamedTuple):
     logits: jax.Array  # (B, T, V)
     mtp_logits: jax.Array | None  # (M, B, T, V); depth k is valid at positions t < T - k
-    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), mtp_expert_counts (M, E), mtp_balance_loss,
-    #            router_counts (the counts in the structure of the RouterBias state)
+    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), expert_affinity (L_moe, E), mtp_expert_counts (M, E),
+    #            mtp_balance_loss, mtp_expert_affinity, router_counts (the counts in the structure of the RouterBias
+    #            state)
     hidden: jax.Array  # (B, T, D) last hidden state before the final norm
     cache: Any = None  # updated latent caches when decoding
     hidden_states: jax.Array | None = None  # (L, B, T, D) output of every layer when requested
@@ -170,9 +171,10 @@ class Transformer(nnx.Module):
             new_cache[name] = layer_cache
             hidden_states.append(hs)
             if name == "moe":
-                aux = {"expert_counts": layer_aux["expert_counts"], "balance_loss": layer_aux["balance_loss"]}
+                aux = {k: layer_aux[k] for k in ("expert_counts", "balance_loss", "expert_affinity")}
         if not aux:
-            aux = {"expert_counts": jnp.zeros((0, cfg.n_routed_experts)), "balance_loss": jnp.zeros((0,))}
+            aux = {"expert_counts": jnp.zeros((0, cfg.n_routed_experts)), "balance_loss": jnp.zeros((0,)),
+                   "expert_affinity": jnp.zeros((0, cfg.n_routed_experts))}
         hidden = x
         logits = self.head(self.norm(x))
 
@@ -180,7 +182,7 @@ class Transformer(nnx.Module):
         if mtp and len(self.mtp):
             if mtp_valid is None:
                 mtp_valid = input_mtp_mask(segment_ids, len(self.mtp))
-            h, all_logits, counts, balance, mtp_caches = x, [], [], [], []
+            h, all_logits, counts, balance, affinity, mtp_caches = x, [], [], [], [], []
             mtp_cache = cache.get("mtp") or [None] * len(self.mtp)
             for k in range(1, len(self.mtp) + 1):
                 # token t+k at position t; the last k positions have no such token (fed 0, masked by mtp_valid)
@@ -190,9 +192,11 @@ class Transformer(nnx.Module):
                 all_logits.append(lg)
                 counts.append(m_aux["expert_counts"])
                 balance.append(m_aux["balance_loss"])
+                affinity.append(m_aux["expert_affinity"])
             mtp_logits = jnp.stack(all_logits)
             aux["mtp_expert_counts"] = jnp.stack(counts)
             aux["mtp_balance_loss"] = jnp.stack(balance)
+            aux["mtp_expert_affinity"] = jnp.stack(affinity)
             new_cache["mtp"] = mtp_caches
         aux["router_counts"] = self.router_counts(aux)
         hs = jnp.concatenate([h for h in hidden_states if h is not None]) if return_hidden_states else None

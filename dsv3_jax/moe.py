@@ -601,8 +601,9 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, f * cfg.n_shared_experts, self.policy, rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
-        """Returns the layer output and aux {expert_counts (E,), balance_loss ()} over valid tokens, both over
-        the whole global batch (psum'd once across the shards under expert parallelism)."""
+        """Returns the layer output and aux {expert_counts (E,), balance_loss (), expert_affinity (E,): the sum of the
+        normalised affinities s_i / sum_j s_j, for the batch-level aux loss} over valid tokens, all over the whole
+        global batch (psum'd once across the shards under expert parallelism)."""
         cfg = self.cfg
         mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
         name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
@@ -616,18 +617,18 @@ class MoE(nnx.Module):
             w_in, w_out = P(e, None, f), P(e, f, None)
             routed = jax.shard_map(functools.partial(routed, reduce_axes=bat), mesh=mesh,
                                    in_specs=(P(bat), P(bat), P(), P(), ExpertWeights(w_in, w_in, w_out)),
-                                   out_specs=(P(bat), P(), P()))
-        y_btd, counts, balance = routed(*args)
+                                   out_specs=(P(bat), P(), P(), P()))
+        y_btd, counts, balance, affinity = routed(*args)
         y_btd = y_btd.astype(x_btd.dtype)
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)
-        return y_btd, {"expert_counts": counts, "balance_loss": balance}
+        return y_btd, {"expert_counts": counts, "balance_loss": balance, "expert_affinity": affinity}
 
 
 def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: ModelConfig, backend, ctx,
             reduce_axes: tuple[str, ...] = ()):
-    """Route these tokens, run the backend, count: (y (B, T, D), expert counts (E,), balance loss ()). Inside
-    shard_map the counts and the balance-loss sums are psum'd over the batch axes: global, counted once."""
+    """Route these tokens, run the backend, count: (y (B, T, D), expert counts (E,), balance loss (), affinity sum
+    (E,)). Inside shard_map the counts and the balance-loss and affinity sums are psum'd over the batch axes."""
     b, t, d = x_btd.shape
     x_nd = x_btd.reshape(b * t, d)
     scores = router_scores(x_nd, router_de)  # (N, E) float32
@@ -638,9 +639,10 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
     counts = expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts)
     bal_sum, n_seq = sequence_balance_terms(scores.reshape(b, t, -1), idx.reshape(b, t, -1), valid_bt,
                                             cfg.num_experts_per_tok)
+    affinity = ((scores / scores.sum(-1, keepdims=True)) * valid_bt.reshape(-1, 1)).sum(0)  # (E,)
     if reduce_axes:
-        counts, bal_sum, n_seq = jax.lax.psum((counts, bal_sum, n_seq), reduce_axes)
-    return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0)
+        counts, bal_sum, n_seq, affinity = jax.lax.psum((counts, bal_sum, n_seq, affinity), reduce_axes)
+    return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0), affinity
 
 
 # The decode path: a handful of tokens on the latent cache (`model.Block` calls this instead of the layer when it
@@ -657,9 +659,10 @@ def decodes(n_tokens: int) -> bool:
 def decode_forward(layer: MoE, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
     """`layer(x_btd, valid_bt)` computed with the `decode` backend."""
     weights = ExpertWeights(layer.w_gate[...], layer.w_up[...], layer.w_down[...])
-    y_btd, counts, balance = _routed(x_btd, valid_bt, layer.router[...], layer.bias[...], weights, cfg=layer.cfg,
-                                     backend=BACKENDS["decode"].fn, ctx=MoeContext(layer.policy))
+    y_btd, counts, balance, affinity = _routed(x_btd, valid_bt, layer.router[...], layer.bias[...], weights,
+                                               cfg=layer.cfg, backend=BACKENDS["decode"].fn,
+                                               ctx=MoeContext(layer.policy))
     y_btd = y_btd.astype(x_btd.dtype)
     if layer.shared is not None:
         y_btd = y_btd + layer.shared(x_btd)
-    return y_btd, {"expert_counts": counts, "balance_loss": balance}
+    return y_btd, {"expert_counts": counts, "balance_loss": balance, "expert_affinity": affinity}

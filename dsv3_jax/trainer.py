@@ -55,6 +55,9 @@ def mtp_lambda(step: jax.Array, cfg: TrainConfig) -> jax.Array:
 
 
 def bias_gamma(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+    """The bias speed; 0 (bias frozen at its initial zeros) unless the balancing strategy is aux_free."""
+    if cfg.balance != "aux_free":
+        return jnp.zeros((), jnp.float32)
     stop = cfg.bias_gamma_stop_step
     return jnp.asarray(cfg.bias_gamma if stop is None else jnp.where(step < stop, cfg.bias_gamma, 0.0), jnp.float32)
 
@@ -105,8 +108,11 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         else:
             mtp_ce, mtp_counts = jnp.zeros((0,)), jnp.zeros((0, cfg.model.n_routed_experts))
         bal = losses.balance_loss(out.aux, tcfg.balance_alpha) / m
-        total = ce + losses.mtp_loss(mtp_ce, lam) + bal
-        return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "counts": out.aux["expert_counts"],
+        aux_bal = losses.aux_balance_loss(out.aux, tcfg.aux_loss_alpha, cfg.model.num_experts_per_tok) / m \
+            if tcfg.balance == "aux_loss" else jnp.zeros((), jnp.float32)
+        total = ce + losses.mtp_loss(mtp_ce, lam) + bal + aux_bal
+        return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "aux_balance": aux_bal,
+                       "counts": out.aux["expert_counts"],
                        "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -135,11 +141,21 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         "maxvio_mean": maxvio.mean() if aux["counts"].shape[0] else jnp.zeros(()),
         "dead_experts": (aux["counts"] == 0).sum(), "bias_mean": all_bias.mean(), "bias_std": all_bias.std(),
         "tokens": n_tok, "routed_tokens": aux["counts"].sum(-1),  # (L_moe,) = valid tokens x K when counted once
+        "aux_balance_loss": aux["aux_balance"],
+        # (L_moe, E) each: load c_i / mean(c) and the router bias after the update, for plots (metrics.layer_matrix)
+        "expert_load": aux["counts"] / jnp.maximum(aux["counts"].mean(-1, keepdims=True), 1e-9),
+        "router_bias": moe_bias(bias, aux["counts"].shape),
     }
     if depth:
         out["mtp_maxvio"] = max_violation(aux["mtp_counts"])
         out["mtp_routed_tokens"] = aux["mtp_counts"].sum(-1)  # (M,) = MTP targets x K
     return TrainState(state.step + 1, params, bias, opt_state), out
+
+
+def moe_bias(bias: dict, shape: tuple) -> jax.Array:
+    """The main MoE layers' router bias (L_moe, E) from the bias state (zeros (0, E) without MoE layers)."""
+    b = bias.get("moe_layers", {}).get("mlp", {}).get("bias")
+    return jnp.zeros(shape, jnp.float32) if b is None else b
 
 
 def jit_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, abstract: TrainState,
