@@ -52,9 +52,8 @@ EXTRAS = ["train.eval_every=3", "train.eval_batches=2", "train.sample_tokens=6",
 
 
 def env(tmp_path_factory) -> dict:
+    """One device; the session's compilation cache (conftest.py) comes with os.environ."""
     e = dict(os.environ)
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e.pop("XLA_FLAGS", None)
     return e
 
