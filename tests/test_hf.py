@@ -311,6 +311,7 @@ def assert_logits_match(ours, ref) -> None:
     np.testing.assert_allclose(logits, theirs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # transformers end to end: our export, its from_pretrained, both forwards
 def test_export_loads_in_transformers(tmp_path):
     model = random_model(0)
     hf.save(model, tmp_path)
@@ -484,6 +485,7 @@ def test_fp8_export_round_trip_equals_the_fp8_rounded_weights(tmp_path):
                               plain["model.layers.1.self_attn.o_proj.weight"])
 
 
+@pytest.mark.slow  # transformers end to end: our export, its from_pretrained, both forwards
 def test_fp8_export_loads_in_transformers(tmp_path):
     """transformers (which dequantises on CPU) loads our FP8 export and computes our logits. Its CPU dequantiser
     needs every dim a multiple of 128 (no partial edge blocks), hence these dims."""

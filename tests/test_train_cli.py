@@ -85,6 +85,7 @@ def test_default_arguments_name_the_small_preset():
     assert args.config == "small" and args.overrides == []
 
 
+@pytest.mark.slow
 def test_resumes_with_a_different_impl(run_dir, tmp_path):
     """A run dir pins the architecture, not the implementation: a run moved to bf16 matmuls and full remat resumes
     from its checkpoint and goes on."""
