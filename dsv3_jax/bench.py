@@ -194,11 +194,12 @@ def moe_vs_dense(cfg: Config, repeats: int) -> tuple[float, float]:
 # (e) decode: the decode module's rows.
 
 
-def _decode_rows(quick: bool) -> list[dict]:
-    """Decode tok/s (batch 1 and 16) against transformers' generate, cache bytes/token, speculative decoding."""
+def _decode_rows(quick: bool, cfg: Config) -> list[dict]:
+    """Decode tok/s (batch 1 and 16) against transformers' generate, cache bytes/token, speculative decoding, on the
+    model the train section trains."""
     from dsv3_jax import bench_decode
 
-    return bench_decode.run(quick)
+    return bench_decode.run(quick, cfg=cfg.model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def run(name: str = "bench", quick: bool = False, overrides: list[str] = (), log
     if "moe" in only:
         _moe_section(cfg, budget, sec, say)
     if "decode" in only:
-        sec["decode"] = _decode_rows(quick)
+        sec["decode"] = _decode_rows(quick, cfg)
         say("(e) decode done")
     if "compile" in only:
         sec["compile"] = [row(f"train step compile, {n} layers", compile_seconds(cfg, n), None, "s")

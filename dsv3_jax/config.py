@@ -139,7 +139,7 @@ class ImplConfig:
     param_dtype: str = "float32"  # master weights
     precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (precision.policy)
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
-    moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense : moe.BACKENDS entry
+    moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense | decode : moe.BACKENDS
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once
     attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
@@ -166,7 +166,7 @@ class ImplConfig:
 IMPL_FIELDS = frozenset(f.name for f in dataclasses.fields(ImplConfig))
 PRECISIONS = ("fp32", "bf16", "fp8")
 _REMAT = {"none", "full", "dots"}
-_MOE_IMPLS = {"auto", "ep_ragged", "ep_a2a", "ragged_dot", "blocked", "dense"}  # "auto" + moe.BACKENDS
+_MOE_IMPLS = {"auto", "ep_ragged", "ep_a2a", "ragged_dot", "blocked", "dense", "decode"}  # "auto" + moe.BACKENDS
 _DTYPES = {"float32", "bfloat16", "float16"}
 
 
