@@ -253,6 +253,7 @@ HF_CFG = {"q_lora_rank": 20, "num_hidden_layers": 3, "n_routed_experts": 8, "n_g
                               "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}}
 
 
+@pytest.mark.slow  # transformers' generate end to end, like the hf export round trips
 def test_greedy_matches_transformers_generate(tmp_path):
     torch = pytest.importorskip("torch")
     hf_util = pytest.importorskip("tests.hf_util")
@@ -289,6 +290,7 @@ def test_cache_bytes_per_token_formula(model, cfg):
 # (4) Speculative sampling keeps the sampling distribution.
 
 
+@pytest.mark.slow  # a frequency test: thousands of sampled tokens through the compiled loop
 @pytest.mark.parametrize("speculative", [None, "mtp"])
 def test_sampled_tokens_follow_the_model_distribution(speculative):
     """N rows of one prompt sample 3 tokens at temperature 1 (V = 8). The frequency of every pair (t2, t3) must
