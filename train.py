@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3_jax.config import ConfigError
+from dsv3_jax.config import ConfigError, print_error
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
     except _usage_errors() as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return print_error(e)
     return 0
 
 

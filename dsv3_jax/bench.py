@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.config import Config, ConfigError, load_config
+from dsv3_jax.config import Config, ConfigError, load_config, print_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
                      only=tuple(x for x in args.only.split(",") if x))
     except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return print_error(e)
     print(json.dumps(result) if args.json else table(result))
     return 0
 

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line and names the field."""
 
 
+def print_error(e: BaseException) -> int:
+    """A command line's answer to bad input: `error: <the message on one line>` on stderr; the exit status 2."""
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return 2
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnConfig:
     """YaRN rotary scaling (the fields of HF `rope_scaling` with type "yarn")."""

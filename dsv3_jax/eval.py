@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import losses
-from dsv3_jax.config import Config, ConfigError, DataConfig
+from dsv3_jax.config import Config, ConfigError, DataConfig, print_error
 
 
 def batch_sums(graphdef, params, bias, batch: dict) -> dict:
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load(args.checkpoint, args.data, args.tokenizer, args.seq_len)
         res = evaluate_model(model, cfg.data, args.batch_size, args.batches)
     except (ConfigError, DataError, HFError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return print_error(e)
     print(json.dumps(res) if args.json else format_table(res))
     return 0
 

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from dsv3_jax import metrics
-from dsv3_jax.config import ConfigError
+from dsv3_jax.config import ConfigError, print_error
 
 PRESET = "exp"
 # Each arm: (name, config overrides). Both aux-loss weights are conventional Switch/GShard values.
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_experiment(args.kind, pathlib.Path(args.out), args.seeds, args.quick, args.preset, args.overrides,
                              args.eval_batches))
     except (ConfigError, DataError, HFError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return print_error(e)
     return 0
 
 

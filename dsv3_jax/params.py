@@ -12,7 +12,7 @@ import sys
 import jax
 from flax import nnx
 
-from dsv3_jax.config import ConfigError, ModelConfig, load_config
+from dsv3_jax.config import ConfigError, ModelConfig, load_config, print_error
 from dsv3_jax.model import Transformer
 
 
@@ -63,8 +63,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     counts = count_params(cfg.model)
     print(json.dumps(counts, indent=2))
     print(f"{argv[0]}: {human(counts['total'])} total, {human(counts['activated'])} activated per token; "

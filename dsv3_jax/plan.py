@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from dsv3_jax import hardware
-from dsv3_jax.config import Config, ConfigError, MeshConfig, load_config
+from dsv3_jax.config import Config, ConfigError, MeshConfig, load_config, print_error
 
 GIB = 2**30
 
@@ -394,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         use_fake_devices(args.devices)
         return run(args, hw)
     except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return print_error(e)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from dsv3_jax import metrics
+from dsv3_jax.config import print_error
 
 
 def run_info(run_dir: str | pathlib.Path) -> tuple[list[dict], dict]:
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_runs(args.run_dirs, args.out, labels):
             print(path)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return print_error(e)
     return 0
 
 

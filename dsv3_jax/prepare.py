@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from dsv3_jax import sources
+from dsv3_jax.config import print_error
 from dsv3_jax.tokenizer import DataError, identity, make_tokenizer
 
 VERSION = 1
@@ -348,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         m = prepare(a.source, a.tokenizer, a.out, a.format, a.text_field, a.eval_fraction, a.max_documents,
                     a.processes, a.shard_mb, log=lambda s: print(s, file=sys.stderr, flush=True))
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     dt = time.perf_counter() - t0
     s = m["splits"]
     docs = sum(s[x]["documents"] for x in SPLITS)
