@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax import moe
 from dsv3_jax.attention import MLA, LatentCache
 from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
@@ -54,10 +53,8 @@ class Block(nnx.Module):
             h, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, positions, cache)
         x_btd = constrain(x_btd + h, ("batch", "seq", "act_embed"))
         with jax.named_scope("moe" if self.is_moe else "mlp"):
-            if self.is_moe and cache is not None and moe.decodes(x_btd.shape[0] * x_btd.shape[1]):
-                h, aux = moe.decode_forward(self.mlp, self.mlp_norm(x_btd), valid)  # few tokens: no dispatch
-            elif self.is_moe:
-                h, aux = self.mlp(self.mlp_norm(x_btd), valid)
+            if self.is_moe:  # on the cache a handful of tokens skip the training dispatch
+                h, aux = self.mlp(self.mlp_norm(x_btd), valid, decoding=cache is not None)
             else:
                 h, aux = self.mlp(self.mlp_norm(x_btd)), {}
         return constrain(x_btd + h, ("batch", "seq", "act_embed")), aux, cache

@@ -525,7 +525,7 @@ BACKENDS: dict[str, Backend] = {
     "blocked": Backend(_blocked_backend, False),
     "ep_a2a": Backend(_expert_parallel_backend(all_to_all_exchange), True),
     "ep_ragged": Backend(_expert_parallel_backend(ragged_exchange), True),
-    "decode": Backend(_decode_backend, False),  # picked by the decode path (`decode_forward`), not by `choose`
+    "decode": Backend(_decode_backend, False),  # picked by `MoE(..., decoding=True)`, not by `choose`
 }
 
 
@@ -600,15 +600,19 @@ class MoE(nnx.Module):
         self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), cfg.initializer_range, pdt)
         self.shared = MLP(cfg, f * cfg.n_shared_experts, self.policy, rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array, decoding: bool = False) -> tuple[jax.Array, dict]:
         """Returns the layer output and aux {expert_counts (E,), balance_loss (), expert_affinity (E,): the sum of the
         normalised affinities s_i / sum_j s_j, for the batch-level aux loss} over valid tokens, all over the whole
-        global batch (psum'd once across the shards under expert parallelism)."""
+        global batch (psum'd once across the shards under expert parallelism). `decoding` (on the cache): a handful
+        of tokens and no mesh take the `decode` backend instead of the training dispatch (`decodes`)."""
         cfg = self.cfg
         mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
-        name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
-                           cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy, jax.default_backend(),
-                           self.impl.moe_ep_chunk_tokens)
+        if decoding and decodes(x_btd.shape[0] * x_btd.shape[1]):
+            name, ctx, sharded = "decode", MoeContext(self.policy), False
+        else:
+            name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
+                                        cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy,
+                                        jax.default_backend(), self.impl.moe_ep_chunk_tokens)
         weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
         routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
         args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)
@@ -645,8 +649,8 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
     return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0), affinity
 
 
-# The decode path: a handful of tokens on the latent cache (`model.Block` calls this instead of the layer when it
-# decodes). Same routing, same aux; the `decode` backend instead of the training dispatch.
+# The decode path: a handful of tokens on the latent cache (`MoE(..., decoding=True)`). Same routing, same aux; the
+# `decode` backend instead of the training dispatch.
 DECODE_MAX_TOKENS = 64
 
 
@@ -655,14 +659,3 @@ def decodes(n_tokens: int) -> bool:
     sharded dispatch stays in charge)."""
     return n_tokens <= DECODE_MAX_TOKENS and jax.sharding.get_abstract_mesh().empty
 
-
-def decode_forward(layer: MoE, x_btd: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, dict]:
-    """`layer(x_btd, valid_bt)` computed with the `decode` backend."""
-    weights = ExpertWeights(layer.w_gate[...], layer.w_up[...], layer.w_down[...])
-    y_btd, counts, balance, affinity = _routed(x_btd, valid_bt, layer.router[...], layer.bias[...], weights,
-                                               cfg=layer.cfg, backend=BACKENDS["decode"].fn,
-                                               ctx=MoeContext(layer.policy))
-    y_btd = y_btd.astype(x_btd.dtype)
-    if layer.shared is not None:
-        y_btd = y_btd + layer.shared(x_btd)
-    return y_btd, {"expert_counts": counts, "balance_loss": balance, "expert_affinity": affinity}
