@@ -67,13 +67,14 @@ def paired_medians_s(fa, fb, repeats: int, warmup: int = 2) -> tuple[float, floa
     return statistics.median(ta), statistics.median(tb)
 
 
-def row(name: str, ours: float, reference: float | None, unit: str, higher_is_better: bool = True) -> dict:
-    """One table row; ratio = how many times better ours is (ours/ref for rates, ref/ours for times)."""
+def row(name: str, ours: float, reference: float | None, unit: str, higher_is_better: bool = True, **extra) -> dict:
+    """One table row; ratio = how many times better ours is (ours/ref for rates, ref/ours for times); `extra` keys
+    ride along (acceptance, identical rows)."""
     if reference is None:
         ratio = None
     else:
         ratio = ours / reference if higher_is_better else reference / ours
-    return {"name": name, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit}
+    return {"name": name, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit, **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
+from dsv3_jax.bench import paired_medians_s, row
 from dsv3_jax.config import ModelConfig, load_config
 
 PROMPT_LEN = 16
@@ -33,20 +32,6 @@ SPEC_PROMPT = "def main("
 def bench_config() -> ModelConfig:
     """Issue 12's benchmark model (`configs/bench.yaml`), the one `dsv3_jax.bench` trains."""
     return load_config("bench").model
-
-
-def median_seconds(fns: list, repeats: int) -> list[float]:
-    """Each fn() once to warm up (compile), then `repeats` rounds calling every fn in turn (alternating, so a
-    machine shared with other jobs slows both sides alike); the median seconds of each."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
 
 
 def prompts_for(cfg: ModelConfig, batch: int, seed: int = 0) -> list[list[int]]:
@@ -99,15 +84,10 @@ def load_hf(model, directory: str):
     return DeepseekV3ForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
 
 
-def row(name: str, ours: float, reference: float | None, unit: str, **extra) -> dict:
-    ratio = ours / reference if reference else None
-    return {"name": name, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit, **extra}
-
-
 def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: str) -> list[dict]:
     plain, spec = {}, {}
-    s_plain, s_spec = median_seconds([ours_call(model, [prompt], new, plain),
-                                      ours_call(model, [prompt], new, spec, speculative="mtp")], repeats)
+    s_plain, s_spec = paired_medians_s(ours_call(model, [prompt], new, plain),
+                                       ours_call(model, [prompt], new, spec, speculative="mtp"), repeats, warmup=1)
     r = spec["r"]
     if r.tokens != plain["r"].tokens:
         raise RuntimeError("speculative greedy output differs from plain greedy output")
@@ -137,8 +117,8 @@ def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None =
         for b in batches:
             prompts = prompts_for(cfg, b)
             ours, ref = {}, {}
-            s_ours, s_ref = median_seconds([ours_call(model, prompts, new_tokens, ours),
-                                            hf_call(hf_model, prompts, new_tokens, ref)], repeats)
+            s_ours, s_ref = paired_medians_s(ours_call(model, prompts, new_tokens, ours),
+                                             hf_call(hf_model, prompts, new_tokens, ref), repeats, warmup=1)
             same = sum(a == r for a, r in zip(ours["r"].tokens, ref["y"]))
             n_ours = sum(map(len, ours["r"].tokens))
             rows.append(row(f"greedy decode, batch {b}, {new_tokens} new tokens", n_ours / s_ours,
