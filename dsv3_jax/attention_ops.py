@@ -44,7 +44,12 @@ def _mm(spec: str, a: jax.Array, b: jax.Array, pol: Policy) -> jax.Array:
 
 
 def _scores(q_nope, q_rope, k_nope, k_rope, scale, pol) -> jax.Array:
-    """(B, H, T, S) float32 scaled scores."""
+    """(B, H, T, S) float32 scaled scores. With per-head keys the rope part joins the content part in one matmul:
+    a separate matmul over r = 16 dims against the shared k_rope writes its (B, T, H, S) product in the wrong
+    layout and XLA transposes the whole score tensor (half of the attention core's time on CPU, forward and back)."""
+    if k_nope.ndim == 4 and k_rope.ndim == 3:
+        q, k = _joint_qk(q_nope, q_rope, k_nope, k_rope)
+        return _mm("bthn,bshn->bhts", q, k, pol) * scale
     s = (_mm(f"bthn,{_k_spec(k_nope, 'n')}->bhts", q_nope, k_nope, pol)
          + _mm(f"bthr,{_k_spec(k_rope, 'r')}->bhts", q_rope, k_rope, pol))
     return s * scale
