@@ -160,6 +160,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from dsv3_jax.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX starts its CPU client
     try:
         return run(parse_args(argv))
     except KeyboardInterrupt:

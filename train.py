@@ -39,6 +39,9 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from dsv3_jax.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX starts its CPU client
     try:
         from dsv3_jax import distributed
 

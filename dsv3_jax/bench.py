@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import Config, ConfigError, load_config, print_error
+from dsv3_jax.hostmem import reuse_freed_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    reuse_freed_memory()  # both sides run in this process and see the same allocator
     try:
         result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
                      only=tuple(x for x in args.only.split(",") if x))
