@@ -145,6 +145,7 @@ class ImplConfig:
     param_dtype: str = "float32"  # master weights
     precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (precision.policy)
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
+    scan_layers: bool = True  # False: unroll the layer stack (no per-layer slice/stack copies; compile grows)
     moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense | decode : moe.BACKENDS
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once

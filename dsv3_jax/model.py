@@ -90,8 +90,9 @@ def stacked(make, n: int, rngs: nnx.Rngs):
     return nnx.merge(graphdef, state)
 
 
-def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, remat: str, keep_hidden: bool):
-    """Run a stacked Block over its layer axis with lax.scan (compile time independent of depth)."""
+def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, impl: ImplConfig, keep_hidden: bool):
+    """Run a stacked Block over its layer axis with lax.scan: compile time independent of depth; unrolled on the
+    cache and when `impl.scan_layers` is false."""
     graphdef, state = nnx.split(stack)
 
     def body(x, layer):
@@ -99,11 +100,13 @@ def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, remat: s
         x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, *consts, cache=layer_cache)
         return x, (aux, layer_cache, x if keep_hidden else None)
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    # on the cache (prefill, decode) the layers are unrolled: a scan slices every layer's weights out of the stack
-    # on each step, which at a handful of tokens costs more than the layer itself (about 2x per decode step on CPU)
-    return jax.lax.scan(body, x_btd, (state, cache), unroll=cache is not None)
+    if impl.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[impl.remat], prevent_cse=False)
+    # On the cache (prefill, decode) the layers are unrolled: a scan slices every layer's weights out of the stack
+    # on each step, which at a handful of tokens costs more than the layer itself (about 2x per decode step on CPU).
+    # Training unrolls only when asked: the scan's weight slices, stacked residuals and stacked weight gradients are
+    # copies (about 10% of the bench config's CPU step), but compile time then grows with depth.
+    return jax.lax.scan(body, x_btd, (state, cache), unroll=cache is not None or not impl.scan_layers)
 
 
 class MTPModule(nnx.Module):
@@ -163,7 +166,7 @@ class Transformer(nnx.Module):
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is None:
                 continue
-            x, (layer_aux, layer_cache, hs) = scan_blocks(stack, x, consts, cache.get(name), self.impl.remat,
+            x, (layer_aux, layer_cache, hs) = scan_blocks(stack, x, consts, cache.get(name), self.impl,
                                                           return_hidden_states)
             new_cache[name] = layer_cache
             hidden_states.append(hs)

@@ -82,7 +82,7 @@ def test_mtp_uses_pre_norm_hidden_and_embedding_of_next_token(tiny):
 
 
 def test_remat_changes_neither_values_nor_gradients(tiny):
-    """Both remat policies against one no-remat reference (computed once)."""
+    """Both remat policies and the unrolled layer stack against one scanned no-remat reference (computed once)."""
     cfg, model = tiny
     ids = jax.random.randint(jax.random.key(4), (2, 8), 0, cfg.vocab_size)
 
@@ -97,11 +97,11 @@ def test_remat_changes_neither_values_nor_gradients(tiny):
         return grad_fn(params, graphdef, rest)
 
     g0 = grads(model)
-    for remat in ("full", "dots"):
-        other = nnx.eval_shape(lambda r=remat: Transformer(cfg, nnx.Rngs(0), ImplConfig(remat=r)))  # no init
+    for impl in (ImplConfig(remat="full"), ImplConfig(remat="dots"), ImplConfig(scan_layers=False)):
+        other = nnx.eval_shape(lambda i=impl: Transformer(cfg, nnx.Rngs(0), i))  # no init
         nnx.update(other, nnx.state(model))
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(grads(other)), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=remat)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(impl))
 
 
 def test_bias_is_separate_state_and_gets_no_gradient(tiny):
