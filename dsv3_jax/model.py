@@ -256,12 +256,15 @@ class Transformer(nnx.Module):
 
 def unstacked(model: Transformer) -> Transformer:
     """The same model (shared arrays outside the blocks) with its stacked blocks split into per-layer Blocks
-    (`unstack`): a copy of the stacked weights, which the decode loop reads in place."""
+    (`unstack`) and every MLA's absorbed weights kept (`MLA.keep_absorbed`): copies that a decode loop reads in
+    place."""
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)
     for name in ("dense_layers", "moe_layers"):
         if getattr(view, name) is not None:
             setattr(view, name, unstack(getattr(view, name)))
+    for mla in [m for _, m in nnx.iter_graph(view) if isinstance(m, MLA)]:
+        mla.keep_absorbed()
     return view
 
 
