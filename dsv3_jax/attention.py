@@ -37,6 +37,37 @@ class LatentCache(NamedTuple):
                            jnp.zeros(lead + (batch, slots, cfg.qk_rope_head_dim), dt))
 
 
+DECODE_MAX_QUERIES = 64  # up to this many new tokens per row, the cache path takes `latent_attention`
+
+
+def latent_attention(q_lat_bthc, q_rope_bthr, old: LatentCache, new: LatentCache, pos_bt, scale: float,
+                     pol) -> jax.Array:
+    """A few new queries against the cache as it was before this step (`old`, slots below the row's first new
+    position) and against the new tokens' own latents (`new`, (B, T, .), causal among themselves): (B, T, H, c),
+    c_kv the key shared by all heads (absorbed query) and the value (absorbed output). The new tokens of a row
+    sit at consecutive positions (prefill 0..T-1, one decode token, a verified pair). Reading the old cache, not
+    the one this step writes, leaves that write a single reader, so XLA does it in place (it copied the whole
+    cache of every layer on every step); the cache is the left operand of both matmuls so that XLA:CPU reads it
+    as stored (as the right operand of q.k it was copied transposed). float32 scores, as every backend."""
+    dt = pol.compute_dtype
+
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a.astype(dt), b.astype(dt), precision=pol.lax_precision,
+                          preferred_element_type=jnp.float32)
+
+    def scores(keys: LatentCache):
+        return (mm("bsc,bthc->bsth", keys.c_kv, q_lat_bthc) + mm("bsr,bthr->bsth", keys.k_rope, q_rope_bthr)) * scale
+
+    slots = old.c_kv.shape[1]
+    old_bs1 = jnp.arange(slots)[None, :, None] < pos_bt.min(axis=1)[:, None, None]
+    new_bst = pos_bt[:, :, None] <= pos_bt[:, None, :]  # key j visible to query i iff pos_j <= pos_i
+    s_bsth = jnp.concatenate([jnp.where(old_bs1[..., None], scores(old), -jnp.inf),
+                              jnp.where(new_bst[..., None], scores(new), -jnp.inf)], axis=1)
+    p_bsth = jax.nn.softmax(s_bsth, axis=1)  # every query sees itself
+    out = mm("bsth,bsc->bthc", p_bsth[:, :slots], old.c_kv) + mm("bsth,bsc->bthc", p_bsth[:, slots:], new.c_kv)
+    return out.astype(q_lat_bthc.dtype)
+
+
 class MLA(nnx.Module):
     """Multi-head latent attention with low-rank query/key/value compression and a shared rotary key."""
 
@@ -59,6 +90,21 @@ class MLA(nnx.Module):
         self.kv_b_proj = Linear("btc,chk->bthk", (c, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 ("kv_lora", "heads", "head_dim"), cfg, pol, rngs)
         self.o_proj = Linear("bthv,hvd->btd", (h, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, pol, rngs)
+
+    def absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
+        """W_kb (H, n, c) and W_vb (H, c, v) out of kv_b_proj, head-major as the absorbed matmuls batch over heads:
+        the copies `keep_absorbed` stored, else sliced and transposed here."""
+        if hasattr(self, "w_kb_hnc"):
+            return self.w_kb_hnc[...], self.w_vb_hcv[...]
+        w_kvb = self.kv_b_proj.weight[...]  # (c, H, n + v)
+        n = self.cfg.qk_nope_head_dim
+        return jnp.transpose(w_kvb[..., :n], (1, 2, 0)), jnp.transpose(w_kvb[..., n:], (1, 0, 2))
+
+    def keep_absorbed(self) -> None:
+        """Store the absorbed weights as state, for a decode loop: XLA:CPU does not hoist their slicing and
+        transposing out of a compiled loop, which ran on every step (12% of a batch-1 step on the bench config)."""
+        kb, vb = self.absorbed_weights()
+        self.w_kb_hnc, self.w_vb_hcv = nnx.Variable(kb), nnx.Variable(vb)
 
     def _queries(self, x_btd, cos, sin):
         if self.cfg.q_lora_rank is None:
@@ -92,18 +138,20 @@ class MLA(nnx.Module):
         # Decode / prefill on the latent cache: scatter the new latents to their slots, then attend over the slots
         # with c_kv as the shared key (absorbed query) and the shared value (absorbed output); slot s is visible to
         # the query at position p iff s <= p. Long prefills take the blocked backend: no (T, S) scores.
-        b_idx = jnp.arange(b)[:, None]
-        cache = LatentCache(cache.c_kv.at[b_idx, positions_bt].set(c_kv.astype(cache.c_kv.dtype)),
-                            cache.k_rope.at[b_idx, positions_bt].set(k_rope.astype(cache.k_rope.dtype)))
-        w_kvb = self.kv_b_proj.weight[...]  # (c, H, n + v)
-        w_kb, w_vb = w_kvb[..., : self.cfg.qk_nope_head_dim], w_kvb[..., self.cfg.qk_nope_head_dim:]
-        q_lat = policy_einsum("bthn,chn->bthc", q_nope, w_kb, pol)  # absorbed query
+        b_idx = jnp.arange(b)[:, None]  # positions are < slots (the caller sizes the cache): a plain scatter
+        old, new = cache, LatentCache(c_kv.astype(cache.c_kv.dtype), k_rope.astype(cache.k_rope.dtype))
+        cache = LatentCache(*(o.at[b_idx, positions_bt].set(n, mode="promise_in_bounds") for o, n in zip(old, new)))
+        w_kb_hnc, w_vb_hcv = self.absorbed_weights()
+        q_lat = policy_einsum("bthn,hnc->bthc", q_nope, w_kb_hnc, pol)  # absorbed query
+        name = attention_ops.resolve(self.impl.attention, t, self_attention=False, fp32=fp32)
+        if name == "dense" and t <= DECODE_MAX_QUERIES:
+            out_lat = latent_attention(q_lat, q_rope, old, new, positions_bt, scale, pol)
+            return self.o_proj(policy_einsum("bthc,hcv->bthv", out_lat, w_vb_hcv, pol)), cache
         c_bsc, k_rope_bsr = cache.c_kv.astype(q_lat.dtype), cache.k_rope.astype(q_rope.dtype)
         slots = c_bsc.shape[1]
         slot_bs = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-        name = attention_ops.resolve(self.impl.attention, t, self_attention=False, fp32=fp32)
         out_lat = attention_ops.attend(name, q_lat, q_rope, c_bsc, k_rope_bsr, c_bsc, jnp.ones((b, t), jnp.int32),
                                        jnp.ones((b, slots), jnp.int32), positions_bt, slot_bs, scale, pol,
                                        self.impl.attention_block_size)  # (B, T, H, c)
-        out_bthv = policy_einsum("bthc,chv->bthv", out_lat, w_vb, pol)  # absorbed output
+        out_bthv = policy_einsum("bthc,hcv->bthv", out_lat, w_vb_hcv, pol)  # absorbed output
         return self.o_proj(out_bthv), cache

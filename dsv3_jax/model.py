@@ -7,6 +7,7 @@ counts that the train step turns into the bias update, and the sequence-wise bal
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -109,6 +110,27 @@ def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, impl: Im
     return jax.lax.scan(body, x_btd, (state, cache), unroll=cache is not None or not impl.scan_layers)
 
 
+def unstack(stack: Block) -> nnx.List:
+    """The layers of a stacked Block as a list of Blocks, each with its own weight arrays (see `unstacked`)."""
+    graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)])
+
+
+def run_layers(blocks: nnx.List, x_btd, consts, cache: list | None, keep_hidden: bool):
+    """Unstacked blocks one after another, layer i on cache[i]; returns what `scan_blocks` returns, the cache as a
+    list. The decode path: inside a compiled decode loop XLA:CPU copies every layer's slice out of a stacked weight
+    on every step (unrolled scan or not), which was 35-40% of a decode step's time on the bench config."""
+    auxs, caches, hs = [], [], []
+    for i, block in enumerate(blocks):
+        x_btd, aux, c = block(x_btd, *consts, cache=None if cache is None else cache[i])
+        auxs.append(aux)
+        caches.append(c)
+        hs.append(x_btd)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+    return x_btd, (aux, caches if cache is not None else None, jnp.stack(hs) if keep_hidden else None)
+
+
 class MTPModule(nnx.Module):
     """Depth-k MTP: h' = W_eh [RMSNorm(Emb(t_{t+k})) ; RMSNorm(h^{k-1}_t)], one MoE block, own final norm."""
 
@@ -166,8 +188,8 @@ class Transformer(nnx.Module):
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is None:
                 continue
-            x, (layer_aux, layer_cache, hs) = scan_blocks(stack, x, consts, cache.get(name), self.impl,
-                                                          return_hidden_states)
+            run = run_layers if isinstance(stack, nnx.List) else functools.partial(scan_blocks, impl=self.impl)
+            x, (layer_aux, layer_cache, hs) = run(stack, x, consts, cache.get(name), keep_hidden=return_hidden_states)
             new_cache[name] = layer_cache
             hidden_states.append(hs)
             if name == "moe":
@@ -224,14 +246,29 @@ class Transformer(nnx.Module):
         """Empty latent caches for every layer (and MTP module): (c_kv, k_rope) per token and layer."""
         cfg, dtype = self.cfg, dtype or self.impl.dtype
         cache = {}
-        if cfg.first_k_dense_replace:
-            cache["dense"] = LatentCache.zeros(cfg, batch, slots, cfg.first_k_dense_replace, dtype)
-        if cfg.num_moe_layers:
-            cache["moe"] = LatentCache.zeros(cfg, batch, slots, cfg.num_moe_layers, dtype)
+        for name, stack, n in (("dense", self.dense_layers, cfg.first_k_dense_replace),
+                               ("moe", self.moe_layers, cfg.num_moe_layers)):
+            if n:  # unstacked layers (`unstacked`) take one cache per layer
+                cache[name] = ([LatentCache.zeros(cfg, batch, slots, None, dtype) for _ in range(n)]
+                               if isinstance(stack, nnx.List) else LatentCache.zeros(cfg, batch, slots, n, dtype))
         if cfg.num_nextn_predict_layers:
             cache["mtp"] = [LatentCache.zeros(cfg, batch, slots, None, dtype)
                             for _ in range(cfg.num_nextn_predict_layers)]
         return cache
+
+
+def unstacked(model: Transformer) -> Transformer:
+    """The same model (shared arrays outside the blocks) with its stacked blocks split into per-layer Blocks
+    (`unstack`) and every MLA's absorbed weights kept (`MLA.keep_absorbed`): copies that a decode loop reads in
+    place."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    for name in ("dense_layers", "moe_layers"):
+        if getattr(view, name) is not None:
+            setattr(view, name, unstack(getattr(view, name)))
+    for mla in [m for _, m in nnx.iter_graph(view) if isinstance(m, MLA)]:
+        mla.keep_absorbed()
+    return view
 
 
 def create(cfg: ModelConfig, seed: int = 0, mesh=None, impl: ImplConfig | None = None) -> Transformer:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import block_consts
+from dsv3_jax.model import block_consts, unstacked
 from dsv3_jax.moe import RouterBias
 
 
@@ -197,8 +197,13 @@ def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_
     return _emit(c, first_b, first_b, jnp.zeros((b,), bool), stop_ids, budget)
 
 
+def _split_key(key: jax.Array, rule: SamplingRule) -> tuple[jax.Array, jax.Array]:
+    """(next key, key for this step); greedy decoding draws nothing, so it skips the split (a threefry loop)."""
+    return (key, key) if rule.temperature == 0 else tuple(jax.random.split(key))
+
+
 def _plain_step(model, c: Carry, rule, stop_ids, budget) -> Carry:
-    key, sub = jax.random.split(c.key)
+    key, sub = _split_key(c.key, rule)
     logits, _, cache = decode_step(model, c.tok_b[:, None], c.pos_b[:, None], c.cache)
     nxt_b = sample_tokens(logits[:, 0], sub, rule)
     c = c._replace(cache=cache, key=key, forwards=c.forwards + 1)
@@ -209,7 +214,7 @@ def _speculative_step(model, c: Carry, rule, stop_ids, budget) -> Carry:
     """Verify [tok, draft] at [p, p+1]; emit y0 (the main model's token at p) and, if the draft was y0, also
     y1; then redraft with the MTP module from the hidden states just computed."""
     b = c.tok_b.shape[0]
-    key, sub = jax.random.split(c.key)
+    key, sub = _split_key(c.key, rule)
     pos_b2 = c.pos_b[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
     logits, hidden, cache = decode_step(model, jnp.stack([c.tok_b, c.draft_b], axis=1), pos_b2, c.cache)
     y_b2 = sample_tokens(logits.reshape(b * 2, -1), sub, rule).reshape(b, 2)
@@ -258,6 +263,21 @@ def _compiled(fn, static: tuple, args: tuple, donate: tuple = ()):
         _COMPILED.clear()
     _COMPILED[key] = exe
     return exe, time.perf_counter() - t0
+
+
+_UNSTACKED: list = []  # [(the model's state leaves, graphdef, state)] of the last model decoded
+
+
+def _decode_state(model):
+    """graphdef and (params, router bias, rest) of `model.unstacked(model)`: per-layer weight arrays, which the
+    compiled loop reads in place (it copied each layer's slice of the stacked weights on every step). The copy is
+    made once per model and reused while the model's arrays are the same objects."""
+    leaves = jax.tree.leaves(nnx.state(model))
+    if _UNSTACKED and len(_UNSTACKED[0][0]) == len(leaves) and all(a is b for a, b in zip(_UNSTACKED[0][0], leaves)):
+        return _UNSTACKED[0][1], _UNSTACKED[0][2]
+    graphdef, *state = nnx.split(unstacked(model), nnx.Param, RouterBias, ...)
+    _UNSTACKED[:] = [(leaves, graphdef, tuple(state))]
+    return graphdef, tuple(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,8 +335,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
     slots = _round_up(t + max_new_tokens + 1, 64)  # speculative verification writes one slot past the last token
-    graphdef, *state = nnx.split(model, nnx.Param, RouterBias, ...)
-    state = tuple(state)
+    graphdef, state = _decode_state(model)
     stop_ids = sorted({int(s) for s in stop_tokens})
     stop = np.full((_round_up(max(len(stop_ids), 1), 8),), -1, np.int32)  # -1 pads; bucketed to share compiles
     stop[: len(stop_ids)] = stop_ids

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dsv3_jax import sampling
 from dsv3_jax.config import load_config
-from dsv3_jax.model import Transformer, create
+from dsv3_jax.model import Transformer, create, unstacked
 from dsv3_jax.moe import RouterBias
 
 PROMPTS = [[5, 9, 33, 2, 7], [100, 3], [4] * 17 + [8]]  # different lengths; the longest spans two 16-buckets
@@ -93,7 +93,7 @@ def test_cached_decode_matches_full_forward_logits(model, cfg):
     seqs = [rng.integers(2, cfg.vocab_size, n + steps).tolist() for n in lens]
     ref = full_logits(model, seqs)
 
-    graphdef, *state = nnx.split(model, nnx.Param, RouterBias, ...)
+    graphdef, *state = nnx.split(unstacked(model), nnx.Param, RouterBias, ...)  # the layout generate decodes on
     slots = max(lens) + steps + 3
 
     @jax.jit
@@ -128,6 +128,21 @@ def test_greedy_is_argmax_of_full_forward(model, greedy):
         assert ref[i, len(p) - 1: len(p) - 1 + NEW].argmax(-1).tolist() == t
     assert greedy.timing["decode_forwards"] == NEW - 1  # the first token comes from the prefill
     assert greedy.timing["new_tokens"] == NEW * len(PROMPTS) and greedy.acceptance is None
+
+
+def test_decode_reads_the_current_weights(model, greedy):
+    """generate decodes on a per-layer copy of the last model's stacked weights: an update must reach it."""
+    var = model.moe_layers.attn.o_proj.weight
+    before = var.get_value()
+    var.set_value(-before)
+    try:
+        got = sampling.generate(model, PROMPTS, NEW)
+        ref = full_logits(model, [p + t for p, t in zip(PROMPTS, got.tokens)])
+    finally:
+        var.set_value(before)
+    assert got.tokens != greedy.tokens
+    for i, (p, t) in enumerate(zip(PROMPTS, got.tokens)):
+        assert ref[i, len(p) - 1: len(p) - 1 + NEW].argmax(-1).tolist() == t
 
 
 def test_stop_tokens_end_rows_independently(model, greedy):
