@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="runs/small", help="trained run for the speculative row")
     p.add_argument("--torch-threads", type=int, default=None, help="transformers' intra-op threads (torch default)")
     args = p.parse_args(argv)
+    from dsv3_jax.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX starts its CPU client; both sides see the same allocator
     rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
