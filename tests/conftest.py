@@ -47,3 +47,22 @@ def pytest_unconfigure(config):
     if os.environ.get(_OWNER) == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+
+# Rough seconds each file's tests take in one worker (CPU seconds of the tests and their subprocesses on the 2-core
+# machine, 2026-11-30, before LLVM -O0): (full suite, `-m "not slow"`). xdist hands whole files to the workers in
+# collection order (--dist loadfile --no-loadscope-reorder in pyproject.toml), so the longest go first: a long file
+# that started last would run alone while the other worker idles (xdist's own order, most tests first, put the
+# bench, experiments and multi-process files last). Files not listed take a few seconds and fill the gaps at the end.
+FILE_SECONDS = {
+    "test_ep.py": (300, 26), "test_checkpoint.py": (150, 3), "test_trainer.py": (130, 77), "test_bench.py": (115, 1),
+    "test_sampling.py": (108, 61), "test_model.py": (106, 106), "test_experiments.py": (100, 1),
+    "test_plan.py": (95, 30), "test_train_cli.py": (84, 44), "test_sharding.py": (76, 17), "test_balance.py": (66, 3),
+    "test_attention.py": (66, 66), "test_multiprocess.py": (61, 0), "test_moe.py": (55, 55), "test_hf.py": (49, 23),
+    "test_sample_cli.py": (44, 28), "test_counts.py": (36, 0), "test_precision.py": (33, 33),
+    "test_bench_decode.py": (25, 0), "test_parity.py": (22, 20), "test_prepare.py": (9, 3),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    column = 1 if "not slow" in (config.getoption("markexpr") or "") else 0
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, (0.0, 0.0))[column])  # stable: files stay whole
