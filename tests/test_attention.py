@@ -3,7 +3,6 @@ backend's memory; backend selection and its errors; the attention core under the
 
 import dataclasses
 import functools
-import os
 import pathlib
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dsv3_jax.config import ConfigError, ImplConfig, load_config
 from dsv3_jax.layers import rope_cos_sin
 from dsv3_jax.model import create
 from dsv3_jax.precision import Policy
+from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FP32 = Policy()
@@ -250,7 +250,7 @@ def test_bad_backend_names_the_field():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="names the CPU platform")
 def test_train_cli_with_a_kernel_this_platform_lacks_prints_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = xla_env.env()
     r = subprocess.run([sys.executable, "train.py", "--config", "tiny", "impl.attention=splash", "train.steps=1",
                         f"train.run_dir={tmp_path / 'run'}", "data.max_documents=20"], cwd=REPO, env=env,
                        check=False, capture_output=True, text=True, timeout=300)

@@ -2,7 +2,6 @@
 and what a full train.py run writes besides checkpoints: evaluation, the end-of-run sample, TensorBoard."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from dsv3_jax import checkpoint
 from dsv3_jax.config import ConfigError, load_config
+from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS, KILL_AT = 6, 3
@@ -54,9 +54,7 @@ EXTRAS = ["train.eval_every=3", "train.eval_batches=2", "train.sample_tokens=6",
 
 def env(tmp_path_factory) -> dict:
     """One device; the session's compilation cache (conftest.py) comes with os.environ."""
-    e = dict(os.environ)
-    e.pop("XLA_FLAGS", None)
-    return e
+    return xla_env.env()
 
 
 def small_state(seed: int) -> dict:

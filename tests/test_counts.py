@@ -2,12 +2,13 @@
 with gradient accumulation and on an 8-device mesh, and the bias moves by exactly those counts. The mesh run needs
 its device count fixed at JAX start-up, so it runs in a subprocess."""
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests import xla_env
 
 SCRIPT = textwrap.dedent("""
     import functools
@@ -54,6 +55,6 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_counted_once_with_micro_batches_on_an_8_device_mesh():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env.env(8)
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0 and "COUNTS_OK" in r.stdout, r.stderr[-3000:]

@@ -5,7 +5,6 @@ ragged_all_to_all path cross-lowered for TPU."""
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,32 +19,43 @@ from dsv3_jax import moe, trainer
 from dsv3_jax.config import ConfigError, load_config
 from dsv3_jax.precision import Policy
 from dsv3_jax.sharding import MESH_AXES, RULES
+from tests import xla_env
 from tests.test_moe import _naive
 
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = xla_env.env(8)
 
-# The train step on a mesh vs on one device. The optimizer is replaced by one that stores the gradients as its
-# state, so the (micro-batch accumulated) gradients come out of the real train_step. With --hlo: the collectives of
-# the compiled step instead.
+# The train step on each mesh of MESHES vs on one device, in one process: the single-device reference is built
+# once per config, each mesh's step is compiled once, and the (data=2, expert=4) step's compiled program also gives
+# the collectives check. The optimizer is replaced by one that stores the gradients as its state, so the
+# (micro-batch accumulated) gradients come out of the real train_step. Prints one JSON line: "ok" or the failure,
+# per case, so that each parametrized test names its own mesh.
+MESHES = {"data=8": ("data=8", ()), "data=2,expert=4": ("data=2,expert=4", ()), "expert=8": ("expert=8", ()),
+          "fsdp=2,expert=2,tensor=2": ("fsdp=2,expert=2,tensor=2", ()),
+          "ep-chunks": ("data=2,expert=4", ("impl.moe_ep_chunk_tokens=6",))}
+HLO_MESH = "data=2,expert=4"
+
 STEP_SCRIPT = textwrap.dedent(r"""
-    import re, sys
+    import json, re, sys, traceback
     import jax, jax.numpy as jnp, numpy as np, optax
     from dsv3_jax import trainer
     from dsv3_jax.config import MeshConfig, load_config
     from dsv3_jax.sharding import make_mesh
     SEQ, B, M = 16, 16, 2
-    cfg = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={B}", f"train.micro_batches={M}",
-                               "train.bias_gamma=0.01", "train.balance_alpha=0.01",
-                               *[a for a in sys.argv[2:] if "=" in a]])
+    cases, hlo_mesh = json.loads(sys.argv[1]), sys.argv[2]
+
+    def config(overrides):
+        return load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={B}", f"train.micro_batches={M}",
+                                    "train.bias_gamma=0.01", "train.balance_alpha=0.01", *overrides])
+
     rng = np.random.default_rng(0)
-    tokens = rng.integers(2, cfg.model.vocab_size, size=(B, SEQ + 1)).astype(np.int32)
+    tokens = rng.integers(2, config(()).model.vocab_size, size=(B, SEQ + 1)).astype(np.int32)
     seg = np.ones((B, SEQ + 1), np.int32); seg[:, 9:] = 2; seg[-1, -3:] = 0
     pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (B, 1)); pos[:, 9:] -= 9
     batch = {"tokens": tokens, "segment_ids": seg, "positions": pos}
     keep_grads = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
                                               lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
 
-    def compile_step(mesh):
+    def compile_step(cfg, mesh):
         state, graphdef, _ = trainer.init_state(cfg, mesh)
         state = state._replace(opt_state=keep_grads.init(state.params))
 
@@ -59,19 +69,15 @@ STEP_SCRIPT = textwrap.dedent(r"""
         with jax.set_mesh(mesh):
             return jax.jit(f).lower(state, batch).compile(), state
 
-    shape = {k: int(v) for k, v in (kv.split("=") for kv in sys.argv[1].split(","))}
-    mesh = make_mesh(MeshConfig(**{"data": 1, **shape}))
-    step, state = compile_step(mesh)
-    if "--hlo" not in sys.argv:
-        ref_step, ref_state = compile_step(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
-        ref, got = jax.device_get(ref_step(ref_state, batch)), jax.device_get(step(state, batch))
+    def check_step(cfg, step, state, ref):
+        got = jax.device_get(step(state, batch))
         for (path, r), g in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5,
                                        err_msg=jax.tree_util.keystr(path))
         np.testing.assert_array_equal(got["counts"], ref["counts"])
         assert got["counts"].sum() == (seg[:, :-1] != 0).sum() * cfg.model.num_experts_per_tok * 2
-        print("EP_STEP_OK")
-    else:
+
+    def check_hlo(cfg, mesh, step, state):
         hlo = step.as_text()
         k, d, e, f = (cfg.model.num_experts_per_tok, cfg.model.hidden_size, cfg.model.n_routed_experts,
                       cfg.model.moe_intermediate_size)
@@ -91,7 +97,27 @@ STEP_SCRIPT = textwrap.dedent(r"""
         assert len(moved) >= 4, ("token rows do not move by all-to-all", [t for t, op in ops if op == "all-to-all"])
         w = state.params["moe_layers"]["mlp"]["w_gate"]
         assert w.sharding.shard_shape(w.shape)[1] == e // ep, w.sharding
-        print("EP_HLO_OK", len(moved), "all-to-alls of", rows, "rows")
+
+    def outcome(check, *args):
+        try:
+            check(*args)
+            return "ok"
+        except Exception:
+            return traceback.format_exc()[-3000:]
+
+    refs, results = {}, {}
+    for name, (shape_text, overrides) in cases.items():
+        cfg = config(overrides)
+        if tuple(overrides) not in refs:
+            ref_step, ref_state = compile_step(cfg, make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+            refs[tuple(overrides)] = jax.device_get(ref_step(ref_state, batch))
+        shape = {k: int(v) for k, v in (kv.split("=") for kv in shape_text.split(","))}
+        mesh = make_mesh(MeshConfig(**{"data": 1, **shape}))
+        step, state = compile_step(cfg, mesh)
+        results[name] = outcome(check_step, cfg, step, state, refs[tuple(overrides)])
+        if shape_text == hlo_mesh and not overrides:
+            results["hlo"] = outcome(check_hlo, cfg, mesh, step, state)
+    print("EP_RESULTS", json.dumps(results))
 """)
 
 # The dense exchange against ragged_all_to_all's semantics on 4 devices (arrays saved for the parent), and the
@@ -288,21 +314,28 @@ def test_experts_not_divisible_by_expert_axis_is_one_line_error():
         trainer.check_run(cfg, _abstract(expert=3))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh,overrides", [("data=8", ()), ("data=2,expert=4", ()), ("expert=8", ()),
-                                            ("fsdp=2,expert=2,tensor=2", ()),
-                                            ("data=2,expert=4", ("impl.moe_ep_chunk_tokens=6",))],
-                         ids=["data=8", "data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2", "ep-chunks"])
-def test_sharded_step_equals_single_device_step(mesh, overrides):
-    """Logits, losses, gradients, expert counts, bias update on the mesh (micro_batches 2) vs one device; last case:
-    the exchange in 3 chunks of 6 of the 16 tokens per device (the last chunk padded)."""
-    assert "EP_STEP_OK" in _run(STEP_SCRIPT, mesh, *overrides)
+@pytest.fixture(scope="module")
+def mesh_steps() -> dict[str, str]:
+    """Every mesh's comparison and the collectives check, from one 8-device process: "ok" or the failure."""
+    out = _run(STEP_SCRIPT, json.dumps(MESHES), HLO_MESH)
+    line = next(ln for ln in out.splitlines() if ln.startswith("EP_RESULTS "))
+    results = json.loads(line.removeprefix("EP_RESULTS "))
+    assert set(results) == {*MESHES, "hlo"}, results
+    return results
 
 
 @pytest.mark.slow
-def test_compiled_ep_step_moves_rows_by_all_to_all_and_gathers_no_batch():
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_sharded_step_equals_single_device_step(mesh_steps, mesh):
+    """Logits, losses, gradients, expert counts, bias update on the mesh (micro_batches 2) vs one device; ep-chunks:
+    (data=2, expert=4) with the exchange in 3 chunks of 6 of the 16 tokens per device (the last chunk padded)."""
+    assert mesh_steps[mesh] == "ok", mesh_steps[mesh]
+
+
+@pytest.mark.slow
+def test_compiled_ep_step_moves_rows_by_all_to_all_and_gathers_no_batch(mesh_steps):
     """The compiled (data=2, expert=4) step: all-to-all of routed rows, no batch-sized gather, experts stay split."""
-    assert "EP_HLO_OK" in _run(STEP_SCRIPT, "data=2,expert=4", "--hlo")
+    assert mesh_steps["hlo"] == "ok", mesh_steps["hlo"]
 
 
 def test_ragged_path_cross_lowers_for_tpu_and_the_dense_exchange_matches_its_semantics(tmp_path):

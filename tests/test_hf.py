@@ -19,6 +19,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Decod
 from dsv3_jax import hf, precision
 from dsv3_jax.config import load_config
 from dsv3_jax.model import Transformer
+from tests import xla_env
 from tests.hf_util import hf_config, make_hf_model, read_dir, write_dir
 
 MTP_CFG = {
@@ -391,7 +392,6 @@ print(json.dumps({"sharded": sharded_stats["bytes_read"], "full": full_stats["by
 def test_sharded_load_in_two_processes_equals_single_process_load(tmp_path):
     """FP8 checkpoint onto a (fsdp 2, expert 2, tensor 2) mesh over 2 processes x 4 CPU devices: every addressable
     shard equals the unsharded load, and each process reads well under the whole checkpoint."""
-    import os
     import socket
     import subprocess
     import sys
@@ -405,8 +405,7 @@ def test_sharded_load_in_two_processes_equals_single_process_load(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
+    env = xla_env.env(4, PYTHONPATH=str(pathlib.Path(__file__).resolve().parent.parent))
     procs = [subprocess.Popen([sys.executable, "-c", _SHARDED_LOAD, f"localhost:{port}", str(i), str(ckpt)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

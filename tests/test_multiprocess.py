@@ -1,7 +1,6 @@
 """Two CPU processes (gloo, 2 devices each) train exactly like one process with 4 devices."""
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -10,18 +9,13 @@ import sys
 import numpy as np
 import pytest
 
+from tests.xla_env import env as _env
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 5
 ARGS = ["--config", "tiny", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.sample_tokens=0",
         "train.checkpoint_every=100", "train.global_batch_size=8", "data.seq_len=32", "data.max_documents=200",
         "train.tensorboard=false"]
-
-
-def _env(devices: int) -> dict:
-    e = dict(os.environ)
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    e["JAX_PLATFORMS"] = "cpu"
-    return e
 
 
 def _free_port() -> int:

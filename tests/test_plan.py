@@ -14,6 +14,7 @@ import pytest
 from dsv3_jax import hardware, hlo
 from dsv3_jax.config import ConfigError, load_config
 from dsv3_jax.plan import candidate_meshes, check_mesh
+from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # tiny with one dense and one MoE layer and no MTP: the smallest step that still routes, so compiles stay short
@@ -23,11 +24,7 @@ GIB = 2**30
 
 
 def _env(devices: int | None = None) -> dict:
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    if devices:
-        e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return e
+    return xla_env.env(devices, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 and the sharded forward equals the single-device forward. Runs in a subprocess because the device count is fixed
 at JAX start-up."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from dsv3_jax import trainer
 from dsv3_jax.config import ConfigError, MeshConfig, load_config
 from dsv3_jax.sharding import RULES, fit_spec, logical_spec, make_mesh, rules_for, state_shardings, use_rules
+from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_init_and_forward_on_8_cpu_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env.env(8)
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0 and "SHARDING_OK" in r.stdout, r.stderr[-3000:]
 
@@ -120,7 +120,7 @@ PARAM_BYTES = textwrap.dedent("""
 def test_parameters_take_about_one_nth_per_device(preset, devices, overrides):
     """The 671B preset's mesh (fsdp 4 x expert 8 x tensor 8, its mesh.rules) on 256 fake devices: parameters take
     ~1/256 per device (the attention projections used to be replicated: 23.9 GiB instead of 9.9)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = xla_env.env(devices)
     r = subprocess.run([sys.executable, "-c", PARAM_BYTES, preset, *overrides], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_rules_naming_unknown_axes_are_one_line_config_errors(override, message)
 ])
 def test_train_cli_bad_mesh_is_one_line_and_writes_nothing(overrides, env_devices, message, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "JAX_PLATFORMS": "cpu"}
+    env = xla_env.env(env_devices)
     r = subprocess.run([sys.executable, "train.py", "--config", "tiny", f"train.run_dir={run_dir}", *overrides],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -208,6 +208,6 @@ OPT_STATE = textwrap.dedent("""
 
 
 def test_optimizer_moments_are_created_in_their_parameters_shardings():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env.env(8)
     r = subprocess.run([sys.executable, "-c", OPT_STATE], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "OPT_OK" in r.stdout, r.stderr[-3000:]

@@ -2,23 +2,17 @@
 
 Each case runs train.py against a finished run dir (a full CLI run: `slow`)."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from tests.xla_env import env as _env
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASE = ["--config", "tiny", "train.steps=2", "train.checkpoint_every=2", "train.eval_every=0", "train.sample_tokens=0",
         "data.seq_len=32", "data.max_documents=100", "train.tensorboard=false"]
-
-
-def _env(extra: dict | None = None) -> dict:
-    e = dict(os.environ)
-    e.pop("XLA_FLAGS", None)
-    e.update(extra or {})
-    return e
 
 
 def _listing(run_dir: pathlib.Path) -> dict[str, tuple[int, int]]:
@@ -36,27 +30,25 @@ def run_dir(tmp_path_factory):
 
 
 CASES = {
-    "missing data glob": (["data.source=/nonexistent/dir/*.txt"], {}, "/nonexistent/dir"),
-    "empty data glob": (["data.source={empty}/*.txt"], {}, "empty"),
-    "seq_len beyond max positions": (["data.seq_len=1024"], {}, "max_position_embeddings"),
-    "batch not divisible by data parallel": (["train.global_batch_size=6"],
-                                             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-                                             "data-parallel"),
-    "batch not divisible by micro batches": (["train.micro_batches=3"], {}, "micro_batches"),
-    "unknown config key": (["train.stepz=3"], {}, "stepz"),
-    "fp8 contraction too small": (["impl.precision=fp8"], {}, "model.kv_lora_rank"),
+    "missing data glob": (["data.source=/nonexistent/dir/*.txt"], None, "/nonexistent/dir"),
+    "empty data glob": (["data.source={empty}/*.txt"], None, "empty"),
+    "seq_len beyond max positions": (["data.seq_len=1024"], None, "max_position_embeddings"),
+    "batch not divisible by data parallel": (["train.global_batch_size=6"], 4, "data-parallel"),
+    "batch not divisible by micro batches": (["train.micro_batches=3"], None, "micro_batches"),
+    "unknown config key": (["train.stepz=3"], None, "stepz"),
+    "fp8 contraction too small": (["impl.precision=fp8"], None, "model.kv_lora_rank"),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_line_and_leaves_the_checkpoint_alone(case, run_dir, tmp_path):
-    overrides, extra_env, must_name = CASES[case]
+    overrides, devices, must_name = CASES[case]
     (tmp_path / "empty").mkdir()
     overrides = [o.format(empty=tmp_path / "empty") for o in overrides]
     before = _listing(run_dir)
     r = subprocess.run([sys.executable, "train.py", *BASE, f"train.run_dir={run_dir}", *overrides], cwd=REPO,
-                       env=_env(extra_env), check=False, capture_output=True, text=True, timeout=600)
+                       env=_env(devices), check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, r.stderr
