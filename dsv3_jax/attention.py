@@ -9,6 +9,7 @@ Decode absorbs W_kb into the query and W_vb into the output, so keys and values 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -49,11 +50,7 @@ def latent_attention(q_lat_bthc, q_rope_bthr, old: LatentCache, new: LatentCache
     the one this step writes, leaves that write a single reader, so XLA does it in place (it copied the whole
     cache of every layer on every step); the cache is the left operand of both matmuls so that XLA:CPU reads it
     as stored (as the right operand of q.k it was copied transposed). float32 scores, as every backend."""
-    dt = pol.compute_dtype
-
-    def mm(spec, a, b):
-        return jnp.einsum(spec, a.astype(dt), b.astype(dt), precision=pol.lax_precision,
-                          preferred_element_type=jnp.float32)
+    mm = functools.partial(attention_ops.matmul, pol=pol)
 
     def scores(keys: LatentCache):
         return (mm("bsc,bthc->bsth", keys.c_kv, q_lat_bthc) + mm("bsr,bthr->bsth", keys.k_rope, q_rope_bthr)) * scale

@@ -36,7 +36,7 @@ def _k_spec(x: jax.Array, letter: str) -> str:
     return f"bsh{letter}" if x.ndim == 4 else f"bs{letter}"
 
 
-def _mm(spec: str, a: jax.Array, b: jax.Array, pol: Policy) -> jax.Array:
+def matmul(spec: str, a: jax.Array, b: jax.Array, pol: Policy) -> jax.Array:
     """An attention-core matmul under the policy: compute-dtype operands, float32 result."""
     dt = pol.compute_dtype
     return jnp.einsum(spec, a.astype(dt), b.astype(dt), precision=pol.lax_precision,
@@ -49,9 +49,9 @@ def _scores(q_nope, q_rope, k_nope, k_rope, scale, pol) -> jax.Array:
     layout and XLA transposes the whole score tensor (half of the attention core's time on CPU, forward and back)."""
     if k_nope.ndim == 4 and k_rope.ndim == 3:
         q, k = _joint_qk(q_nope, q_rope, k_nope, k_rope)
-        return _mm("bthn,bshn->bhts", q, k, pol) * scale
-    s = (_mm(f"bthn,{_k_spec(k_nope, 'n')}->bhts", q_nope, k_nope, pol)
-         + _mm(f"bthr,{_k_spec(k_rope, 'r')}->bhts", q_rope, k_rope, pol))
+        return matmul("bthn,bshn->bhts", q, k, pol) * scale
+    s = (matmul(f"bthn,{_k_spec(k_nope, 'n')}->bhts", q_nope, k_nope, pol)
+         + matmul(f"bthr,{_k_spec(k_rope, 'r')}->bhts", q_rope, k_rope, pol))
     return s * scale
 
 
@@ -74,7 +74,7 @@ def dense(q_nope, q_rope, k_nope, k_rope, v, q_seg, k_seg, q_pos, k_pos, scale: 
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     p = p / jnp.maximum(p.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-    out = _mm(f"bhts,{_k_spec(v, 'v')}->bthv", p, v, pol)
+    out = matmul(f"bhts,{_k_spec(v, 'v')}->bthv", p, v, pol)
     return out.astype(v.dtype)
 
 
@@ -130,7 +130,7 @@ def _flash_fwd_impl(cfg: _Blocking, qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_po
                 ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(s - ref[..., None])  # masked entries are exp(-inf) = 0
                 corr = jnp.exp(jnp.where(jnp.isfinite(m), m, ref) - ref)
-                acc = acc * jnp.moveaxis(corr, 1, 2)[..., None] + _mm(f"bhqk,{v_spec.replace('s', 'k')}->bqhv", p,
+                acc = acc * jnp.moveaxis(corr, 1, 2)[..., None] + matmul(f"bhqk,{v_spec.replace('s', 'k')}->bqhv", p,
                                                                         _slice(v, j * cfg.bk, cfg.bk), cfg.pol)
                 return m_new, denom * corr + p.sum(-1), acc
 
@@ -181,15 +181,15 @@ def _flash_bwd(cfg, res, dout):
                 s = _block_scores(i, j, cfg, qn, qr, kn, kr, q_seg, k_seg, q_pos, k_pos)
                 p = jnp.exp(s - sl(lse_ref, axis=2)[..., None])  # (B, H, q, k); masked entries 0
                 do_i = sl(dout)
-                dv = dv + _mm(f"bhqk,bqhv->{v_spec}", p, do_i, cfg.pol)
-                dp = _mm(f"bqhv,{v_spec}->bhqk", do_i, v_j, cfg.pol)
+                dv = dv + matmul(f"bhqk,bqhv->{v_spec}", p, do_i, cfg.pol)
+                dp = matmul(f"bqhv,{v_spec}->bhqk", do_i, v_j, cfg.pol)
                 ds = p * (dp - sl(delta_bht, axis=2)[..., None]) * cfg.scale
-                dkn = dkn + _mm(f"bhqk,bqhn->{kn_spec}", ds, sl(qn), cfg.pol)
-                dkr = dkr + _mm(f"bhqk,bqhr->{kr_spec}", ds, sl(qr), cfg.pol)
+                dkn = dkn + matmul(f"bhqk,bqhn->{kn_spec}", ds, sl(qn), cfg.pol)
+                dkr = dkr + matmul(f"bhqk,bqhr->{kr_spec}", ds, sl(qr), cfg.pol)
                 dqn = jax.lax.dynamic_update_slice_in_dim(
-                    dqn, sl(dqn) + _mm(f"bhqk,{kn_spec}->bqhn", ds, kn_j, cfg.pol), i * cfg.bq, 1)
+                    dqn, sl(dqn) + matmul(f"bhqk,{kn_spec}->bqhn", ds, kn_j, cfg.pol), i * cfg.bq, 1)
                 dqr = jax.lax.dynamic_update_slice_in_dim(
-                    dqr, sl(dqr) + _mm(f"bhqk,{kr_spec}->bqhr", ds, kr_j, cfg.pol), i * cfg.bq, 1)
+                    dqr, sl(dqr) + matmul(f"bhqk,{kr_spec}->bqhr", ds, kr_j, cfg.pol), i * cfg.bq, 1)
                 return dqn, dqr, dkn, dkr, dv
 
             return jax.lax.cond(kmin[j] <= qmax[i], compute, lambda c: c, carry)

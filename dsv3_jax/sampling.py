@@ -110,15 +110,19 @@ def sample_tokens(logits_bv: jax.Array, key: jax.Array, rule: SamplingRule) -> j
 # Forward pieces on a merged model (pure functions of the model and the cache; call them inside jit).
 
 
+def _not_constant(tree):
+    """`tree` behind an optimization barrier. The prompt positions and the empty cache are otherwise compile-time
+    constants, and XLA constant-folds the masked attention over the empty cache element by element (4,096 prompts:
+    the prefill compiled in 90-120 s instead of about 4)."""
+    return jax.lax.optimization_barrier(tree)
+
+
 def prefill(model, ids_bt: jax.Array, lens_b: jax.Array, slots: int):
     """All prompts in one forward pass on a fresh cache of `slots` slots. Returns (logits (B, T, V),
     pre-norm hidden (B, T, D), main cache {"dense", "moe"}, MTP caches (list, empty without MTP))."""
     b, t = ids_bt.shape
-    # The barrier keeps the empty cache and the positions from being compile-time constants: XLA would otherwise
-    # constant-fold the masked attention over the empty cache, element by element (at 4,096 rows the prefill then
-    # compiled in 90-120 s instead of about 10).
-    pos_bt, cache = jax.lax.optimization_barrier(
-        (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), model.init_cache(b, slots)))
+    pos_bt, cache = _not_constant((jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+                                   model.init_cache(b, slots)))
     mtp_cache = cache.pop("mtp", [])
     seg_bt = (pos_bt < lens_b[:, None]).astype(jnp.int32)  # 0 marks padding (kept out of the expert counts)
     out = model(ids_bt, positions=pos_bt, segment_ids=seg_bt, cache=cache, mtp=False)
@@ -188,8 +192,7 @@ def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_
     if speculative:  # MTP over the prompt: entry t pairs h_t with token t+1 (the first new token at the end)
         shifted = jnp.concatenate([ids_bt[:, 1:], jnp.zeros((b, 1), ids_bt.dtype)], axis=1)
         shifted = shifted.at[rows, last_b].set(first_b)
-        pos_bt = jax.lax.optimization_barrier(  # not a constant: see `prefill`
-            jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape))
+        pos_bt = _not_constant(jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape))
         mtp_logits, mtp_c = mtp_draft(model, shifted, hidden, pos_bt, mtp_cache[0])
         mtp_cache = [mtp_c]
         draft_b = jnp.argmax(mtp_logits[rows, last_b], axis=-1).astype(jnp.int32)
