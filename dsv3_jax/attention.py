@@ -89,40 +89,25 @@ class MLA(nnx.Module):
         self.o_proj = Linear("bthv,hvd->btd", (h, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, pol, rngs)
 
     def absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
-        """W_kb (H, n, c) and W_vb (H, c, v) out of kv_b_proj, head-major as the absorbed matmuls batch over heads."""
+        """W_kb (H, n, c) and W_vb (H, c, v) out of kv_b_proj, head-major as the absorbed matmuls batch over heads:
+        the copies `keep_absorbed` stored, else sliced and transposed here."""
+        if hasattr(self, "w_kb_hnc"):
+            return self.w_kb_hnc[...], self.w_vb_hcv[...]
         w_kvb = self.kv_b_proj.weight[...]  # (c, H, n + v)
         n = self.cfg.qk_nope_head_dim
         return jnp.transpose(w_kvb[..., :n], (1, 2, 0)), jnp.transpose(w_kvb[..., n:], (1, 0, 2))
 
-    def folded_weights(self) -> tuple[jax.Array, jax.Array]:
-        """The cache path's two projections with the absorbed weights multiplied in: W_q' (Q, H, c + r), the last
-        query projection (Q = q_lora_rank, or D without it) with W_kb folded into its nope part, which yields the
-        absorbed query and the unrotated rope query in one matmul; and W_o' (H, c, D) = W_vb then o_proj, which
-        maps the attention output in latent space straight to the hidden size. Per token this replaces two matmuls
-        batched over heads (slow at a few tokens on XLA:CPU: 14 us each at 2 tokens) and their transposes with
-        one plain matmul each. The copies `keep_absorbed` stored, else computed here."""
-        if hasattr(self, "w_q_fold"):
-            return self.w_q_fold[...], self.w_o_fold[...]
-        w_kb, w_vb = self.absorbed_weights()
-        w_q = (self.q_proj if self.cfg.q_lora_rank is None else self.q_b_proj).weight[...]  # (Q, H, n + r)
-        n, hi = self.cfg.qk_nope_head_dim, jax.lax.Precision.HIGHEST
-        q_lat = jnp.einsum("qhn,hnc->qhc", w_q[..., :n], w_kb.astype(w_q.dtype), precision=hi)
-        w_o = jnp.einsum("hcv,hvd->hcd", w_vb, self.o_proj.weight[...].astype(w_vb.dtype), precision=hi)
-        return jnp.concatenate([q_lat, w_q[..., n:]], axis=-1), w_o
-
     def keep_absorbed(self) -> None:
-        """Store the folded weights as state, for a decode loop: XLA:CPU does not hoist computing them out of a
-        compiled loop, which would redo it on every step."""
-        q, o = self.folded_weights()
-        self.w_q_fold, self.w_o_fold = nnx.Variable(q), nnx.Variable(o)
-
-    def _query_input(self, x_btd):
-        """What the last query projection reads: x itself, or the normalised query latent (q_lora)."""
-        return x_btd if self.cfg.q_lora_rank is None else self.q_a_norm(self.q_a_proj(x_btd))
+        """Store the absorbed weights as state, for a decode loop: XLA:CPU does not hoist their slicing and
+        transposing out of a compiled loop, which ran on every step (12% of a batch-1 step on the bench config)."""
+        kb, vb = self.absorbed_weights()
+        self.w_kb_hnc, self.w_vb_hcv = nnx.Variable(kb), nnx.Variable(vb)
 
     def _queries(self, x_btd, cos, sin):
-        q_proj = self.q_proj if self.cfg.q_lora_rank is None else self.q_b_proj
-        q_bthk = q_proj(self._query_input(x_btd))
+        if self.cfg.q_lora_rank is None:
+            q_bthk = self.q_proj(x_btd)
+        else:
+            q_bthk = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_btd)))
         q_nope, q_rope = jnp.split(q_bthk, [self.cfg.qk_nope_head_dim], axis=-1)
         return constrain(q_nope, ("batch", "seq", "act_heads", None)), apply_rope(q_rope, cos, sin)
 
@@ -135,11 +120,11 @@ class MLA(nnx.Module):
                  positions_bt: jax.Array, cache: LatentCache | None = None):
         """Full causal attention within segments (cache None), or write the new tokens' latents into the cache
         at their positions and attend over the cache with the absorbed projections. Returns (out, cache)."""
+        q_nope, q_rope = self._queries(x_btd, cos, sin)  # (B, T, H, n), (B, T, H, r)
         c_kv, k_rope = self._latents(x_btd, cos, sin)
         scale, pol, b, t = self.cfg.softmax_scale(), self.kv_b_proj.policy, x_btd.shape[0], x_btd.shape[1]
         fp32 = pol.compute_dtype == jnp.float32
         if cache is None:
-            q_nope, q_rope = self._queries(x_btd, cos, sin)  # (B, T, H, n), (B, T, H, r)
             kv_bthk = self.kv_b_proj(c_kv)
             k_nope, v = jnp.split(kv_bthk, [self.cfg.qk_nope_head_dim], axis=-1)  # (B, T, H, n), (B, T, H, v)
             idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # causal by index within segments
@@ -153,21 +138,17 @@ class MLA(nnx.Module):
         b_idx = jnp.arange(b)[:, None]  # positions are < slots (the caller sizes the cache): a plain scatter
         old, new = cache, LatentCache(c_kv.astype(cache.c_kv.dtype), k_rope.astype(cache.k_rope.dtype))
         cache = LatentCache(*(o.at[b_idx, positions_bt].set(n, mode="promise_in_bounds") for o, n in zip(old, new)))
-        w_q, w_o = self.folded_weights()
-        q_bthk = policy_einsum("btq,qhk->bthk", self._query_input(x_btd), w_q, pol)
-        q_lat, q_rope = jnp.split(q_bthk, [self.cfg.kv_lora_rank], axis=-1)  # absorbed query (B, T, H, c), rope
-        q_rope = apply_rope(q_rope, cos, sin)
+        w_kb_hnc, w_vb_hcv = self.absorbed_weights()
+        q_lat = policy_einsum("bthn,hnc->bthc", q_nope, w_kb_hnc, pol)  # absorbed query
         name = attention_ops.resolve(self.impl.attention, t, self_attention=False, fp32=fp32)
         if name == "dense" and t <= DECODE_MAX_QUERIES:
             out_lat = latent_attention(q_lat, q_rope, old, new, positions_bt, scale, pol)
-        else:
-            c_bsc, k_rope_bsr = cache.c_kv.astype(q_lat.dtype), cache.k_rope.astype(q_rope.dtype)
-            slots = c_bsc.shape[1]
-            slot_bs = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-            out_lat = attention_ops.attend(name, q_lat, q_rope, c_bsc, k_rope_bsr, c_bsc, jnp.ones((b, t), jnp.int32),
-                                           jnp.ones((b, slots), jnp.int32), positions_bt, slot_bs, scale, pol,
-                                           self.impl.attention_block_size)  # (B, T, H, c)
-        # absorbed output and o_proj in one matmul over (H, c) flattened: as a two-axis contraction XLA:CPU laid
-        # out_lat as (c, H) and transposed the whole weight on every step
-        out_btx, w_xd = out_lat.reshape(b, t, -1), w_o.reshape(-1, w_o.shape[-1])
-        return policy_einsum("btx,xd->btd", out_btx, w_xd, pol), cache
+            return self.o_proj(policy_einsum("bthc,hcv->bthv", out_lat, w_vb_hcv, pol)), cache
+        c_bsc, k_rope_bsr = cache.c_kv.astype(q_lat.dtype), cache.k_rope.astype(q_rope.dtype)
+        slots = c_bsc.shape[1]
+        slot_bs = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+        out_lat = attention_ops.attend(name, q_lat, q_rope, c_bsc, k_rope_bsr, c_bsc, jnp.ones((b, t), jnp.int32),
+                                       jnp.ones((b, slots), jnp.int32), positions_bt, slot_bs, scale, pol,
+                                       self.impl.attention_block_size)  # (B, T, H, c)
+        out_bthv = policy_einsum("bthc,hcv->bthv", out_lat, w_vb_hcv, pol)  # absorbed output
+        return self.o_proj(out_bthv), cache
