@@ -172,6 +172,26 @@ def test_blocked_handles_all_tokens_on_one_expert_and_tiny_batches():
     np.testing.assert_allclose(y1, _naive(x[:1], idx[:1], gates[:1], wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,skew", [(1, False), (2, False), (4, False), (40, False), (40, True), (3, True)])
+def test_decode_backend_matches_naive_loop(n, skew):
+    """The decode backend's three regimes: per-pair expert slices (N*K < E: n 1, 2), experts batched with a
+    capacity of twice the mean pairs per expert (n 40, balanced), and every expert on every token when one expert
+    gets more than that (skewed: expert 2 on every token; n 40 and 3) or the capacity reaches N anyway (n 4)."""
+    x, idx, gates, wg, wu, wd = _problem(n=n, e=6, k=2)
+    if skew:
+        idx = idx.at[:, 0].set(2).at[:, 1].set(jnp.where(idx[:, 1] == 2, 3, idx[:, 1]))
+    y = jax.jit(lambda *a: moe.grouped_ffn(*a, "decode", 0, Policy()))(x, idx, gates, wg, wu, wd)
+    np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_capacity_slots_by_hand():
+    """Each pair's rank among the pairs of its expert, in token-major order, and the counts."""
+    idx = jnp.array([[0, 2], [2, 1], [0, 2]], jnp.int32)
+    rank, counts = moe._expert_slots(idx, 4)
+    np.testing.assert_array_equal(rank, [0, 0, 1, 0, 1, 2])
+    np.testing.assert_array_equal(counts, [2, 1, 3, 0])
+
+
 def _compiled_flops(impl, n, d, f, e, k, block=64):
     x = jnp.zeros((n, d))
     idx = jnp.zeros((n, k), jnp.int32)
