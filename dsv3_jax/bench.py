@@ -1,9 +1,10 @@
 """`python -m dsv3_jax.bench [--quick] [--json] [--config NAME]`: this project against transformers on this machine.
 
-One run measures, side by side: (a) the float32 matmul peak (a large jnp.dot), (b) our train step's tokens/s and
-MFU on the named config, (c) the identical step (same weights, batch, AdamW, grad clip) in transformers on PyTorch
-and the ratio, (d) one MoE layer against a dense SwiGLU FFN of the same activated FLOPs (forward + backward),
-(e) decode against transformers' `generate` (`dsv3_jax.bench_decode`), (f) the train step's compile time against
+One run measures, side by side: (a) the float32 matmul peak (a large jnp.dot), and jnp.dot against torch.mm at two
+of the train step's shapes, (b) our train step's tokens/s and MFU on the named config, (c) the identical step (same
+weights, batch, AdamW, grad clip) in transformers on PyTorch and the ratio, (d) one MoE layer against a dense SwiGLU
+FFN of the same activated FLOPs (forward + backward), (e) decode against transformers' `generate`
+(`dsv3_jax.bench_decode`), (f) the train step's compile time against
 depth. Every figure is a median after a warm-up; every ratio is computed from the figures it divides. Both sides
 train without MTP (transformers has no MTP training path), so the comparison is one model.
 """
@@ -88,6 +89,48 @@ def matmul_gflops(n: int, repeats: int) -> float:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
     return 2 * n**3 / median_s(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+
+
+def matmul_vs_torch(m: int, k: int, n: int, repeats: int) -> tuple[float, float]:
+    """float32 GFLOP/s of (m, k) @ (k, n) products: jnp.dot at HIGHEST (what every linear layer of the step runs)
+    and torch.mm (what transformers' step runs), timed alternately. Each timed call makes enough products for
+    about 0.2 GFLOP (in one compiled loop for jnp), so dispatch costs drop out at small shapes. The ratio bounds
+    what the train step can reach against transformers at equal FLOPs: matmuls are most of both steps."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    inner = max(1, int(2e8 // (2 * m * k * n)))
+    hi = jax.lax.Precision.HIGHEST
+    # each product reads a + i, so that XLA cannot hoist it out of the loop; torch does the same add
+    loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, inner, lambda i, c: c + jnp.dot(a + i, b, precision=hi)[0, 0],
+                                                  jnp.float32(0)))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+    def torch_loop():
+        c = 0.0
+        for i in range(inner):
+            c += float(torch.mm(ta + i, tb)[0, 0])
+        return c
+
+    ours_s, torch_s = paired_medians_s(lambda: loop(ja, jb).block_until_ready(), torch_loop, repeats, warmup=1)
+    flops = 2 * m * k * n * inner / 1e9
+    return flops / ours_s, flops / torch_s
+
+
+def matmul_rows(cfg: Config, budget: Budget) -> list[dict]:
+    """(a): the peak, and jnp.dot against torch.mm at two of the train step's shapes: the dense FFN's input
+    projection (B*T, D) @ (D, F) and one block of the blocked MoE (block, D) @ (D, moe F)."""
+    m = cfg.model
+    rows = [row(f"f32 matmul {budget.matmul_n}^3", matmul_gflops(budget.matmul_n, budget.matmul_repeats), None,
+                "GFLOP/s")]
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    for what, shape in (("dense FFN", (tokens, m.hidden_size, m.intermediate_size)),
+                        ("MoE block", (cfg.impl.moe_block_size, m.hidden_size, m.moe_intermediate_size))):
+        ours, ref = matmul_vs_torch(*shape, budget.matmul_repeats)
+        rows.append(row(f"f32 matmul {'x'.join(map(str, shape))} ({what}) vs torch.mm", ours, ref, "GFLOP/s"))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,9 +298,10 @@ def run(name: str = "bench", quick: bool = False, overrides: list[str] = (), log
     out = {"config": name, "quick": quick, "machine": _machine(), "sections": {}}
     sec = out["sections"]
 
-    gflops = matmul_gflops(budget.matmul_n, budget.matmul_repeats)
-    sec["matmul"] = [row(f"f32 matmul {budget.matmul_n}^3", gflops, None, "GFLOP/s")]
-    say(f"(a) matmul {gflops:.1f} GFLOP/s")
+    sec["matmul"] = matmul_rows(cfg, budget)
+    gflops = sec["matmul"][0]["ours"]
+    versus = ", ".join(f"{r['ratio']:.2f}x" for r in sec["matmul"][1:])
+    say(f"(a) matmul {gflops:.1f} GFLOP/s; at the step's shapes against torch.mm {versus}")
 
     if "train" in only:
         tokens = cfg.train.global_batch_size * cfg.data.seq_len

@@ -22,7 +22,15 @@ def test_quick_json_on_tiny_has_every_section_and_derived_ratios(capsys):
         for r in rows:
             assert {"name", "ours", "reference", "ratio", "unit"} <= set(r), r
             assert r["ours"] > 0, r
-    assert sec["matmul"][0]["ours"] > 0
+    peak, *versus = sec["matmul"]
+    assert peak["reference"] is None and peak["ours"] > 0
+    cfg = bench.bench_config("tiny", [])
+    m, tokens = cfg.model, cfg.train.global_batch_size * cfg.data.seq_len
+    shapes = [(tokens, m.hidden_size, m.intermediate_size), (cfg.impl.moe_block_size, m.hidden_size,
+                                                             m.moe_intermediate_size)]
+    assert [r["name"].split()[2] for r in versus] == ["x".join(map(str, s)) for s in shapes]
+    for r in versus:  # jnp.dot against torch.mm at the step's shapes: a rate, ratio = ours / torch
+        assert r["reference"] > 0 and _close(r["ratio"], r["ours"] / r["reference"]), r
     rate, step, mfu = sec["train"]
     assert _close(rate["ratio"], rate["ours"] / rate["reference"])
     assert _close(step["ratio"], step["reference"] / step["ours"])  # a time: ratio = reference / ours
