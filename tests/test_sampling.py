@@ -145,6 +145,19 @@ def test_decode_reads_the_current_weights(model, greedy):
         assert ref[i, len(p) - 1: len(p) - 1 + NEW].argmax(-1).tolist() == t
 
 
+def test_compiled_loops_are_reused_across_calls_and_equal_models(model, greedy, cfg):
+    """A repeated request compiles nothing, nor does the same request on another model of the same structure
+    (graphdefs compare equal); each still decodes its own weights."""
+    again = sampling.generate(model, PROMPTS, NEW)
+    assert again.timing["compile_s"] == 0.0 and again.tokens == greedy.tokens
+    other = randomize(create(cfg, seed=1), seed=1)
+    got = sampling.generate(other, PROMPTS, NEW)
+    assert got.timing["compile_s"] == 0.0 and got.tokens != greedy.tokens
+    ref = full_logits(other, [p + t for p, t in zip(PROMPTS, got.tokens)])
+    for i, (p, t) in enumerate(zip(PROMPTS, got.tokens)):
+        assert ref[i, len(p) - 1: len(p) - 1 + NEW].argmax(-1).tolist() == t
+
+
 def test_stop_tokens_end_rows_independently(model, greedy):
     stop = greedy.tokens[0][3]
     got = sampling.generate(model, PROMPTS, NEW, stop_tokens=[stop])
