@@ -296,15 +296,22 @@ class BlockLayout(NamedTuple):
     expert_b: jax.Array  # (Nb,) expert of each block, sorted
 
 
+def expert_ranks(idx_nk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Each routed row r = n*K + k's rank among the rows routed to the same expert (R,), and the counts (E,),
+    from a cumulative sum over an (R, E) one-hot (no sort)."""
+    flat = idx_nk.reshape(-1)
+    onehot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)  # (N*K, E)
+    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, flat[:, None], axis=1)[:, 0]
+    return rank, onehot.sum(axis=0)
+
+
 def block_layout(idx_nk: jax.Array, num_experts: int, block: int) -> BlockLayout:
     """Where every routed row goes when each expert's rows (in row order) fill whole blocks of `block` rows."""
     flat, e = idx_nk.reshape(-1), num_experts
     r = flat.shape[0]
     num_blocks = min(-(-r // block) + e, r)
     if r * e <= ONE_HOT_RANK_MAX:
-        hot_re = (flat[:, None] == jnp.arange(e, dtype=flat.dtype)).astype(jnp.int32)
-        rank_r = jnp.take_along_axis(jnp.cumsum(hot_re, 0), flat[:, None], 1)[:, 0] - 1
-        sizes_e = hot_re.sum(0)
+        rank_r, sizes_e = expert_ranks(idx_nk, e)
     else:
         order = jnp.argsort(flat, stable=True)
         sizes_e = jnp.bincount(flat, length=e).astype(jnp.int32)
@@ -406,14 +413,6 @@ def _every_expert(x_nd: jax.Array, routing: Routing, w: ExpertWeights, pol: Poli
     return combine(y_end[routing.idx_nk, jnp.arange(n)[:, None]], routing.gates_nk, pol)
 
 
-def _expert_slots(idx_nk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Each (token, choice)'s rank among the pairs routed to the same expert (N*K,), and the counts (E,)."""
-    flat = idx_nk.reshape(-1)
-    onehot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)  # (N*K, E)
-    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, flat[:, None], axis=1)[:, 0]
-    return rank, onehot.sum(axis=0)
-
-
 def _with_capacity(x_nd: jax.Array, routing: Routing, w: ExpertWeights, pol: Policy, rank: jax.Array,
                    cap: int) -> jax.Array:
     """Each expert on its own tokens only, gathered expert-major into `cap` slots (E, cap, D): the batched matmuls
@@ -443,7 +442,7 @@ def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: Mo
         cap = 2 * -(-n * k // e)
         if cap >= n:
             return _every_expert(x_nd, routing, w, pol)
-        rank, counts = _expert_slots(routing.idx_nk, e)
+        rank, counts = expert_ranks(routing.idx_nk, e)
         return jax.lax.cond(counts.max() <= cap, lambda: _with_capacity(x_nd, routing, w, pol, rank, cap),
                             lambda: _every_expert(x_nd, routing, w, pol))
 

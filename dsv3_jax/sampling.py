@@ -274,13 +274,14 @@ class _Hashed:
 
 def _compiled(fn, static: tuple, args: tuple, donate: tuple = ()):
     """AOT-compile fn(*static, *args) once per (static values, argument shapes); returns (executable, seconds).
-    static[0] is the decode graphdef as a `_Hashed`."""
+    A `_Hashed` static value keys by its stored hash and is passed to fn unwrapped."""
     leaves, treedef = jax.tree.flatten(args)
     key = (fn, static, treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else type(x)) for x in leaves))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    exe = jax.jit(functools.partial(fn, static[0].value, *static[1:]), donate_argnums=donate).lower(*args).compile()
+    values = tuple(v.value if isinstance(v, _Hashed) else v for v in static)
+    exe = jax.jit(functools.partial(fn, *values), donate_argnums=donate).lower(*args).compile()
     if len(_COMPILED) > 32:
         _COMPILED.clear()
     _COMPILED[key] = exe

@@ -187,7 +187,7 @@ def test_decode_backend_matches_naive_loop(n, skew):
 def test_decode_capacity_slots_by_hand():
     """Each pair's rank among the pairs of its expert, in token-major order, and the counts."""
     idx = jnp.array([[0, 2], [2, 1], [0, 2]], jnp.int32)
-    rank, counts = moe._expert_slots(idx, 4)
+    rank, counts = moe.expert_ranks(idx, 4)
     np.testing.assert_array_equal(rank, [0, 0, 1, 0, 1, 2])
     np.testing.assert_array_equal(counts, [2, 1, 3, 0])
 
