@@ -41,30 +41,20 @@ class LatentCache(NamedTuple):
 DECODE_MAX_QUERIES = 64  # up to this many new tokens per row, the cache path takes `latent_attention`
 
 
-def latent_attention(q_lat_bthc, q_rope_bthr, old: LatentCache, new: LatentCache, pos_bt, scale: float,
-                     pol) -> jax.Array:
-    """A few new queries against the cache as it was before this step (`old`, slots below the row's first new
-    position) and against the new tokens' own latents (`new`, (B, T, .), causal among themselves): (B, T, H, c),
-    c_kv the key shared by all heads (absorbed query) and the value (absorbed output). The new tokens of a row
-    sit at consecutive positions (prefill 0..T-1, one decode token, a verified pair). Reading the old cache, not
-    the one this step writes, leaves that write a single reader, so XLA does it in place (it copied the whole
-    cache of every layer on every step); the cache is the left operand of both matmuls so that XLA:CPU reads it
-    as stored (as the right operand of q.k it was copied transposed). The scores come out slot-major and are
-    moved to slot-minor for the softmax: over a non-minor axis XLA:CPU's exp/max/sum fusions ran unvectorised
-    (batch 16: 680 -> 90 us of exp per step, the transpose 70). float32 scores, as every backend."""
+def latent_attention(q_lat_bthc, q_rope_bthr, cache: LatentCache, pos_bt, scale: float, pol) -> jax.Array:
+    """A few new queries against the cache this step has just written (B, S, .): (B, T, H, c), c_kv the key
+    shared by all heads (absorbed query) and the value (absorbed output); slot s is visible to the query at
+    position p iff s <= p. Reading the written cache gives the loop-carried cache one chain (scatter in place,
+    then reads): reading the cache as it was before the write made XLA copy every layer's cache twice per step.
+    The cache is the left operand of both matmuls so that XLA:CPU reads it as stored (as the right operand of
+    q.k it was copied transposed). The scores come out slot-major and are moved to slot-minor for the softmax:
+    over a non-minor axis XLA:CPU's exp/max/sum fusions ran unvectorised (batch 16: 680 -> 90 us of exp per
+    step, the transpose 70). float32 scores, as every backend."""
     mm = functools.partial(attention_ops.matmul, pol=pol)
-
-    def scores(keys: LatentCache):
-        return (mm("bsc,bthc->bsth", keys.c_kv, q_lat_bthc) + mm("bsr,bthr->bsth", keys.k_rope, q_rope_bthr)) * scale
-
-    slots = old.c_kv.shape[1]
-    old_bs1 = jnp.arange(slots)[None, :, None] < pos_bt.min(axis=1)[:, None, None]
-    new_bst = pos_bt[:, :, None] <= pos_bt[:, None, :]  # key j visible to query i iff pos_j <= pos_i
-    s_bsth = jnp.concatenate([jnp.where(old_bs1[..., None], scores(old), -jnp.inf),
-                              jnp.where(new_bst[..., None], scores(new), -jnp.inf)], axis=1)
-    p_bths = jax.nn.softmax(jnp.moveaxis(s_bsth, 1, -1), axis=-1)  # every query sees itself
-    out = mm("bths,bsc->bthc", p_bths[..., :slots], old.c_kv) + mm("bths,bsc->bthc", p_bths[..., slots:], new.c_kv)
-    return out.astype(q_lat_bthc.dtype)
+    s_bsth = (mm("bsc,bthc->bsth", cache.c_kv, q_lat_bthc) + mm("bsr,bthr->bsth", cache.k_rope, q_rope_bthr)) * scale
+    visible_bst = jnp.arange(cache.c_kv.shape[1])[None, :, None] <= pos_bt[:, None, :]
+    p_bths = jax.nn.softmax(jnp.moveaxis(jnp.where(visible_bst[..., None], s_bsth, -jnp.inf), 1, -1), axis=-1)
+    return mm("bths,bsc->bthc", p_bths, cache.c_kv).astype(q_lat_bthc.dtype)
 
 
 class MLA(nnx.Module):
@@ -138,13 +128,13 @@ class MLA(nnx.Module):
         # with c_kv as the shared key (absorbed query) and the shared value (absorbed output); slot s is visible to
         # the query at position p iff s <= p. Long prefills take the blocked backend: no (T, S) scores.
         b_idx = jnp.arange(b)[:, None]  # positions are < slots (the caller sizes the cache): a plain scatter
-        old, new = cache, LatentCache(c_kv.astype(cache.c_kv.dtype), k_rope.astype(cache.k_rope.dtype))
-        cache = LatentCache(*(o.at[b_idx, positions_bt].set(n, mode="promise_in_bounds") for o, n in zip(old, new)))
+        new = LatentCache(c_kv.astype(cache.c_kv.dtype), k_rope.astype(cache.k_rope.dtype))
+        cache = LatentCache(*(o.at[b_idx, positions_bt].set(n, mode="promise_in_bounds") for o, n in zip(cache, new)))
         w_kb_hnc, w_vb_hcv = self.absorbed_weights()
         q_lat = policy_einsum("bthn,hnc->bthc", q_nope, w_kb_hnc, pol)  # absorbed query
         name = attention_ops.resolve(self.impl.attention, t, self_attention=False, fp32=fp32)
         if name == "dense" and t <= DECODE_MAX_QUERIES:
-            out_lat = latent_attention(q_lat, q_rope, old, new, positions_bt, scale, pol)
+            out_lat = latent_attention(q_lat, q_rope, cache, positions_bt, scale, pol)
             return self.o_proj(policy_einsum("bthc,hcv->bthv", out_lat, w_vb_hcv, pol)), cache
         c_bsc, k_rope_bsr = cache.c_kv.astype(q_lat.dtype), cache.k_rope.astype(q_rope.dtype)
         slots = c_bsc.shape[1]
