@@ -41,20 +41,63 @@ class LatentCache(NamedTuple):
 DECODE_MAX_QUERIES = 64  # up to this many new tokens per row, the cache path takes `latent_attention`
 
 
-def latent_attention(q_lat_bthc, q_rope_bthr, cache: LatentCache, pos_bt, scale: float, pol) -> jax.Array:
+def latent_attention(q_lat_bthc, q_rope_bthr, cache: LatentCache, pos_bt, scale: float, pol,
+                     block: int) -> jax.Array:
     """A few new queries against the cache this step has just written (B, S, .): (B, T, H, c), c_kv the key
     shared by all heads (absorbed query) and the value (absorbed output); slot s is visible to the query at
-    position p iff s <= p. Reading the written cache gives the loop-carried cache one chain (scatter in place,
-    then reads): reading the cache as it was before the write made XLA copy every layer's cache twice per step.
-    The cache is the left operand of both matmuls so that XLA:CPU reads it as stored (as the right operand of
-    q.k it was copied transposed). The scores come out slot-major and are moved to slot-minor for the softmax:
-    over a non-minor axis XLA:CPU's exp/max/sum fusions ran unvectorised (batch 16: 680 -> 90 us of exp per
-    step, the transpose 70). float32 scores, as every backend."""
+    position p iff s <= p. Caches of up to `block` slots are read whole; longer ones in blocks of `block` slots,
+    only as many as hold a visible slot (`_filled_blocks`), with an online softmax. Reading the written cache
+    gives the loop-carried cache one chain (scatter in place, then reads): reading the cache as it was before the
+    write made XLA copy every layer's cache twice per step. float32 scores, as every backend."""
+    if cache.c_kv.shape[1] <= block:
+        s_bths = _latent_scores(q_lat_bthc, q_rope_bthr, cache, jnp.int32(0), pos_bt, scale, pol)
+        p_bths = jax.nn.softmax(s_bths, axis=-1)  # every query sees slot 0
+        return attention_ops.matmul("bths,bsc->bthc", p_bths, cache.c_kv, pol).astype(q_lat_bthc.dtype)
+    return _filled_blocks(q_lat_bthc, q_rope_bthr, cache, pos_bt, scale, pol, block).astype(q_lat_bthc.dtype)
+
+
+def _latent_scores(q_lat_bthc, q_rope_bthr, keys: LatentCache, first, pos_bt, scale: float, pol) -> jax.Array:
+    """Scaled scores against slots first.. of `keys` (B, T, H, S'), -inf where not visible. The cache is the left
+    operand of both matmuls so that XLA:CPU reads it as stored (as the right operand of q.k it was copied
+    transposed); the scores come out slot-major and are moved to slot-minor for the softmax, whose exp/max/sum
+    XLA:CPU did not vectorise over a non-minor axis (batch 16: 680 -> 90 us of exp per step, the move 70)."""
     mm = functools.partial(attention_ops.matmul, pol=pol)
-    s_bsth = (mm("bsc,bthc->bsth", cache.c_kv, q_lat_bthc) + mm("bsr,bthr->bsth", cache.k_rope, q_rope_bthr)) * scale
-    visible_bst = jnp.arange(cache.c_kv.shape[1])[None, :, None] <= pos_bt[:, None, :]
-    p_bths = jax.nn.softmax(jnp.moveaxis(jnp.where(visible_bst[..., None], s_bsth, -jnp.inf), 1, -1), axis=-1)
-    return mm("bths,bsc->bthc", p_bths, cache.c_kv).astype(q_lat_bthc.dtype)
+    s_bsth = (mm("bsc,bthc->bsth", keys.c_kv, q_lat_bthc) + mm("bsr,bthr->bsth", keys.k_rope, q_rope_bthr)) * scale
+    slot_s = first + jnp.arange(keys.c_kv.shape[1])
+    visible_bst = slot_s[None, :, None] <= pos_bt[:, None, :]
+    return jnp.moveaxis(jnp.where(visible_bst[..., None], s_bsth, -jnp.inf), 1, -1)
+
+
+def _filled_blocks(q_lat_bthc, q_rope_bthr, cache: LatentCache, pos_bt, scale: float, pol, block: int):
+    """Blocks of `block` slots up to the largest position in the batch (a loop of dynamic length, so a decode
+    step's attention costs what the filled part of the cache holds, not its size), online softmax in float32.
+    The last block may overlap the one before it (the cache need not be a multiple of `block`): its slots
+    below j * block are masked, so no slot counts twice. Block 0 goes first: slot 0 is visible to every query,
+    so the running maximum is finite from then on."""
+    slots = cache.c_kv.shape[1]
+
+    def read(j):
+        first = jnp.minimum(j * block, slots - block)
+        keys = LatentCache(*(jax.lax.dynamic_slice_in_dim(a, first, block, axis=1) for a in cache))
+        s_bths = _latent_scores(q_lat_bthc, q_rope_bthr, keys, first, pos_bt, scale, pol)
+        fresh_s = first + jnp.arange(block) >= j * block
+        return jnp.where(fresh_s, s_bths, -jnp.inf), keys.c_kv
+
+    def update(carry, s_bths, c_bsc):
+        m_bth, l_bth, acc_bthc = carry
+        m_new = jnp.maximum(m_bth, s_bths.max(-1))
+        p_bths = jnp.exp(s_bths - m_new[..., None])
+        corr = jnp.exp(m_bth - m_new)
+        acc = acc_bthc * corr[..., None] + attention_ops.matmul("bths,bsc->bthc", p_bths, c_bsc, pol)
+        return m_new, l_bth * corr + p_bths.sum(-1), acc
+
+    s0, c0 = read(0)
+    m0 = s0.max(-1)
+    p0 = jnp.exp(s0 - m0[..., None])
+    init = (m0, p0.sum(-1), attention_ops.matmul("bths,bsc->bthc", p0, c0, pol).astype(jnp.float32))
+    n_blocks = pos_bt.max() // block + 1
+    _, denom_bth, acc_bthc = jax.lax.fori_loop(1, n_blocks, lambda j, c: update(c, *read(j)), init)
+    return acc_bthc / denom_bth[..., None]
 
 
 class MLA(nnx.Module):
@@ -134,7 +177,8 @@ class MLA(nnx.Module):
         q_lat = policy_einsum("bthn,hnc->bthc", q_nope, w_kb_hnc, pol)  # absorbed query
         name = attention_ops.resolve(self.impl.attention, t, self_attention=False, fp32=fp32)
         if name == "dense" and t <= DECODE_MAX_QUERIES:
-            out_lat = latent_attention(q_lat, q_rope, cache, positions_bt, scale, pol)
+            out_lat = latent_attention(q_lat, q_rope, cache, positions_bt, scale, pol,
+                                       self.impl.attention_block_size)
             return self.o_proj(policy_einsum("bthc,hcv->bthv", out_lat, w_vb_hcv, pol)), cache
         c_bsc, k_rope_bsr = cache.c_kv.astype(q_lat.dtype), cache.k_rope.astype(q_rope.dtype)
         slots = c_bsc.shape[1]

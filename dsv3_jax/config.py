@@ -150,7 +150,7 @@ class ImplConfig:
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once
     attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
-    attention_block_size: int = 512  # queries and keys per block of the blocked backend
+    attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
 
     def validate(self) -> ImplConfig:
         for name, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("precision", PRECISIONS),

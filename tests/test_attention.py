@@ -169,6 +169,41 @@ def _jitted(model):
     return forward
 
 
+def _naive_latent_attention(q_lat, q_rope, c_kv, k_rope, pos, scale):
+    """Per (row, query, head): softmax over the slots s <= pos of (c_kv . q_lat + k_rope . q_rope) * scale, the
+    weighted sum of c_kv; float64 loops."""
+    q_lat, q_rope, c_kv, k_rope = (np.asarray(a, np.float64) for a in (q_lat, q_rope, c_kv, k_rope))
+    b, t, h, c = q_lat.shape
+    out = np.zeros((b, t, h, c))
+    for i in range(b):
+        for j in range(t):
+            seen = slice(0, int(pos[i, j]) + 1)
+            for k in range(h):
+                s = (c_kv[i, seen] @ q_lat[i, j, k] + k_rope[i, seen] @ q_rope[i, j, k]) * scale
+                p = np.exp(s - s.max())
+                out[i, j, k] = (p / p.sum()) @ c_kv[i, seen]
+    return out
+
+
+@pytest.mark.parametrize("positions", [[[5, 6], [20, 21], [37, 38]], [[0, 1], [9, 10], [19, 20]]])
+@pytest.mark.parametrize("block", [16, 64])
+def test_latent_attention_reads_the_filled_blocks_and_matches_a_naive_loop(positions, block):
+    """The decode attention on the latent cache (40 slots; rows at different positions, 2 consecutive queries
+    each) against a naive loop, read whole (block 64) and in blocks of 16 (40 is no multiple: the last block
+    overlaps the one before it). Slots in blocks past the largest position hold NaN, as an unwritten cache may:
+    they are never read (NaN * 0 would leak through a masked read)."""
+    from dsv3_jax.attention import LatentCache, latent_attention
+    ks = jax.random.split(jax.random.key(7), 4)
+    q_lat, q_rope = _normal(ks[0], (3, 2, 4, 8)), _normal(ks[1], (3, 2, 4, 5))
+    c_kv, k_rope = _normal(ks[2], (3, 40, 8)), _normal(ks[3], (3, 40, 5))
+    pos = jnp.asarray(positions, jnp.int32)
+    ref = _naive_latent_attention(q_lat, q_rope, c_kv, k_rope, pos, 0.3)
+    past = jnp.arange(40) >= -(-(int(pos.max()) + 1) // block) * block  # blocks past the filled part
+    cache = LatentCache(*(jnp.where(past[None, :, None], jnp.nan, a) for a in (c_kv, k_rope)))
+    fn = jax.jit(functools.partial(latent_attention, scale=0.3, pol=FP32, block=block))
+    np.testing.assert_allclose(fn(q_lat, q_rope, cache, pos), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_blocked_prefill_and_decode_on_the_cache_equal_the_dense_forward_without_cache():
     """Two scanned attention layers (a per-layer cache mix-up shows); no MoE layer or MTP module, which the attention
     backend does not touch and which would only add compile time."""
@@ -277,8 +312,9 @@ def _dot_precisions(jaxpr) -> list:
 
 @pytest.mark.parametrize("attention", ["dense", "blocked"])
 def test_float32_attention_runs_every_matmul_at_highest_precision(attention):
-    """Forward and backward of MLA, with and without the cache: no matmul left at default precision (TF32 on
-    GPUs)."""
+    """Forward and backward of MLA without the cache, forward with it (16 slots in blocks of 8; decoding is not
+    differentiated, its loop over the filled blocks has a dynamic length): no matmul left at default precision
+    (TF32 on GPUs)."""
     cfg = load_config("tiny").model
     impl = ImplConfig(attention=attention, attention_block_size=8)
     graphdef, state = nnx.split(MLA(cfg, impl, nnx.Rngs(0)))
@@ -296,7 +332,8 @@ def test_float32_attention_runs_every_matmul_at_highest_precision(attention):
         return jnp.sum(nnx.merge(graphdef, state)(x, cos, sin, seg, pos, cache)[0])
 
     for cached in (False, True):
-        precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(state, cached).jaxpr)
+        fn = loss if cached else jax.grad(loss)
+        precisions = _dot_precisions(jax.make_jaxpr(fn, static_argnums=1)(state, cached).jaxpr)
         assert len(precisions) > 8
         highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
         assert all(p == highest for p in precisions), precisions

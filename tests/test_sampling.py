@@ -86,15 +86,21 @@ def full_logits(model: Transformer, seqs: list[list[int]]) -> np.ndarray:
 # (1) The latent cache reproduces the full forward.
 
 
-def test_cached_decode_matches_full_forward_logits(model, cfg):
+@pytest.mark.parametrize("block", [None, 8])
+def test_cached_decode_matches_full_forward_logits(model, cfg, block):
     """Prefill a right-padded batch of different lengths in one pass, then decode teacher-forced tokens one at a
-    time, each row at its own position: logits equal the full forward's at every position."""
+    time, each row at its own position: logits equal the full forward's at every position. With
+    impl.attention_block_size 8 the 20-slot cache is read in blocks, up to the largest position only."""
+    if block is not None:
+        blocked = create(cfg, seed=0, impl=dataclasses.replace(model.impl, attention_block_size=block))
+        nnx.update(blocked, nnx.state(model))
     lens, steps = [5, 2, 11], 6
     rng = np.random.default_rng(1)
     seqs = [rng.integers(2, cfg.vocab_size, n + steps).tolist() for n in lens]
     ref = full_logits(model, seqs)
 
-    graphdef, *state = nnx.split(unstacked(model), nnx.Param, RouterBias, ...)  # the layout generate decodes on
+    decoded = model if block is None else blocked
+    graphdef, *state = nnx.split(unstacked(decoded), nnx.Param, RouterBias, ...)  # the layout generate decodes on
     slots = max(lens) + steps + 3
 
     @jax.jit
