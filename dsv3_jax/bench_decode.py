@@ -1,6 +1,7 @@
 """Decode speed side by side with transformers on the same weights, in one run on the current machine.
 
-  python -m dsv3_jax.bench_decode [--quick] [--json] [--checkpoint runs/small]
+  python -m dsv3_jax.bench_decode [--quick] [--json] [--checkpoint runs/small] [--new-tokens 128]
+      [--batches 1,16] [--attention-block-size 512]
 
 Rows (`run`): greedy decode tokens/s at batch 1 and 16 (16-token prompts, 128 new tokens, no stop token) for
 `sampling.generate` and for transformers' `DeepseekV3ForCausalLM.generate` loaded from our `hf.save` of the same
@@ -97,11 +98,14 @@ def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: s
 
 
 def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None = "runs/small", new_tokens: int = 128,
-        batches: tuple[int, ...] = (1, 16), torch_threads: int | None = None) -> list[dict]:
+        batches: tuple[int, ...] = (1, 16), torch_threads: int | None = None,
+        attention_block_size: int | None = None) -> list[dict]:
     """The decode rows (see the module docstring). `cfg` replaces the bench config (tests); the speculative row
     uses `checkpoint` when it exists, else the bench model itself when it has an MTP module, else is left out.
     `torch_threads` sets transformers' intra-op threads (on a CPU shared with other jobs torch's default
-    threading collapses: one thread decoded 10x faster on the loaded 2-core machine)."""
+    threading collapses: one thread decoded 10x faster on the loaded 2-core machine). `attention_block_size`
+    sets our model's impl field (decode reads caches longer than it in blocks, up to the filled part)."""
+    from dsv3_jax.config import ImplConfig
     from dsv3_jax.model import create
 
     if torch_threads:
@@ -110,7 +114,8 @@ def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None =
         torch.set_num_threads(torch_threads)
     cfg = cfg or bench_config()
     repeats = 2 if quick else 5
-    model = create(cfg, seed=0)
+    impl = ImplConfig() if attention_block_size is None else ImplConfig(attention_block_size=attention_block_size)
+    model = create(cfg, seed=0, impl=impl.validate())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = load_hf(model, tmp)
@@ -157,11 +162,24 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--checkpoint", default="runs/small", help="trained run for the speculative row")
     p.add_argument("--torch-threads", type=int, default=None, help="transformers' intra-op threads (torch default)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row of the greedy rows")
+    p.add_argument("--batches", default="1,16", help="comma-separated batch sizes of the greedy rows")
+    p.add_argument("--attention-block-size", type=int, default=None,
+                   help="our impl.attention_block_size (default 512): caches longer than it are read in blocks")
     args = p.parse_args(argv)
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if args.new_tokens <= 0 or any(b <= 0 for b in batches):
+        p.error("--new-tokens and --batches must be positive")
+    if args.attention_block_size is not None and args.attention_block_size <= 0:
+        p.error(f"--attention-block-size must be positive, got {args.attention_block_size}")
     from dsv3_jax.hostmem import reuse_freed_memory
 
     reuse_freed_memory()  # before JAX starts its CPU client; both sides see the same allocator
-    rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads)
+    rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads, new_tokens=args.new_tokens,
+               batches=batches, attention_block_size=args.attention_block_size)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
 

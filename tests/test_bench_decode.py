@@ -16,7 +16,8 @@ pytest.importorskip("transformers")
 @pytest.mark.slow
 def test_quick_rows_on_the_tiny_config(tmp_path):
     cfg = dataclasses.replace(load_config("tiny").model, initializer_range=0.1)
-    rows = bench_decode.run(True, cfg=cfg, checkpoint=str(tmp_path / "absent"), new_tokens=6, batches=(1, 2))
+    rows = bench_decode.run(True, cfg=cfg, checkpoint=str(tmp_path / "absent"), new_tokens=6, batches=(1, 2),
+                            attention_block_size=16)  # the 64-slot cache read in blocks (rows identical below)
     by_name = {r["name"]: r for r in rows}
     assert [r["name"] for r in rows] == [
         "greedy decode, batch 1, 6 new tokens", "greedy decode, batch 2, 6 new tokens", "cache bytes per token",
@@ -32,3 +33,12 @@ def test_quick_rows_on_the_tiny_config(tmp_path):
     assert cache["reference"] == (20 + 6) * 3 * 4
     spec = rows[-1]
     assert spec["drafts"] > 0 and spec["acceptance"] == spec["accepted"] / spec["drafts"]
+
+
+@pytest.mark.parametrize("argv, words", [(["--batches", "1,x"], "--batches"), (["--new-tokens", "0"], "positive"),
+                                         (["--attention-block-size", "-4"], "--attention-block-size")])
+def test_bad_arguments_exit_with_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_decode.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and words in err[-1] and "Traceback" not in "".join(err)
