@@ -189,7 +189,8 @@ CHUNK_SCRIPT = textwrap.dedent(r"""
     tok, w_spec = P(("data", "expert")), moe.ExpertWeights(P("expert"), P("expert"), P("expert"))
 
     def run(chunk):  # (loss, grads) and the compiled program's text
-        ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",), chunk_tokens=chunk)
+        ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",), chunk_tokens=chunk,
+                             blocks_per_step=2 if chunk else 0)  # the loop over used blocks, inside shard_map
         y = jax.shard_map(lambda x, i, g, w: moe.BACKENDS["ep_a2a"].fn(x, moe.Routing(i, g), w, ctx), mesh=mesh,
                           in_specs=(tok, tok, tok, w_spec), out_specs=tok)
         f = jax.jit(jax.value_and_grad(lambda x, g, w: (y(x, idx, g, w) * cot).sum(), argnums=(0, 1, 2)))
@@ -234,7 +235,8 @@ def test_every_backend_matches_a_naive_loop(name):
     gates = jax.random.uniform(keys[1], (n, k))
     w = moe.ExpertWeights(*(jax.random.normal(kk, s) * 0.3 for kk, s in
                             zip(keys[2:], [(e, d, f), (e, d, f), (e, f, d)])))
-    ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",) if moe.BACKENDS[name].expert_parallel else ())
+    ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",) if moe.BACKENDS[name].expert_parallel else (),
+                         blocks_per_step=2)
     fn = functools.partial(moe.BACKENDS[name].fn, ctx=ctx)
     if moe.BACKENDS[name].expert_parallel:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))

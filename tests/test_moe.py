@@ -333,6 +333,40 @@ def test_chunked_block_matmul_equals_one_batched_matmul(budget_blocks):
     chex.assert_trees_all_close(g_chunked, g_once, atol=1e-5)
 
 
+@pytest.mark.parametrize("used, per_step", [(3, 2), (7, 3), (1, 4)])
+def test_block_matmul_loops_over_the_used_blocks_only(used, per_step):
+    """The loop over the used blocks, `per_step` at a time, against the one-shot einsum on the used blocks, values
+    and gradients. Blocks past the last chunk that holds a used block are NaN, as stale padding could be: they are
+    never read (their outputs and input gradients are zeros, the weight gradient stays finite); blocks inside that
+    chunk but past `used` hold zeros, as the dispatch leaves padding, so their outputs are zeros too."""
+    from dsv3_jax.precision import Policy
+
+    nb, b, i, o, e = 7, 4, 5, 6, 3
+    computed = -(-used // per_step) * per_step
+    x = jax.random.normal(jax.random.key(0), (nb, b, i))
+    x = jnp.where((jnp.arange(nb) >= used)[:, None, None], 0.0, x)
+    x = jnp.where((jnp.arange(nb) >= computed)[:, None, None], jnp.nan, x)
+    w = jax.random.normal(jax.random.key(1), (e, i, o))
+    expert = jnp.array([0, 0, 1, 2, 2, 2, 2], jnp.int32)
+    cot = jax.random.normal(jax.random.key(2), (nb, b, o))
+
+    def loss(x, w):
+        y = moe.block_matmul(x, w, expert, Policy(), used=jnp.int32(used), per_step=per_step)
+        return jnp.sum(y * cot), y
+
+    def ref(x, w):
+        y = jnp.einsum("nbi,nio->nbo", x[:used], w[expert[:used]], precision="highest")
+        return jnp.sum(y * cot[:used]), y
+
+    (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+    (_, y_ref), g_ref = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(x, w)
+    chex.assert_trees_all_close(y[:used], y_ref, atol=1e-5)
+    assert not bool(jnp.any(y[used:]))
+    chex.assert_trees_all_close(g[0][:used], g_ref[0][:used], atol=1e-5)
+    assert not bool(jnp.any(g[0][computed:]))  # (padding inside the last chunk gets a gradient no row reads)
+    chex.assert_trees_all_close(g[1], g_ref[1], atol=1e-5)
+
+
 def test_blocked_moe_under_a_small_weight_budget_matches_the_naive_loop(monkeypatch):
     """The blocked backend with its weights gathered a few blocks at a time is still the exact MoE."""
     from dsv3_jax.precision import Policy
