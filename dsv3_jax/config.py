@@ -148,8 +148,8 @@ class ImplConfig:
     scan_layers: bool = True  # False: unroll the layer stack (no per-layer slice/stack copies; compile grows)
     moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense | decode : moe.BACKENDS
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
-    moe_blocks_per_step: int = 8  # blocked grouped matmul: a loop over the used blocks, this many a step; 0 = one
-    # batched matmul over every block, padding included (moe.block_matmul; the loop is measured on CPU only)
+    moe_blocks_per_step: int | None = None  # blocked grouped matmul: a loop over the used blocks, this many a
+    # step; 0 = one batched matmul over every block, padding included; None = 8 on CPU (measured), 0 elsewhere
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once
     attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
     attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
@@ -161,7 +161,7 @@ class ImplConfig:
                 raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         if self.moe_block_size <= 0:
             raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
-        if self.moe_blocks_per_step < 0:
+        if self.moe_blocks_per_step is not None and self.moe_blocks_per_step < 0:
             raise ConfigError(f"impl.moe_blocks_per_step must be >= 0, got {self.moe_blocks_per_step}")
         if self.moe_ep_chunk_tokens < 0:
             raise ConfigError(f"impl.moe_ep_chunk_tokens must be >= 0, got {self.moe_ep_chunk_tokens}")

@@ -301,6 +301,11 @@ def test_auto_picks_expert_parallel_on_split_experts_and_the_local_matmul_per_pl
     assert ctx.ffn_axes == ("tensor",) and ctx.chunk_tokens == 0
     _, ctx, _ = moe.choose("auto", _abstract(expert=8), RULES, 8, 8, 16, 4, pol, "gpu", chunk_tokens=64)
     assert ctx.chunk_tokens == 64  # impl.moe_ep_chunk_tokens reaches the expert-parallel backend
+    # impl.moe_blocks_per_step: None loops over the used blocks 8 at a time on CPU only; a number holds anywhere
+    steps = {(platform, n): moe.choose("auto", AbstractMesh((), ()), RULES, 8, 8, 16, 4, pol, platform,
+                                       blocks_per_step=n)[1].blocks_per_step
+             for platform in ("cpu", "gpu") for n in (None, 0, 3)}
+    assert steps == {("cpu", None): 8, ("gpu", None): 0, ("cpu", 0): 0, ("gpu", 0): 0, ("cpu", 3): 3, ("gpu", 3): 3}
     with pytest.raises(ConfigError, match="n_routed_experts"):
         pick(_abstract(expert=8), "cpu", experts=12)
 
