@@ -281,26 +281,29 @@ def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
 _chunked_matmul.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def _blocks_swiglu(x_nbd: jax.Array, w: ExpertWeights, expert_b: jax.Array, used: jax.Array,
+                   ctx: MoeContext) -> jax.Array:
+    """The expert SwiGLU on expert-aligned blocks of rows (Nb, b, D), of which the first `used` hold rows."""
+    mm = functools.partial(block_matmul, expert_n=expert_b, pol=ctx.policy, used=used, per_step=ctx.blocks_per_step)
+    return mm(jax.nn.silu(mm(x_nbd, w.w_gate)) * mm(x_nbd, w.w_up), w.w_down)
+
+
 def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
-    """Rows scattered into expert-aligned blocks of `block` rows, one batched matmul per weight (portable)."""
-    (r, d), e, block, pol = x_rd.shape, sizes_e.shape[0], ctx.block, ctx.policy
+    """Rows scattered into expert-aligned blocks of `block` rows, the expert SwiGLU on the blocks (portable)."""
+    (r, d), e, block = x_rd.shape, sizes_e.shape[0], ctx.block
     num_blocks = min(-(-r // block) + e, r)
     ends = jnp.cumsum(sizes_e)
     row = jnp.arange(r)
     expert_r = jnp.searchsorted(ends, row, side="right")  # (R,) E for rows past the last group
-    padded = (sizes_e + block - 1) // block * block
-    padded_start = jnp.cumsum(padded) - padded
+    blocks_e = (sizes_e + block - 1) // block
+    padded_start = (jnp.cumsum(blocks_e) - blocks_e) * block
     e_r = jnp.minimum(expert_r, e - 1)
     # rows of no expert go to distinct out-of-range slots and are dropped
     dest_r = jnp.where(expert_r < e, padded_start[e_r] + row - (ends - sizes_e)[e_r], num_blocks * block + row)
-    block_expert = jnp.repeat(jnp.arange(e), padded // block, total_repeat_length=num_blocks)
+    block_expert = jnp.repeat(jnp.arange(e), blocks_e, total_repeat_length=num_blocks)
     x_pd = jnp.zeros((num_blocks * block, d), x_rd.dtype).at[dest_r].set(x_rd, mode="drop", unique_indices=True)
-    x_nbd = x_pd.reshape(num_blocks, block, d)
-    mm = functools.partial(block_matmul, expert_n=block_expert, pol=pol, used=(padded // block).sum(),
-                           per_step=ctx.blocks_per_step)
-    h = jax.nn.silu(mm(x_nbd, w.w_gate)) * mm(x_nbd, w.w_up)
-    y_pd = mm(h, w.w_down).reshape(num_blocks * block, d)
-    return y_pd.at[dest_r].get(mode="fill", fill_value=0)
+    y_nbd = _blocks_swiglu(x_pd.reshape(num_blocks, block, d), w, block_expert, blocks_e.sum(), ctx)
+    return y_nbd.reshape(num_blocks * block, d).at[dest_r].get(mode="fill", fill_value=0)
 
 
 LOCAL_FFN = {"ragged_dot": _ffn_ragged, "blocked": _ffn_blocked}
@@ -340,12 +343,12 @@ def block_layout(idx_nk: jax.Array, num_experts: int, block: int) -> BlockLayout
         sizes_e = jnp.bincount(flat, length=e).astype(jnp.int32)
         rank_sorted = jnp.arange(r, dtype=jnp.int32) - (jnp.cumsum(sizes_e) - sizes_e)[flat[order]]
         rank_r = jnp.zeros((r,), jnp.int32).at[order].set(rank_sorted, unique_indices=True)
-    padded_e = (sizes_e + block - 1) // block * block
-    slot_r = (jnp.cumsum(padded_e) - padded_e)[flat] + rank_r
+    blocks_e = (sizes_e + block - 1) // block
+    slot_r = ((jnp.cumsum(blocks_e) - blocks_e) * block)[flat] + rank_r
     row_p = jnp.full((num_blocks * block,), r, jnp.int32).at[slot_r].set(jnp.arange(r, dtype=jnp.int32),
                                                                         unique_indices=True)
-    expert_b = jnp.repeat(jnp.arange(e, dtype=jnp.int32), padded_e // block, total_repeat_length=num_blocks)
-    return BlockLayout(slot_r, row_p, expert_b, (padded_e // block).sum())
+    expert_b = jnp.repeat(jnp.arange(e, dtype=jnp.int32), blocks_e, total_repeat_length=num_blocks)
+    return BlockLayout(slot_r, row_p, expert_b, blocks_e.sum())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -384,14 +387,11 @@ collect_rows.defvjp(_collect_fwd, _collect_bwd)
 
 def _blocked_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
     """Blocked grouped matmuls with gather-only dispatch and combine (`block_layout`)."""
-    (n, k), d, pol = routing.idx_nk.shape, x_nd.shape[1], ctx.policy
+    (n, k), d = routing.idx_nk.shape, x_nd.shape[1]
     layout = block_layout(routing.idx_nk, w.w_gate.shape[0], ctx.block)
     x_nbd = dispatch_rows(x_nd, layout, k).reshape(-1, ctx.block, d)
-    mm = functools.partial(block_matmul, expert_n=layout.expert_b, pol=pol, used=layout.used,
-                           per_step=ctx.blocks_per_step)
-    h = jax.nn.silu(mm(x_nbd, w.w_gate)) * mm(x_nbd, w.w_up)
-    y_pd = mm(h, w.w_down).reshape(-1, d)
-    return combine(collect_rows(y_pd, layout).reshape(n, k, d), routing.gates_nk, pol)
+    y_pd = _blocks_swiglu(x_nbd, w, layout.expert_b, layout.used, ctx).reshape(-1, d)
+    return combine(collect_rows(y_pd, layout).reshape(n, k, d), routing.gates_nk, ctx.policy)
 
 
 def _sort_rows(idx_nk: jax.Array, num_experts: int):
