@@ -56,9 +56,10 @@ def parse_ids(text: str, what: str) -> list[int]:
 
 def load(path_str: str, dtype: str, tokenizer_spec: str | None):
     """(model, tokenizer, SampleConfig defaults) from either checkpoint format."""
-    from dsv3_jax import checkpoint, hf
     from dsv3_jax.config import SampleConfig
-    from dsv3_jax.data import make_tokenizer
+    from dsv3_jax.data.tokenizer import make_tokenizer
+    from dsv3_jax.interop import hf
+    from dsv3_jax.train import checkpoint
 
     path = pathlib.Path(path_str)
     if not path.is_dir():
@@ -105,7 +106,7 @@ def run(args) -> int:
         if len(p) == 0:
             raise CLIError(f"prompt {i} is empty")
 
-    from dsv3_jax import sampling
+    from dsv3_jax.infer import sampling
 
     model, tok, defaults = load(args.checkpoint, args.dtype, args.tokenizer)
     bos = [] if args.no_bos else [tok.bos_id]
@@ -168,9 +169,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from dsv3_jax.config import ConfigError
-        from dsv3_jax.sampling import GenerateError
-        from dsv3_jax.tokenizer import DataError
+        from dsv3_jax.errors import ConfigError, DataError, GenerateError
 
         if not isinstance(e, (CLIError, GenerateError, ConfigError, DataError)):
             raise

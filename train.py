@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3_jax.config import ConfigError, print_error
+from dsv3_jax.errors import ConfigError, print_error
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,9 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     """The exception types that mean bad input (printed as one line), not a bug."""
-    from dsv3_jax.hf import HFError
-    from dsv3_jax.sampling import GenerateError
-    from dsv3_jax.tokenizer import DataError
+    from dsv3_jax.errors import DataError, GenerateError, HFError
 
     return ConfigError, DataError, HFError, GenerateError, FileNotFoundError
 
@@ -43,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     reuse_freed_memory()  # before JAX starts its CPU client
     try:
-        from dsv3_jax import distributed
+        from dsv3_jax.parallel import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        from dsv3_jax.config import load_config
-        from dsv3_jax.trainer import train
+        from dsv3_jax.presets import load_config
+        from dsv3_jax.train.loop import train
 
         cfg = load_config(args.config, args.overrides)
         train(cfg)

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.attention import MLA
-from dsv3_jax.config import load_config
-from dsv3_jax.layers import rope_cos_sin
-from dsv3_jax.model import create
+from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.rope import rope_cos_sin
+from dsv3_jax.model.transformer import create
+from dsv3_jax.presets import load_config
 
 
 def timed(fn, *args, repeats: int) -> float:

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv3_jax import trainer
-from dsv3_jax.config import load_config
-from dsv3_jax.sharding import make_mesh, rules_for, use_rules
+from dsv3_jax.parallel.sharding import make_mesh, rules_for, use_rules
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import state as train_state
+from dsv3_jax.train.step import train_step
 
 _COLLECTIVE = re.compile(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
                          r"(?:-start)?\(")
@@ -41,7 +42,7 @@ def measure(cfg, repeats: int) -> dict:
     mesh = make_mesh(cfg.mesh)
     b, t = cfg.train.global_batch_size, cfg.data.seq_len
     with use_rules(rules_for(cfg.mesh)):
-        state, graphdef, tx = trainer.init_state(cfg, mesh)
+        state, graphdef, tx = train_state.init_state(cfg, mesh)
         rng = np.random.default_rng(0)
         batch = {"tokens": rng.integers(2, cfg.model.vocab_size, (b, t + 1)).astype(np.int32),
                  "segment_ids": np.ones((b, t + 1), np.int32),
@@ -49,7 +50,7 @@ def measure(cfg, repeats: int) -> dict:
         with jax.set_mesh(mesh):
             batch = jax.tree.map(jnp.asarray, batch)
             t0 = time.perf_counter()
-            step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+            step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
                            out_shardings=(jax.tree.map(lambda x: x.sharding, state),
                                           NamedSharding(mesh, PartitionSpec()))).lower(state, batch).compile()
             compile_s = time.perf_counter() - t0

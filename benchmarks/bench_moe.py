@@ -11,8 +11,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import moe
-from dsv3_jax.precision import Policy
+from dsv3_jax.kernels.precision import Policy
+from dsv3_jax.model import moe_backends as moe
 
 
 def timed(fn, *args, repeats: int) -> float:

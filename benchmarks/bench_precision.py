@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import trainer
-from dsv3_jax.config import load_config
-from dsv3_jax.sharding import make_mesh
+from dsv3_jax.parallel.sharding import make_mesh
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import state as train_state
+from dsv3_jax.train.step import train_step
 
 
 def batch_of(cfg) -> dict:
@@ -30,8 +31,8 @@ def bench(preset: str, precision: str, overrides: list[str], repeats: int) -> tu
     """(median step seconds, compile seconds, temp bytes) of the jitted train step."""
     cfg = load_config(preset, [f"impl.precision={precision}", *overrides])
     mesh = make_mesh(cfg.mesh)
-    state, graphdef, tx = trainer.init_state(cfg, mesh)
-    step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))
+    state, graphdef, tx = train_state.init_state(cfg, mesh)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg))
     batch = batch_of(cfg)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()

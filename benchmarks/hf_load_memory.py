@@ -24,9 +24,9 @@ def _rss_mb() -> float:
 def make(out: str) -> None:
     from flax import nnx
 
-    from dsv3_jax import hf
     from dsv3_jax.config import ModelConfig
-    from dsv3_jax.model import Transformer
+    from dsv3_jax.interop import hf
+    from dsv3_jax.model.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=3, first_k_dense_replace=1,
                       num_attention_heads=4, intermediate_size=1024, moe_intermediate_size=512, n_routed_experts=64,
@@ -39,15 +39,15 @@ def make(out: str) -> None:
 
 
 def load_one(path: str, coordinator: str, pid: int, processes: int) -> None:
-    from dsv3_jax import distributed
+    from dsv3_jax.parallel import distributed
 
     distributed.initialize(coordinator, processes, pid)
     import jax
     from flax import nnx
 
-    from dsv3_jax import hf
     from dsv3_jax.config import MeshConfig
-    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.interop import hf
+    from dsv3_jax.parallel.sharding import make_mesh
 
     mesh = make_mesh(MeshConfig(data=1, expert=8))
     jax.numpy.zeros(1).block_until_ready()

@@ -1,4 +1,4 @@
-"""Loss curves of two or more runs from their metrics.jsonl, one PNG, and the numbers the README quotes: the final
+"""Loss curves of two or more runs from their metrics.jsonl, one PNG, and the numbers docs/fp8.md quotes: the final
 train loss (last logged step, and the mean of the last `--tail` logged steps, single batches being noisy), the final
 held-out loss, and each run's relative gap to the first run, also paired step by step over the second half of the
 run (same data order, so the batch-to-batch noise cancels).

@@ -1,7 +1,8 @@
 """Frozen dataclass configs, YAML presets, `key=value` overrides and validation with one-line errors.
 
 Every config error is a `ConfigError` whose message names the offending field, so the CLIs can print it as a
-single line. `python -m dsv3_jax.config PRESET` prints the parameter counts of a preset from abstract shapes.
+single line. Names that registries own (attention and MoE backends, logical axes) are checked by
+`presets.load_config`, above the registries.
 """
 
 from __future__ import annotations
@@ -9,25 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import pathlib
-import sys
 import types
 import typing
 from typing import Any
 
 import yaml
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line and names the field."""
-
-
-def print_error(e: BaseException) -> int:
-    """A command line's answer to bad input: `error: <the message on one line>` on stderr; the exit status 2."""
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return 2
+from dsv3_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,17 +135,17 @@ class ImplConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (precision.policy)
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
     scan_layers: bool = True  # False: unroll the layer stack (no per-layer slice/stack copies; compile grows)
-    moe_impl: str = "auto"  # auto | ep_ragged | ep_a2a | ragged_dot | blocked | dense | decode : moe.BACKENDS
+    moe_impl: str = "auto"  # auto or a name in model.moe_backends.BACKENDS
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
     moe_blocks_per_step: int | None = None  # blocked grouped matmul: a loop over the used blocks, this many a
-    # step; 0 = one batched matmul over every block, padding included; None = 8 on CPU (measured), 0 elsewhere
+    # step; 0 = one batched matmul over every block, padding included; None = 8 on CPU, 0 elsewhere
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once
-    attention: str = "auto"  # auto | dense | blocked | splash | cudnn : attention backend (attention_ops.py)
+    attention: str = "auto"  # auto or a name in kernels.attention.BACKENDS
     attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
 
     def validate(self) -> ImplConfig:
         for name, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("precision", PRECISIONS),
-                              ("remat", _REMAT), ("moe_impl", _MOE_IMPLS)):
+                              ("remat", _REMAT)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         if self.moe_block_size <= 0:
@@ -165,19 +154,22 @@ class ImplConfig:
             raise ConfigError(f"impl.moe_blocks_per_step must be >= 0, got {self.moe_blocks_per_step}")
         if self.moe_ep_chunk_tokens < 0:
             raise ConfigError(f"impl.moe_ep_chunk_tokens must be >= 0, got {self.moe_ep_chunk_tokens}")
-        from dsv3_jax.attention_ops import NAMES  # noqa: PLC0415  (the registry imports this module)
-
-        if self.attention not in NAMES:
-            raise ConfigError(f"impl.attention must be one of {list(NAMES)}, got {self.attention!r}")
         if self.attention_block_size <= 0:
             raise ConfigError(f"impl.attention_block_size must be positive, got {self.attention_block_size}")
         return self
 
 
 IMPL_FIELDS = frozenset(f.name for f in dataclasses.fields(ImplConfig))
+
+
 PRECISIONS = ("fp32", "bf16", "fp8")
+
+
 _REMAT = {"none", "full", "dots"}
-_MOE_IMPLS = {"auto", "ep_ragged", "ep_a2a", "ragged_dot", "blocked", "dense", "decode"}  # "auto" + moe.BACKENDS
+
+
+
+
 _DTYPES = {"float32", "bfloat16", "float16"}
 
 
@@ -200,13 +192,6 @@ class MeshConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "rules", _rule_pairs(self.rules))
-
-    def validate(self) -> MeshConfig:
-        if self.rules:
-            from dsv3_jax.sharding import rules_for  # noqa: PLC0415  (the logical-axis vocabulary lives there)
-
-            rules_for(self)
-        return self
 
 
 def _rule_pairs(rules) -> tuple:
@@ -335,7 +320,6 @@ class Config:
     def validate(self) -> Config:
         self.model.validate()
         self.impl.validate()
-        self.mesh.validate()
         self.train.validate()
         if self.impl.precision == "fp8":
             for name, k in fp8_contraction_dims(self.model).items():
@@ -360,10 +344,6 @@ def fp8_contraction_dims(m: ModelConfig) -> dict[str, int]:
     if m.num_moe_layers or m.num_nextn_predict_layers:
         dims["moe_intermediate_size"] = m.moe_intermediate_size
     return dims
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with errors that name the field.
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
@@ -457,126 +437,3 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise _unknown(path[-1], list(node), ".".join(path[:-1]) + ".")
         node[path[-1]] = value
     return from_dict(Config, d).validate()
-
-
-def resolve_preset(name_or_path: str) -> pathlib.Path:
-    """A preset name (`tiny`, `small`, ...) or a YAML path."""
-    p = pathlib.Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.exists():
-            raise ConfigError(f"config file {name_or_path} does not exist")
-        return p
-    q = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not q.exists():
-        presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-        close = difflib.get_close_matches(name_or_path, presets, n=1)
-        hint = f"; did you mean {close[0]}?" if close else f"; presets: {', '.join(presets)}"
-        raise ConfigError(f"unknown preset {name_or_path!r}{hint}")
-    return q
-
-
-def load_config(name_or_path: str = "small", overrides: list[str] = ()) -> Config:
-    """Load a YAML preset (which may `base:` another preset), then apply overrides and validate."""
-    path = resolve_preset(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    base = raw.pop("base", None)
-    cfg = load_config(base) if base else Config()
-    merged = dataclasses.asdict(cfg)
-    for section, values in raw.items():
-        if section not in merged:
-            raise _unknown(section, list(merged), "")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping")
-        for k, v in values.items():
-            if k not in merged[section]:
-                raise _unknown(k, list(merged[section]), section + ".")
-            merged[section][k] = v
-    return apply_overrides(from_dict(Config, merged).validate(), list(overrides))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# HF config.json <-> ModelConfig.
-
-_HF_IGNORED = {
-    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "pad_token_id", "pretraining_tp", "attention_dropout", "hidden_act", "num_key_value_heads",
-    "scoring_func", "topk_method", "tie_word_embeddings", "attention_bias", "rope_interleave", "aux_loss_alpha",
-    "seq_aux", "quantization_config", "moe_layer_freq", "ep_size", "output_router_logits", "head_dim",
-    "qk_head_dim", "num_local_experts", "num_mtp_layers", "output_attentions", "output_hidden_states",
-    "return_dict", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
-    "tokenizer_class", "rope_parameters", "rope_scaling", "_name_or_path", "initializer_range", "router_aux_loss_coef",
-}
-
-
-def from_hf_config(hf: dict) -> ModelConfig:
-    """ModelConfig from an HF DeepSeek-V3 `config.json` dict; unsupported variants fail naming the field."""
-    checks = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-              "tie_word_embeddings": False, "attention_bias": False}
-    for key, want in checks.items():
-        if key in hf and hf[key] != want:
-            raise ConfigError(f"config.json {key}={hf[key]!r} is not supported (DeepSeek-V3 uses {want!r})")
-    heads = hf.get("num_attention_heads")
-    if hf.get("num_key_value_heads") not in (None, heads):
-        raise ConfigError(f"config.json num_key_value_heads={hf['num_key_value_heads']} must equal "
-                          f"num_attention_heads={heads} (MLA)")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    kw = {k: v for k, v in hf.items() if k in names and k not in _HF_IGNORED and k != "rope_theta"}
-    if isinstance(kw.get("eos_token_id"), list):
-        kw["eos_token_id"] = kw["eos_token_id"][0]
-    for k in ("bos_token_id", "eos_token_id"):
-        if kw.get(k) is None:
-            kw.pop(k, None)
-    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-        kw["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-    kw.setdefault("num_nextn_predict_layers", 0)
-    if "initializer_range" in hf:
-        kw["initializer_range"] = hf["initializer_range"]
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kw["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "yarn":
-        fields = {f.name for f in dataclasses.fields(YarnConfig)}
-        y = {k: v for k, v in rope.items() if k in fields and v is not None}
-        for k in ("mscale", "mscale_all_dim"):
-            y.setdefault(k, 0.0)
-        if "original_max_position_embeddings" in hf:  # as transformers: a top-level value wins, then the rope dict's
-            y["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
-        y.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
-        kw["rope_scaling"] = YarnConfig(**y)
-    elif rope_type not in ("default", None):
-        raise ConfigError(f"config.json rope_scaling type {rope_type!r} is not supported (default or yarn)")
-    unknown = set(hf) - names - _HF_IGNORED
-    if unknown:
-        print(f"note: ignoring config.json keys {sorted(unknown)}", file=sys.stderr)
-    return ModelConfig(**kw).validate()
-
-
-def to_hf_config(cfg: ModelConfig) -> dict:
-    """The HF `config.json` dict for this architecture (rope dims stored interleaved, as released)."""
-    d = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "moe_intermediate_size": cfg.moe_intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_attention_heads,
-        "n_shared_experts": cfg.n_shared_experts, "n_routed_experts": cfg.n_routed_experts,
-        "routed_scaling_factor": cfg.routed_scaling_factor, "kv_lora_rank": cfg.kv_lora_rank,
-        "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
-        "num_experts_per_tok": cfg.num_experts_per_tok, "first_k_dense_replace": cfg.first_k_dense_replace,
-        "norm_topk_prob": cfg.norm_topk_prob, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings, "initializer_range": cfg.initializer_range,
-        "rms_norm_eps": cfg.rms_norm_eps, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "tie_word_embeddings": False, "rope_theta": cfg.rope_theta, "rope_interleave": True,
-        "attention_bias": False, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-        "num_nextn_predict_layers": cfg.num_nextn_predict_layers, "torch_dtype": "float32",
-    }
-    if cfg.rope_scaling is not None:
-        y = dataclasses.asdict(cfg.rope_scaling)
-        y = {k: v for k, v in y.items() if v is not None}
-        d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **y}
-    return d

@@ -20,6 +20,8 @@ import os
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
 _INT_MAX = 2**31 - 1  # mallopt takes an int: freed heap tops up to 2 GB are kept, and 2 GB more is kept as pad
 
 

@@ -49,7 +49,7 @@ def pytest_unconfigure(config):
 
 
 # Rough seconds each file's tests take in one worker (CPU seconds of the tests and their subprocesses on the 2-core
-# machine, 2026-11-30, before LLVM -O0): (full suite, `-m "not slow"`). xdist hands whole files to the workers in
+# machine): (full suite, `-m "not slow"`). xdist hands whole files to the workers in
 # collection order (--dist loadfile --no-loadscope-reorder in pyproject.toml), so the longest go first: a long file
 # that started last would run alone while the other worker idles (xdist's own order, most tests first, put the
 # bench, experiments and multi-process files last). Files not listed take a few seconds and fill the gaps at the end.

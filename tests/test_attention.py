@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import attention_ops as ops
-from dsv3_jax.attention import MLA
-from dsv3_jax.config import ConfigError, ImplConfig, load_config
-from dsv3_jax.layers import rope_cos_sin
-from dsv3_jax.model import create
-from dsv3_jax.precision import Policy
+from dsv3_jax.config import ImplConfig
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.kernels import attention as ops
+from dsv3_jax.kernels.precision import Policy
+from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.rope import rope_cos_sin
+from dsv3_jax.model.transformer import create
+from dsv3_jax.presets import load_config
 from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -192,7 +194,7 @@ def test_latent_attention_reads_the_filled_blocks_and_matches_a_naive_loop(posit
     each) against a naive loop, read whole (block 64) and in blocks of 16 (40 is no multiple: the last block
     overlaps the one before it). Slots in blocks past the largest position hold NaN, as an unwritten cache may:
     they are never read (NaN * 0 would leak through a masked read)."""
-    from dsv3_jax.attention import LatentCache, latent_attention
+    from dsv3_jax.kernels.latent_attention import LatentCache, latent_attention
     ks = jax.random.split(jax.random.key(7), 4)
     q_lat, q_rope = _normal(ks[0], (3, 2, 4, 8)), _normal(ks[1], (3, 2, 4, 5))
     c_kv, k_rope = _normal(ks[2], (3, 40, 8)), _normal(ks[3], (3, 40, 5))
@@ -326,7 +328,7 @@ def test_float32_attention_runs_every_matmul_at_highest_precision(attention):
     def loss(state, cached):
         cache = None
         if cached:
-            from dsv3_jax.attention import LatentCache  # noqa: PLC0415
+            from dsv3_jax.kernels.latent_attention import LatentCache
 
             cache = LatentCache.zeros(cfg, 1, 16, None, jnp.float32)
         return jnp.sum(nnx.merge(graphdef, state)(x, cos, sin, seg, pos, cache)[0])

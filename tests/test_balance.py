@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import losses, moe, trainer
-from dsv3_jax.config import ConfigError, ImplConfig, ModelConfig, TrainConfig, load_config
-from dsv3_jax.sharding import make_mesh
+from dsv3_jax.config import ImplConfig, ModelConfig, TrainConfig
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.model import moe, routing
+from dsv3_jax.parallel.sharding import make_mesh
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import losses, step
+from dsv3_jax.train import state as train_state
 
 
 def test_aux_balance_terms_by_hand():
@@ -41,7 +45,7 @@ def _naive_aux(x, router, bias, valid, cfg):
     """E * sum_i f_i P_i from the router weights directly (differentiable in the router; f_i from the selection)."""
     x_nd = x.reshape(-1, x.shape[-1])
     scores = jax.nn.sigmoid(x_nd @ router)
-    idx, _ = moe.select_experts(scores, bias, cfg)
+    idx, _ = routing.select_experts(scores, bias, cfg)
     v = valid.reshape(-1).astype(jnp.float32)
     counts = (jax.nn.one_hot(idx, cfg.n_routed_experts).sum(1) * v[:, None]).sum(0)
     f = counts / counts.sum()
@@ -76,7 +80,7 @@ def test_unknown_strategy_is_a_one_line_config_error():
 @pytest.mark.parametrize("strategy", ["aux_free", "aux_loss", "none"])
 def test_bias_gamma_is_zero_unless_aux_free(strategy):
     cfg = TrainConfig(balance=strategy, bias_gamma=0.01)
-    assert float(trainer.bias_gamma(jnp.int32(0), cfg)) == pytest.approx(0.01 if strategy == "aux_free" else 0.0)
+    assert float(step.bias_gamma(jnp.int32(0), cfg)) == pytest.approx(0.01 if strategy == "aux_free" else 0.0)
 
 
 @pytest.mark.slow
@@ -85,14 +89,14 @@ def test_train_step_freezes_the_bias_and_adds_the_aux_loss_only_under_aux_loss(s
     cfg = load_config("tiny", ["data.seq_len=16", f"train.balance={strategy}", "train.aux_loss_alpha=0.5",
                                "train.bias_gamma=0.01", "train.balance_alpha=0"])
     mesh = make_mesh(cfg.mesh)
-    state, graphdef, tx = trainer.init_state(cfg, mesh)
+    state, graphdef, tx = train_state.init_state(cfg, mesh)
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(2, 258, (4, 17)), jnp.int32),
              "segment_ids": jnp.ones((4, 17), jnp.int32),
              "positions": jnp.tile(jnp.arange(17, dtype=jnp.int32), (4, 1))}
     with jax.set_mesh(mesh):
-        new, m = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))(state, batch)
-        out = jax.jit(functools.partial(trainer.forward, graphdef))(state.params, state.bias, batch)
+        new, m = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, cfg=cfg))(state, batch)
+        out = jax.jit(functools.partial(step.forward, graphdef))(state.params, state.bias, batch)
     for old_b, new_b in zip(jax.tree.leaves(state.bias), jax.tree.leaves(new.bias)):
         np.testing.assert_array_equal(np.asarray(new_b), np.asarray(old_b))  # frozen at zero
     k = cfg.model.num_experts_per_tok

@@ -1,11 +1,11 @@
-"""`python -m dsv3_jax.bench`: every section present, ratios derived from the figures, bad input as one line."""
+"""`python -m dsv3_jax.tools.bench`: every section present, ratios derived from the figures, bad input as one line."""
 
 import json
 import math
 
 import pytest
 
-from dsv3_jax import bench
+from dsv3_jax.tools import bench
 
 
 def _close(a: float, b: float) -> bool:

@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
-from dsv3_jax import bench_decode, sampling
-from dsv3_jax.config import load_config
+from dsv3_jax.infer import sampling
+from dsv3_jax.presets import load_config
+from dsv3_jax.tools import bench_decode
 
 pytest.importorskip("transformers")
 

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import checkpoint
-from dsv3_jax.config import ConfigError, load_config
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import checkpoint
 from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ ARGS = ["--config", "tiny", f"train.steps={STEPS}", f"train.checkpoint_every={KI
 KILLER = f"""
 import os, signal, sys
 sys.path.insert(0, {str(REPO)!r})
-from dsv3_jax import checkpoint
+from dsv3_jax.train import checkpoint
 save = checkpoint.Checkpointer.save
 mode = os.environ["KILL_MODE"]
 def save_then_die(self, step, *args, **kwargs):
@@ -189,8 +190,10 @@ def test_evaluation_sample_and_tensorboard(runs):
     scalars and the sample text."""
     from tensorboardX.proto import event_pb2
 
-    from dsv3_jax import data, losses, metrics, sampling
-    from dsv3_jax.tokenizer import ByteTokenizer
+    from dsv3_jax.data import pipeline
+    from dsv3_jax.data.tokenizer import ByteTokenizer
+    from dsv3_jax.infer import sampling
+    from dsv3_jax.train import losses, metrics
 
     a, full = runs
     rows = [json.loads(ln) for ln in (a / "metrics.jsonl").read_text().splitlines()]
@@ -198,7 +201,7 @@ def test_evaluation_sample_and_tensorboard(runs):
     assert sorted(evals) == [KILL_AT, STEPS]
     for step, row in evals.items():
         model, cfg = checkpoint.load_model(a / "checkpoints" / str(step))
-        it = data.make_dataset(cfg.data, "eval", cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed)
+        it = pipeline.make_dataset(cfg.data, "eval", cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed)
         total = count = 0.0
         for _, batch in zip(range(cfg.train.eval_batches), it):
             out = model(jnp.asarray(batch["tokens"][:, :-1]), positions=jnp.asarray(batch["positions"][:, :-1]),
@@ -206,7 +209,7 @@ def test_evaluation_sample_and_tensorboard(runs):
             s, c = losses.next_token_loss(out.logits, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]))
             total, count = total + float(s), count + float(c)
         np.testing.assert_allclose(row["loss"], total / count, rtol=1e-5)
-        bpt = data.split_info(cfg.data, "eval").bytes_per_token
+        bpt = pipeline.split_info(cfg.data, "eval").bytes_per_token
         np.testing.assert_allclose(row["bits_per_byte"], row["loss"] / np.log(2) / bpt, rtol=1e-6)
     model, cfg = checkpoint.load_model(a)
     timed = [r for r in rows if r["kind"] == "train" and np.isfinite(r["tokens_per_s"])]
@@ -238,7 +241,7 @@ def test_load_model_restores_params_and_bias(runs):
     a, _ = runs
     from flax import nnx
 
-    from dsv3_jax.moe import RouterBias
+    from dsv3_jax.model.routing import RouterBias
 
     model, cfg = checkpoint.load_model(a / "checkpoints" / str(STEPS))
     assert cfg.train.steps == STEPS and cfg.data.seq_len == 32
@@ -287,9 +290,9 @@ def test_load_model_reads_only_params_and_bias(tmp_path):
     asks orbax for params and bias only (a full-state restore fails on it), and returns exactly the saved ones."""
     from flax import nnx
 
-    from dsv3_jax import state as train_state
-    from dsv3_jax.model import Transformer
-    from dsv3_jax.moe import RouterBias
+    from dsv3_jax.model.routing import RouterBias
+    from dsv3_jax.model.transformer import Transformer
+    from dsv3_jax.train import state as train_state
 
     cfg = load_config("tiny", [f"train.run_dir={tmp_path}"])
     model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))  # filled below: eager init is slow on CPU
@@ -303,7 +306,7 @@ def test_load_model_reads_only_params_and_bias(tmp_path):
     ckpt.save(7, saved, {"unused": 0}, cfg, force=True)
     ckpt.close()
     with pytest.raises(ConfigError, match="could be restored"):  # the full train state cannot be restored from it
-        checkpoint.Checkpointer(tmp_path, 1, 1).restore_latest(train_state.abstract_state(cfg))
+        checkpoint.Checkpointer(tmp_path, 1, 1).restore_latest(train_state.abstract_state(cfg)[0]._asdict())
     loaded, _ = checkpoint.load_model(tmp_path)
     _, got_params, got_bias = nnx.split(loaded, nnx.Param, RouterBias)
     chex.assert_trees_all_equal(nnx.to_pure_dict(got_params), saved["params"])

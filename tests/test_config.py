@@ -4,7 +4,10 @@ import dataclasses
 
 import pytest
 
-from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig, from_hf_config, load_config, to_hf_config
+from dsv3_jax.config import ModelConfig, YarnConfig
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.interop.hf_config import from_hf_config, to_hf_config
+from dsv3_jax.presets import load_config
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "dsv3-16b", "deepseek-v3-671b"])

@@ -14,10 +14,10 @@ SCRIPT = textwrap.dedent("""
     import functools
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding
-    from dsv3_jax import losses, trainer
-    from dsv3_jax.config import load_config
-    from dsv3_jax.moe import update_bias
-    from dsv3_jax.sharding import logical_spec, make_mesh
+    from dsv3_jax.train import losses, step, state
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.model.routing import update_bias
+    from dsv3_jax.parallel.sharding import logical_spec, make_mesh
     assert jax.device_count() == 8
     B, T = 8, 16
     cfg = load_config("tiny", [f"data.seq_len={T}", f"train.global_batch_size={B}", "train.micro_batches=2",
@@ -33,11 +33,11 @@ SCRIPT = textwrap.dedent("""
     batch = {"tokens": rng.integers(2, cfg.model.vocab_size, (B, T + 1)).astype(np.int32), "segment_ids": seg,
              "positions": pos}
     mesh = make_mesh(cfg.mesh)
-    state, graphdef, tx = trainer.init_state(cfg, mesh)
+    state, graphdef, tx = state.init_state(cfg, mesh)
     sharding = NamedSharding(mesh, logical_spec(("batch",)))
     with jax.set_mesh(mesh):
         g = {k: jax.device_put(v, sharding) for k, v in batch.items()}
-        new, m = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))(state, g)
+        new, m = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, cfg=cfg))(state, g)
     k = cfg.model.num_experts_per_tok
     valid = int((seg[:, :-1] != 0).sum())
     targets = int(losses.same_document_mask(jnp.asarray(seg), 1).sum())
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(np.asarray(m["mtp_routed_tokens"]), [targets * k])
     # the bias moved by the counts of one unsharded forward over the whole batch
     host = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), (state.params, state.bias))
-    out = trainer.forward(graphdef, *host, {k_: jnp.asarray(v) for k_, v in batch.items()})
+    out = step.forward(graphdef, *host, {k_: jnp.asarray(v) for k_, v in batch.items()})
     want = jax.tree.map(lambda b, c: update_bias(b, c, 0.01), host[1], out.aux["router_counts"])
     for a, b in zip(jax.tree.leaves(new.bias), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)

@@ -7,9 +7,11 @@ import grain
 import numpy as np
 import pytest
 
-from dsv3_jax import data
 from dsv3_jax.config import DataConfig
-from dsv3_jax.data import DataError, make_dataset, make_tokenizer, pack_documents
+from dsv3_jax.data import pipeline
+from dsv3_jax.data.pipeline import make_dataset, pack_documents
+from dsv3_jax.data.tokenizer import make_tokenizer
+from dsv3_jax.errors import DataError
 
 BYTE = make_tokenizer("byte")
 
@@ -82,7 +84,7 @@ def test_tokenizer_json(tmp_path):
     batches = list(make_dataset(cfg, "eval", 1, vocab_size=len(words)))
     stream = np.concatenate([batches[0]["tokens"][0]] + [b["tokens"][0][1:] for b in batches[1:]])
     stream = stream[: len(stream) - int((batches[-1]["segment_ids"][0] == 0).sum())]
-    held_out = data.eval_mask([f"c{i}.txt" for i in range(6)], 0.99)
+    held_out = pipeline.eval_mask([f"c{i}.txt" for i in range(6)], 0.99)
     expected = [[tok.bos_id, *tok.encode(t), tok.eos_id] for t, e in zip(texts, held_out) if e]
     assert stream.tolist() == [i for doc in expected for i in doc]
     with pytest.raises(DataError, match=r"token id \d+ .* vocab_size 258$"):
@@ -159,15 +161,15 @@ def test_stdlib_source_first_batch():
     batch = next(make_dataset(cfg, "train", 4, vocab_size=258))
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         k: ((4, 65), np.dtype(np.int32)) for k in ("tokens", "segment_ids", "positions")}
-    docs = data.read_documents(cfg)
+    docs = pipeline.read_documents(cfg)
     assert len(docs) == 40 and all(k.startswith("stdlib/") and k.endswith(".py") for k, _ in docs)
-    assert docs == data.read_documents(cfg) and len({k for k, _ in docs}) == 40  # deterministic order
+    assert docs == pipeline.read_documents(cfg) and len({k for k, _ in docs}) == 40  # deterministic order
     assert not any("/test/" in k or "site-packages" in k for k, _ in docs)
     texts = {t for _, t in docs}
     row = batch["tokens"][0][batch["segment_ids"][0] == 1]
     piece = (row[row >= 2] - 2).astype(np.uint8).tobytes()  # bytes, as a row may cut a multi-byte character
     assert len(piece) > 8 and any(piece in t.encode() for t in texts)
-    train, ev = data.split_info(cfg, "train"), data.split_info(cfg, "eval")
+    train, ev = pipeline.split_info(cfg, "train"), pipeline.split_info(cfg, "eval")
     assert train.documents + ev.documents == 40 and ev.documents >= 1
     assert train.bytes == sum(len(t.encode()) for t in texts) - ev.bytes
     assert ev.target_tokens == ev.bytes + ev.documents  # byte tokenizer: one token per byte plus one eos
@@ -187,7 +189,7 @@ def test_determinism_and_epoch_reshuffle(tmp_path):
     reseeded = take(make_dataset(DataConfig(**{**cfg.__dict__, "shuffle_seed": 5}), "train", 2, seed=1), 6)
     assert row_keys(reseeded) != row_keys(a)
 
-    n = data.split_info(cfg, "train").rows
+    n = pipeline.split_info(cfg, "train").rows
     epochs = row_keys(take(make_dataset(cfg, "train", 1), 2 * n))
     assert sorted(epochs[:n]) == sorted(epochs[n:])  # each epoch is a permutation of all rows ...
     assert len(set(epochs[:n])) == n
@@ -196,20 +198,20 @@ def test_determinism_and_epoch_reshuffle(tmp_path):
 
 def test_train_eval_disjoint(tmp_path):
     cfg = marked_corpus(tmp_path)
-    train = take(make_dataset(cfg, "train", 2), data.split_info(cfg, "train").rows)
+    train = take(make_dataset(cfg, "train", 2), pipeline.split_info(cfg, "train").rows)
     ev = list(make_dataset(cfg, "eval", 2))
     train_docs = set().union(*map(markers, train))
     eval_docs = set().union(*map(markers, ev))
     assert train_docs and eval_docs and not train_docs & eval_docs
     assert train_docs | eval_docs == {f"{i:03d}" for i in range(24)}
-    keys = [k for k, _ in data.read_documents(cfg)]
-    np.testing.assert_array_equal(data.eval_mask(keys, 0.25), data.eval_mask(keys, 0.25))
-    assert data.eval_mask(keys, 0.0).sum() == 0 and 0 < data.eval_mask(keys[:2], 0.999).sum() < 2
+    keys = [k for k, _ in pipeline.read_documents(cfg)]
+    np.testing.assert_array_equal(pipeline.eval_mask(keys, 0.25), pipeline.eval_mask(keys, 0.25))
+    assert pipeline.eval_mask(keys, 0.0).sum() == 0 and 0 < pipeline.eval_mask(keys[:2], 0.999).sum() < 2
 
 
 def test_eval_is_finite_deterministic_and_padded(tmp_path):
     cfg = marked_corpus(tmp_path)
-    info = data.split_info(cfg, "eval")
+    info = pipeline.split_info(cfg, "eval")
     a, b = list(make_dataset(cfg, "eval", 4)), list(make_dataset(cfg, "eval", 4))
     assert_batches_equal(a, b)
     assert len(a) == -(-info.rows // 4)
@@ -236,7 +238,7 @@ def test_sharding(tmp_path, split):
 
 def test_iterator_state_restore(tmp_path):
     cfg = marked_corpus(tmp_path)
-    n = data.split_info(cfg, "train").rows
+    n = pipeline.split_info(cfg, "train").rows
     it = make_dataset(cfg, "train", 2, shard_index=1, shard_count=2, seed=3)
     take(it, n // 2 - 1)  # each step consumes 2 global rows: the next batches cross the epoch boundary
     state = json.loads(json.dumps(it.get_state()))
@@ -286,7 +288,7 @@ def test_text_jsonl_parquet_arrayrecord(tmp_path):
     (tmp_path / "notes.data").write_text(json.dumps({"body": "as jsonl"}) + "\n")
 
     def docs(glob, fmt="auto"):
-        return data.read_documents(DataConfig(source=str(tmp_path / glob), format=fmt, text_field="body"))
+        return pipeline.read_documents(DataConfig(source=str(tmp_path / glob), format=fmt, text_field="body"))
 
     assert docs("t*.txt") == [(f"t{i}.txt", t) for i, t in enumerate(TEXTS)]
     assert docs("*.jsonl") == [(f"d.jsonl#{i + 1}", t) for i, t in enumerate(TEXTS)]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dsv3_jax.config import ConfigError
-from dsv3_jax.distributed import Startup, choose_startup
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.parallel.distributed import Startup, choose_startup
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
          "SLURM_LOCALID": "0"}

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from dsv3_jax import moe, trainer
-from dsv3_jax.config import ConfigError, load_config
-from dsv3_jax.precision import Policy
-from dsv3_jax.sharding import MESH_AXES, RULES
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.kernels.precision import Policy
+from dsv3_jax.model import moe, moe_backends, routing
+from dsv3_jax.parallel import expert_parallel
+from dsv3_jax.parallel.sharding import MESH_AXES, RULES
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import loop
 from tests import xla_env
 from tests.test_moe import _naive
 
@@ -37,9 +40,12 @@ HLO_MESH = "data=2,expert=4"
 STEP_SCRIPT = textwrap.dedent(r"""
     import json, re, sys, traceback
     import jax, jax.numpy as jnp, numpy as np, optax
-    from dsv3_jax import trainer
-    from dsv3_jax.config import MeshConfig, load_config
-    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.train import loop
+    from dsv3_jax.train.state import init_state
+    from dsv3_jax.train.step import forward, train_step
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.parallel.sharding import make_mesh
     SEQ, B, M = 16, 16, 2
     cases, hlo_mesh = json.loads(sys.argv[1]), sys.argv[2]
 
@@ -56,12 +62,12 @@ STEP_SCRIPT = textwrap.dedent(r"""
                                               lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
 
     def compile_step(cfg, mesh):
-        state, graphdef, _ = trainer.init_state(cfg, mesh)
+        state, graphdef, _ = init_state(cfg, mesh)
         state = state._replace(opt_state=keep_grads.init(state.params))
 
         def f(state, batch):
-            new, metrics = trainer.train_step(state, batch, graphdef, keep_grads, cfg)
-            out = trainer.forward(graphdef, state.params, state.bias, batch)
+            new, metrics = train_step(state, batch, graphdef, keep_grads, cfg)
+            out = forward(graphdef, state.params, state.bias, batch)
             return dict(metrics=metrics, grads=new.opt_state, bias=new.bias, logits=out.logits,
                         mtp_logits=out.mtp_logits, counts=out.aux["expert_counts"],
                         mtp_counts=out.aux["mtp_expert_counts"])
@@ -126,8 +132,9 @@ EXCHANGE_SCRIPT = textwrap.dedent("""
     import functools, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from dsv3_jax import moe
-    from dsv3_jax.precision import Policy
+    from dsv3_jax.parallel import expert_parallel
+    from dsv3_jax.model import moe_backends, routing, moe
+    from dsv3_jax.kernels.precision import Policy
     S, R, D = 4, 6, 3
     mesh = Mesh(np.array(jax.devices()[:S]), ("expert",))
     rng = np.random.default_rng(0)
@@ -135,9 +142,9 @@ EXCHANGE_SCRIPT = textwrap.dedent("""
     operand = rng.normal(size=(S * R, D)).astype(np.float32)
 
     def both_ways(op, sizes):
-        fwd, back = moe.exchange_plans(sizes, jax.lax.axis_index("expert"))
-        there = moe.all_to_all_exchange(op, jnp.full((S * R, D), -1.0), fwd, ("expert",), R)
-        return there, moe.all_to_all_exchange(there, jnp.full((R, D), -1.0), back, ("expert",), R)
+        fwd, back = expert_parallel.exchange_plans(sizes, jax.lax.axis_index("expert"))
+        there = expert_parallel.all_to_all_exchange(op, jnp.full((S * R, D), -1.0), fwd, ("expert",), R)
+        return there, expert_parallel.all_to_all_exchange(there, jnp.full((R, D), -1.0), back, ("expert",), R)
 
     there, back = jax.jit(jax.shard_map(both_ways, mesh=mesh, in_specs=(P("expert"), P()), out_specs=P("expert"),
                                         check_vma=False))(operand, sizes)
@@ -145,11 +152,11 @@ EXCHANGE_SCRIPT = textwrap.dedent("""
     print("EXCHANGE_OK")
 
     N, K, E, F = 8, 2, 8, 5
-    ctx = moe.MoeContext(Policy(), 4, "ragged_dot", ("expert",))
-    w_spec = moe.ExpertWeights(P("expert"), P("expert"), P("expert"))
+    ctx = moe_backends.MoeContext(Policy(), 4, "ragged_dot", ("expert",))
+    w_spec = moe_backends.ExpertWeights(P("expert"), P("expert"), P("expert"))
 
     def loss(x, idx, gates, w):
-        y = moe.BACKENDS["ep_ragged"].fn(x, moe.Routing(idx, gates), w, ctx)
+        y = moe_backends.BACKENDS["ep_ragged"].fn(x, routing.Routing(idx, gates), w, ctx)
         return jax.lax.psum((y * y).sum(), "expert")
 
     f = jax.shard_map(jax.value_and_grad(loss, argnums=(0, 3)), mesh=mesh,
@@ -157,7 +164,8 @@ EXCHANGE_SCRIPT = textwrap.dedent("""
                       out_specs=(P(), (P("expert"), w_spec)), check_vma=False)
     args = (jax.ShapeDtypeStruct((S * N, D), jnp.float32), jax.ShapeDtypeStruct((S * N, K), jnp.int32),
             jax.ShapeDtypeStruct((S * N, K), jnp.float32),
-            moe.ExpertWeights(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, D, F), (E, D, F), (E, F, D)])))
+            moe_backends.ExpertWeights(*(jax.ShapeDtypeStruct(s, jnp.float32)
+                                         for s in [(E, D, F), (E, D, F), (E, F, D)])))
     for platform in ("tpu", "cuda"):
         exp = jax.export.export(jax.jit(f), platforms=[platform], disabled_checks=[
             jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(*args)
@@ -175,8 +183,10 @@ CHUNK_SCRIPT = textwrap.dedent(r"""
     import re
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from dsv3_jax import hlo, moe
-    from dsv3_jax.precision import Policy
+    from dsv3_jax.tools import hlo
+    from dsv3_jax.parallel import expert_parallel
+    from dsv3_jax.model import moe_backends, routing, moe
+    from dsv3_jax.kernels.precision import Policy
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"))
     N, K, E, D, F, CHUNK = 14, 2, 8, 6, 5, 4
     rng = np.random.default_rng(0)
@@ -185,13 +195,15 @@ CHUNK_SCRIPT = textwrap.dedent(r"""
     idx[:N] = [0, 1]  # device 0 sends every row to shard 0
     gates = rng.uniform(size=(8 * N, K)).astype(np.float32)
     cot = rng.normal(size=(8 * N, D)).astype(np.float32)
-    w = moe.ExpertWeights(*(rng.normal(size=s).astype(np.float32) * 0.3 for s in [(E, D, F), (E, D, F), (E, F, D)]))
-    tok, w_spec = P(("data", "expert")), moe.ExpertWeights(P("expert"), P("expert"), P("expert"))
+    w = moe_backends.ExpertWeights(*(rng.normal(size=s).astype(np.float32) * 0.3
+                                     for s in [(E, D, F), (E, D, F), (E, F, D)]))
+    tok, w_spec = P(("data", "expert")), moe_backends.ExpertWeights(P("expert"), P("expert"), P("expert"))
 
     def run(chunk):  # (loss, grads) and the compiled program's text
-        ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",), chunk_tokens=chunk,
-                             blocks_per_step=2 if chunk else 0)  # the loop over used blocks, inside shard_map
-        y = jax.shard_map(lambda x, i, g, w: moe.BACKENDS["ep_a2a"].fn(x, moe.Routing(i, g), w, ctx), mesh=mesh,
+        ctx = moe_backends.MoeContext(Policy(), 4, "blocked", ("expert",), chunk_tokens=chunk,
+                                      blocks_per_step=2 if chunk else 0)  # the loop over used blocks, inside shard_map
+        y = jax.shard_map(lambda x, i, g, w: moe_backends.BACKENDS["ep_a2a"].fn(x, routing.Routing(i, g), w, ctx),
+                          mesh=mesh,
                           in_specs=(tok, tok, tok, w_spec), out_specs=tok)
         f = jax.jit(jax.value_and_grad(lambda x, g, w: (y(x, idx, g, w) * cot).sum(), argnums=(0, 1, 2)))
         compiled = f.lower(x, gates, w).compile()
@@ -222,7 +234,7 @@ def test_ep_token_chunks_equal_the_one_shot_exchange_and_move_one_chunk_at_a_tim
     assert "CHUNKS_OK" in _run(CHUNK_SCRIPT, timeout=600)
 
 
-@pytest.mark.parametrize("name", sorted(moe.BACKENDS))
+@pytest.mark.parametrize("name", sorted(moe_backends.BACKENDS))
 def test_every_backend_matches_a_naive_loop(name):
     """Each registry entry on one device (expert-parallel ones inside shard_map over a 1-device mesh)."""
     if name == "ep_ragged" and jax.default_backend() == "cpu":
@@ -233,15 +245,15 @@ def test_every_backend_matches_a_naive_loop(name):
     rng = np.random.default_rng(0)
     idx = jnp.asarray(np.stack([rng.choice([0, 1, 2, 3, 5], k, replace=False) for _ in range(n)]), jnp.int32)
     gates = jax.random.uniform(keys[1], (n, k))
-    w = moe.ExpertWeights(*(jax.random.normal(kk, s) * 0.3 for kk, s in
-                            zip(keys[2:], [(e, d, f), (e, d, f), (e, f, d)])))
-    ctx = moe.MoeContext(Policy(), 4, "blocked", ("expert",) if moe.BACKENDS[name].expert_parallel else (),
-                         blocks_per_step=2)
-    fn = functools.partial(moe.BACKENDS[name].fn, ctx=ctx)
-    if moe.BACKENDS[name].expert_parallel:
+    w = moe_backends.ExpertWeights(*(jax.random.normal(kk, s) * 0.3 for kk, s in
+                                     zip(keys[2:], [(e, d, f), (e, d, f), (e, f, d)])))
+    ep = moe_backends.BACKENDS[name].expert_parallel
+    ctx = moe_backends.MoeContext(Policy(), 4, "blocked", ("expert",) if ep else (), blocks_per_step=2)
+    fn = functools.partial(moe_backends.BACKENDS[name].fn, ctx=ctx)
+    if moe_backends.BACKENDS[name].expert_parallel:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
         fn = jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
-    y = fn(x, moe.Routing(idx, gates), w)
+    y = fn(x, routing.Routing(idx, gates), w)
     np.testing.assert_allclose(y, _naive(x, idx, gates, *w), rtol=1e-5, atol=1e-5)
 
 
@@ -262,7 +274,7 @@ def test_exchange_plans_deliver_every_row_and_bring_it_back():
     """The offsets both exchanges share: rows reach their shard packed in sender order, and come back in place."""
     sizes = np.array([[2, 0, 3], [1, 4, 0], [0, 2, 2]], np.int32)  # sizes[s, j]: rows device s sends to j
     s_count = sizes.shape[0]
-    plans = [moe.exchange_plans(jnp.asarray(sizes), jnp.int32(me)) for me in range(s_count)]
+    plans = [expert_parallel.exchange_plans(jnp.asarray(sizes), jnp.int32(me)) for me in range(s_count)]
     # each device's rows, tagged (sender, destination, rank) and sorted by destination
     rows = [np.array([(s, j, r) for j in range(s_count) for r in range(sizes[s, j])], np.int32) for s in range(3)]
     cap = sizes.sum(0).max()
@@ -318,7 +330,7 @@ def test_negative_ep_chunk_is_one_line_config_error():
 def test_experts_not_divisible_by_expert_axis_is_one_line_error():
     cfg = load_config("tiny", ["train.global_batch_size=12"])
     with pytest.raises(ConfigError, match=r"model.n_routed_experts \(8\) is not divisible by the expert axis size 3"):
-        trainer.check_run(cfg, _abstract(expert=3))
+        loop.check_run(cfg, _abstract(expert=3))
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +362,7 @@ def test_ragged_path_cross_lowers_for_tpu_and_the_dense_exchange_matches_its_sem
     assert "EXPORT_OK tpu" in out and "EXPORT_OK cuda" in out, out
     z = np.load(tmp_path / "x.npz")
     s_count, r = z["sizes"].shape[0], z["operand"].shape[0] // z["sizes"].shape[0]
-    plans = [moe.exchange_plans(jnp.asarray(z["sizes"]), jnp.int32(me)) for me in range(s_count)]
+    plans = [expert_parallel.exchange_plans(jnp.asarray(z["sizes"]), jnp.int32(me)) for me in range(s_count)]
     ops = np.split(z["operand"], s_count)
     there = _simulate_ragged_all_to_all(ops, [np.full((s_count * r, 3), -1.0, np.float32)] * s_count,
                                         [p[0] for p in plans])
@@ -376,7 +388,7 @@ def test_loop_fetches_metrics_only_every_log_every_steps(tmp_path, monkeypatch):
         return device_get(x)
 
     monkeypatch.setattr(jax, "device_get", spy)
-    last = trainer.train(cfg)
+    last = loop.train(cfg)
     assert len(fetched) == 2, len(fetched)  # steps 3 and 6 only
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6], rows
@@ -385,6 +397,10 @@ def test_loop_fetches_metrics_only_every_log_every_steps(tmp_path, monkeypatch):
 
 
 def test_config_accepts_exactly_the_registry_names():
-    from dsv3_jax.config import _MOE_IMPLS
+    from dsv3_jax.errors import ConfigError
+    from dsv3_jax.presets import load_config
 
-    assert _MOE_IMPLS == {"auto", *moe.BACKENDS}
+    for name in ("auto", *moe_backends.BACKENDS):
+        assert load_config("tiny", [f"impl.moe_impl={name}"]).impl.moe_impl == name
+    with pytest.raises(ConfigError, match="impl.moe_impl must be one of"):
+        load_config("tiny", ["impl.moe_impl=ragged"])

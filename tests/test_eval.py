@@ -1,13 +1,14 @@
-"""`python -m dsv3_jax.eval`: held-out loss, accuracies and MaxVio_global against a naive per-position loop."""
+"""`python -m dsv3_jax.tools.eval`: held-out loss, accuracies and MaxVio_global against a naive per-position loop."""
 
 import jax
 import numpy as np
 import pytest
 
-from dsv3_jax import data
-from dsv3_jax import eval as evaluation
-from dsv3_jax import model as model_lib
-from dsv3_jax.config import DataConfig, load_config
+from dsv3_jax.config import DataConfig
+from dsv3_jax.data import pipeline
+from dsv3_jax.model import transformer as model_lib
+from dsv3_jax.presets import load_config
+from dsv3_jax.tools import eval as evaluation
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _naive(model, data_cfg, batch_size, batches):
     mtp_hits, mtp_n = np.zeros(depth), np.zeros(depth)
     counts = 0.0
     fwd = jax.jit(lambda ids, pos, seg: model(ids, positions=pos, segment_ids=seg))
-    for i, b in enumerate(data.make_dataset(data_cfg, "eval", batch_size)):
+    for i, b in enumerate(pipeline.make_dataset(data_cfg, "eval", batch_size)):
         if i >= batches:
             break
         tok, seg = b["tokens"], b["segment_ids"]
@@ -58,7 +59,7 @@ def test_evaluate_model_matches_a_naive_loop(corpus):
     np.testing.assert_allclose(res["perplexity"], np.exp(loss), rtol=1e-5)
     np.testing.assert_allclose(res["accuracy"], acc, rtol=1e-6)
     np.testing.assert_allclose(res["mtp1_accuracy"], mtp_acc[0], rtol=1e-6)
-    bpt = data.split_info(corpus, "eval").bytes_per_token
+    bpt = pipeline.split_info(corpus, "eval").bytes_per_token
     np.testing.assert_allclose(res["bits_per_byte"], loss / np.log(2) / bpt, rtol=1e-5)
     want = counts.max(-1) / counts.mean(-1) - 1
     np.testing.assert_allclose([res[f"maxvio_global/{i}"] for i in range(len(want))], want, rtol=1e-5)

@@ -1,5 +1,5 @@
-"""`python -m dsv3_jax.experiments` end to end on `tiny` (seconds of steps): the table comes from metrics.jsonl, plots
-are written, and bad input (mismatched runs, a run dir without metrics, unknown experiment) is one line."""
+"""`python -m dsv3_jax.tools.experiments` end to end on `tiny` (seconds of steps): the table comes from metrics.jsonl,
+plots are written, and bad input (mismatched runs, a run dir without metrics, unknown experiment) is one line."""
 
 import json
 import re
@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dsv3_jax import eval as evaluation
-from dsv3_jax import experiments, plot
+from dsv3_jax.tools import eval as evaluation
+from dsv3_jax.tools import experiments, plot
 
 QUICK = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4", "train.log_every=2"]
 

@@ -16,9 +16,11 @@ from safetensors.numpy import load_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
 
-from dsv3_jax import hf, precision
-from dsv3_jax.config import load_config
-from dsv3_jax.model import Transformer
+from dsv3_jax import errors
+from dsv3_jax.interop import fp8_blocks as precision
+from dsv3_jax.interop import hf
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.presets import load_config
 from tests import xla_env
 from tests.hf_util import hf_config, make_hf_model, read_dir, write_dir
 
@@ -194,7 +196,7 @@ def test_fp8_without_scale_is_an_error(tmp_path):
     config, tensors = read_dir(tmp_path / "f32")
     key = "model.layers.0.self_attn.o_proj.weight"
     tensors[key] = precision.quantize_blocks(tensors[key])[0]
-    with pytest.raises(hf.HFError, match=f"{key} has no {key}_scale_inv") as e:
+    with pytest.raises(errors.HFError, match=f"{key} has no {key}_scale_inv") as e:
         hf.load(write_dir(tmp_path / "fp8", config, tensors))
     assert "\n" not in str(e.value)
 
@@ -221,7 +223,7 @@ def broken_copy(src, dst, edit):
 
 
 def expect_error(path, match):
-    with pytest.raises(hf.HFError, match=match) as e:
+    with pytest.raises(errors.HFError, match=match) as e:
         hf.load(path)
     assert "\n" not in str(e.value)
     return str(e.value)
@@ -341,7 +343,7 @@ def test_bfloat16_export_round_trip(mtp_dir, tmp_path):
 def test_read_slice_matches_whole_dequantisation_with_cropped_edge_blocks(tmp_path):
     import contextlib
 
-    from dsv3_jax.hf_sliced import read_slice
+    from dsv3_jax.interop.hf_sliced import read_slice
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((300, 270)).astype(np.float32)
@@ -364,13 +366,14 @@ def test_read_slice_matches_whole_dequantisation_with_cropped_edge_blocks(tmp_pa
 _SHARDED_LOAD = """
 import json, sys
 import numpy as np
-from dsv3_jax import distributed
+from dsv3_jax.parallel import distributed
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import jax
 from flax import nnx
-from dsv3_jax import hf
+from dsv3_jax.interop import hf
+from dsv3_jax import errors
 from dsv3_jax.config import MeshConfig
-from dsv3_jax.sharding import make_mesh
+from dsv3_jax.parallel.sharding import make_mesh
 
 mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))  # fsdp (the embed dim) spans the two processes
 sharded_stats, full_stats = {}, {}

@@ -6,7 +6,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import losses
+from dsv3_jax.train import losses
 
 # One row of T+1 = 9 columns: document 1 (3 tokens), document 2 (4 tokens), then 2 padding columns.
 SEG = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0]], np.int32)

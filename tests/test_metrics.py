@@ -3,8 +3,8 @@
 import pytest
 from test_params import _by_hand
 
-from dsv3_jax import metrics
-from dsv3_jax.config import load_config
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import metrics
 
 
 @pytest.mark.parametrize("preset, seq_len", [("tiny", 64), ("small", 128), ("deepseek-v3-671b", 4096)])

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax.config import ImplConfig, load_config
-from dsv3_jax.layers import RMSNorm, rope_cos_sin, rope_inv_freq
-from dsv3_jax.model import Transformer, create
-from dsv3_jax.moe import RouterBias
+from dsv3_jax.config import ImplConfig
+from dsv3_jax.model.layers import RMSNorm
+from dsv3_jax.model.rope import rope_cos_sin, rope_inv_freq
+from dsv3_jax.model.routing import RouterBias
+from dsv3_jax.model.transformer import Transformer, create
+from dsv3_jax.presets import load_config
 
 
 def _randomise_norms(model: Transformer, seed: int = 0) -> Transformer:

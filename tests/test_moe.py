@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import moe
 from dsv3_jax.config import ImplConfig, ModelConfig
-from dsv3_jax.precision import Policy
+from dsv3_jax.kernels import grouped_matmul
+from dsv3_jax.kernels.precision import Policy
+from dsv3_jax.model import moe, moe_backends, routing
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -27,10 +28,10 @@ def _cfg(**kw) -> ModelConfig:
 def test_bias_changes_choice_but_not_gate_values():
     s = jnp.array([[0.9, 0.8, 0.3, 0.2]])
     cfg = _cfg()
-    idx, gates = moe.select_experts(s, jnp.zeros(4), cfg)
+    idx, gates = routing.select_experts(s, jnp.zeros(4), cfg)
     assert sorted(idx[0].tolist()) == [0, 1]
     # bias lifts expert 3 above expert 1 for selection; its gate still comes from the unbiased 0.2
-    idx_b, gates_b = moe.select_experts(s, jnp.array([0.0, 0.0, 0.0, 0.7]), cfg)
+    idx_b, gates_b = routing.select_experts(s, jnp.array([0.0, 0.0, 0.0, 0.7]), cfg)
     got = dict(zip(idx_b[0].tolist(), gates_b[0].tolist()))
     assert set(got) == {0, 3}
     np.testing.assert_allclose(got[0], 0.9 / 1.1 * 2.5, rtol=1e-6)
@@ -42,7 +43,7 @@ def test_bias_changes_choice_but_not_gate_values():
 @pytest.mark.parametrize("norm", [True, False])
 def test_scaling_with_and_without_norm_topk_prob(norm):
     s = jnp.array([[0.6, 0.1, 0.4, 0.3]])
-    idx, gates = moe.select_experts(s, jnp.zeros(4), _cfg(norm_topk_prob=norm, routed_scaling_factor=2.0))
+    idx, gates = routing.select_experts(s, jnp.zeros(4), _cfg(norm_topk_prob=norm, routed_scaling_factor=2.0))
     got = dict(zip(idx[0].tolist(), gates[0].tolist()))
     assert set(got) == {0, 2}
     want = {0: 0.6 / 1.0 * 2.0, 2: 0.4 / 1.0 * 2.0} if norm else {0: 0.6 * 2.0, 2: 0.4 * 2.0}
@@ -55,7 +56,7 @@ def test_group_score_is_sum_of_top2_not_max():
     # group sums of top-2: g0 0.95+0.0=0.95, g1 0.6+0.59=1.19, g2 0.7+0.1=0.8, g3 0.5+0.45=0.95 (g0 first on ties).
     s = jnp.array([[0.95, 0.0, 0.6, 0.59, 0.7, 0.1, 0.5, 0.45]])
     cfg = _cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
-    idx, _ = moe.select_experts(s, jnp.zeros(8), cfg)
+    idx, _ = routing.select_experts(s, jnp.zeros(8), cfg)
     # kept groups by sum: g1 (1.19) and one of g0/g3 (0.95); by max it would be g0 and g2 (expert 4 = 0.7).
     chosen = set(idx[0].tolist())
     assert 4 not in chosen and {2, 3} <= chosen
@@ -68,7 +69,7 @@ def test_masked_groups_are_minus_inf_not_zero():
     cfg = _cfg(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=3)
     s = jnp.array([[0.9, 0.8, 0.1, 0.5, 0.5, 0.5]])
     bias = jnp.array([0.0, 0.0, -0.6, 0.0, 0.0, 0.0])
-    idx, gates = moe.select_experts(s, bias, cfg)
+    idx, gates = routing.select_experts(s, bias, cfg)
     assert sorted(idx[0].tolist()) == [0, 1, 2]
     got = dict(zip(idx[0].tolist(), gates[0].tolist()))
     np.testing.assert_allclose(got[2], 0.1 / 1.8 * 2.5, rtol=1e-6)  # gate from the unbiased 0.1
@@ -77,7 +78,7 @@ def test_masked_groups_are_minus_inf_not_zero():
 def test_router_is_float32_even_for_bf16_inputs():
     x = jax.random.normal(jax.random.key(0), (5, 16), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (16, 8), jnp.float32)
-    s = moe.router_scores(x, w)
+    s = routing.router_scores(x, w)
     assert s.dtype == jnp.float32
     ref = jax.nn.sigmoid(np.asarray(x, np.float32) @ np.asarray(w))
     np.testing.assert_allclose(s, ref, rtol=1e-6, atol=1e-6)
@@ -90,7 +91,7 @@ def test_router_is_float32_even_for_bf16_inputs():
 def test_update_bias_moves_by_exactly_gamma():
     counts = jnp.array([[10.0, 2.0, 6.0, 6.0], [1.0, 1.0, 1.0, 1.0]])  # means 6 and 1
     bias = jnp.array([[0.5, -0.25, 0.0, 0.125], [0.0, 0.0, 0.0, 0.0]])
-    new = moe.update_bias(bias, counts, 0.001)
+    new = routing.update_bias(bias, counts, 0.001)
     signs = np.array([[-1, 1, 0, 0], [0, 0, 0, 0]], np.float32)  # sign(mean - c): over-loaded experts go down
     np.testing.assert_array_equal(new, np.asarray(bias) + np.float32(0.001) * signs)
 
@@ -98,11 +99,11 @@ def test_update_bias_moves_by_exactly_gamma():
 def test_counts_balance_loss_and_maxvio_by_hand():
     idx = jnp.array([[0, 1], [0, 2], [3, 0]])
     valid = jnp.array([True, True, False])
-    np.testing.assert_array_equal(moe.expert_counts(idx, valid, 4), [2.0, 1.0, 1.0, 0.0])
-    np.testing.assert_allclose(moe.max_violation(jnp.array([4.0, 2.0, 0.0, 2.0])), 4 / 2 - 1)
+    np.testing.assert_array_equal(routing.expert_counts(idx, valid, 4), [2.0, 1.0, 1.0, 0.0])
+    np.testing.assert_allclose(routing.max_violation(jnp.array([4.0, 2.0, 0.0, 2.0])), 4 / 2 - 1)
     # one sequence of 2 valid tokens, E=4, K=2
     s = jnp.array([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.2, 0.6, 0.4], [0.1, 0.9, 0.1, 0.9]]])
-    loss = moe.sequence_balance_loss(s, idx[None], valid[None], k=2)
+    loss = routing.sequence_balance_loss(s, idx[None], valid[None], k=2)
     f = 4 / (2 * 2) * np.array([2, 1, 1, 0])
     p = (np.array([0.25, 0.25, 0.25, 0.25]) + np.array([0.8, 0.2, 0.6, 0.4]) / 2.0) / 2
     np.testing.assert_allclose(loss, (f * p).sum(), rtol=1e-6)
@@ -142,7 +143,7 @@ def _problem(n=40, d=12, f=10, e=6, k=2, seed=0, skip=(4,)):
 @pytest.mark.parametrize("impl,block", [("blocked", 4), ("blocked", 16), ("ragged_dot", 0), ("dense", 0)])
 def test_grouped_ffn_matches_naive_loop(impl, block):
     x, idx, gates, wg, wu, wd = _problem()
-    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, impl, block, Policy())
+    y = moe_backends.grouped_ffn(x, idx, gates, wg, wu, wd, impl, block, Policy())
     np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
@@ -152,7 +153,7 @@ def test_grouped_ffn_gradients_match_and_empty_expert_gets_exact_zero(impl):
     cot = jax.random.normal(jax.random.key(9), x.shape)
 
     def loss(fn_impl, x, gates, wg, wu, wd):
-        return jnp.sum(moe.grouped_ffn(x, idx, gates, wg, wu, wd, fn_impl, 8, Policy()) * cot)
+        return jnp.sum(moe_backends.grouped_ffn(x, idx, gates, wg, wu, wd, fn_impl, 8, Policy()) * cot)
 
     grads = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(impl, x, gates, wg, wu, wd)
     ref = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("dense", x, gates, wg, wu, wd)
@@ -166,9 +167,9 @@ def test_grouped_ffn_gradients_match_and_empty_expert_gets_exact_zero(impl):
 def test_blocked_handles_all_tokens_on_one_expert_and_tiny_batches():
     x, _, gates, wg, wu, wd = _problem(n=7)
     idx = jnp.stack([jnp.full(7, 2), jnp.full(7, 5)], axis=1).astype(jnp.int32)
-    y = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy())
+    y = moe_backends.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy())
     np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
-    y1 = moe.grouped_ffn(x[:1], idx[:1], gates[:1], wg, wu, wd, "blocked", 32, Policy())
+    y1 = moe_backends.grouped_ffn(x[:1], idx[:1], gates[:1], wg, wu, wd, "blocked", 32, Policy())
     np.testing.assert_allclose(y1, _naive(x[:1], idx[:1], gates[:1], wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
@@ -180,14 +181,14 @@ def test_decode_backend_matches_naive_loop(n, skew):
     x, idx, gates, wg, wu, wd = _problem(n=n, e=6, k=2)
     if skew:
         idx = idx.at[:, 0].set(2).at[:, 1].set(jnp.where(idx[:, 1] == 2, 3, idx[:, 1]))
-    y = jax.jit(lambda *a: moe.grouped_ffn(*a, "decode", 0, Policy()))(x, idx, gates, wg, wu, wd)
+    y = jax.jit(lambda *a: moe_backends.grouped_ffn(*a, "decode", 0, Policy()))(x, idx, gates, wg, wu, wd)
     np.testing.assert_allclose(y, _naive(x, idx, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_capacity_slots_by_hand():
     """Each pair's rank among the pairs of its expert, in token-major order, and the counts."""
     idx = jnp.array([[0, 2], [2, 1], [0, 2]], jnp.int32)
-    rank, counts = moe.expert_ranks(idx, 4)
+    rank, counts = grouped_matmul.expert_ranks(idx, 4)
     np.testing.assert_array_equal(rank, [0, 0, 1, 0, 1, 2])
     np.testing.assert_array_equal(counts, [2, 1, 3, 0])
 
@@ -197,7 +198,7 @@ def _compiled_flops(impl, n, d, f, e, k, block=64):
     idx = jnp.zeros((n, k), jnp.int32)
     gates = jnp.zeros((n, k))
     w1, w2 = jnp.zeros((e, d, f)), jnp.zeros((e, f, d))
-    fn = jax.jit(lambda *a: moe.grouped_ffn(*a, impl, block, Policy()))
+    fn = jax.jit(lambda *a: moe_backends.grouped_ffn(*a, impl, block, Policy()))
     compiled = fn.lower(x, idx, gates, w1, w1, w2).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -261,7 +262,7 @@ def test_sequence_balance_loss_is_a_mean_over_sequences_without_padding_rows():
     scores = jnp.asarray(scores, jnp.float32)
     idx = jnp.asarray([[[0, 1]] * 4, [[0, 1], [2, 3], [0, 1], [2, 3]], [[1, 2]] * 4], jnp.int32)
     valid = jnp.array([[True] * 4, [True, True, False, False], [False] * 4])
-    got = float(moe.sequence_balance_loss(scores, idx, valid, k=2))
+    got = float(routing.sequence_balance_loss(scores, idx, valid, k=2))
     np.testing.assert_allclose(got, _naive_balance(scores, idx, valid, 2), rtol=1e-6)
     # the alternatives it must differ from: pooled over all tokens, summed over rows, padding row counted as 0
     pooled = _naive_balance(scores.reshape(1, 12, 4), idx.reshape(1, 12, 2), valid.reshape(1, 12), 2)
@@ -281,7 +282,7 @@ def test_moe_layer_balance_loss_matches_a_naive_computation():
     _, aux = layer(x, valid)
     x_nd = np.asarray(x, np.float64).reshape(18, -1)
     scores = 1 / (1 + np.exp(-(x_nd @ np.asarray(layer.router[...], np.float64))))  # (N, E)
-    idx, _ = moe.select_experts(jnp.asarray(scores, jnp.float32), layer.bias[...], cfg)
+    idx, _ = routing.select_experts(jnp.asarray(scores, jnp.float32), layer.bias[...], cfg)
     k = cfg.num_experts_per_tok
     want = _naive_balance(scores.reshape(3, 6, 8), np.asarray(idx).reshape(3, 6, k), valid, k)
     chex.assert_shape(aux["balance_loss"], ())
@@ -300,12 +301,12 @@ class RoutingVariants(chex.TestCase):
         cfg = _cfg(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=3)
         s = jnp.array([[0.9, 0.8, 0.1, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.9, 0.2, 0.4]])
         bias = jnp.array([0.0, 0.0, -0.6, 0.0, 0.0, 0.0])
-        idx, gates = self.variant(lambda s, b: moe.select_experts(s, b, cfg))(s, bias)
+        idx, gates = self.variant(lambda s, b: routing.select_experts(s, b, cfg))(s, bias)
         chex.assert_shape((idx, gates), (2, 3))
         assert sorted(np.asarray(idx[0]).tolist()) == [0, 1, 2] and sorted(np.asarray(idx[1]).tolist()) == [3, 4, 5]
         np.testing.assert_allclose(np.sort(np.asarray(gates[1])), np.sort([0.9, 0.2, 0.4]) / 1.5 * 2.5, rtol=1e-6)
         valid = jnp.array([[True, True]])
-        loss = self.variant(moe.sequence_balance_loss, static_argnums=3)(s[None], idx[None], valid, 3)
+        loss = self.variant(routing.sequence_balance_loss, static_argnums=3)(s[None], idx[None], valid, 3)
         np.testing.assert_allclose(loss, _naive_balance(s[None], idx[None], valid, 3), rtol=1e-6)
 
 
@@ -313,7 +314,7 @@ class RoutingVariants(chex.TestCase):
 def test_chunked_block_matmul_equals_one_batched_matmul(budget_blocks):
     """Past the weight budget the blocks run in chunks with a recomputing backward; values and both gradients
     equal the one-shot gather (several blocks of one expert inside a chunk, a partial last chunk)."""
-    from dsv3_jax.precision import Policy
+    from dsv3_jax.kernels.precision import Policy
 
     nb, b, i, o, e = 7, 4, 5, 6, 3
     x = jax.random.normal(jax.random.key(0), (nb, b, i))
@@ -321,13 +322,13 @@ def test_chunked_block_matmul_equals_one_batched_matmul(budget_blocks):
     expert = jnp.array([0, 0, 1, 2, 2, 2, 1], jnp.int32)
     cot = jax.random.normal(jax.random.key(2), (nb, b, o))
     budget = budget_blocks * i * o * 4
-    assert moe._blocks_per_chunk(nb, w, budget) == budget_blocks
+    assert grouped_matmul._blocks_per_chunk(nb, w, budget) == budget_blocks
 
     def loss(fn_budget, x, w):
-        return jnp.sum(moe.block_matmul(x, w, expert, Policy(), budget=fn_budget) * cot)
+        return jnp.sum(grouped_matmul.block_matmul(x, w, expert, Policy(), budget=fn_budget) * cot)
 
     want = jnp.einsum("nbi,nio->nbo", x, w[expert], precision="highest")
-    chex.assert_trees_all_close(moe.block_matmul(x, w, expert, Policy(), budget=budget), want, atol=1e-5)
+    chex.assert_trees_all_close(grouped_matmul.block_matmul(x, w, expert, Policy(), budget=budget), want, atol=1e-5)
     g_chunked = jax.grad(functools.partial(loss, budget), argnums=(0, 1))(x, w)
     g_once = jax.grad(functools.partial(loss, 2**30), argnums=(0, 1))(x, w)
     chex.assert_trees_all_close(g_chunked, g_once, atol=1e-5)
@@ -339,7 +340,7 @@ def test_block_matmul_loops_over_the_used_blocks_only(used, per_step):
     and gradients. Blocks past the last chunk that holds a used block are NaN, as stale padding could be: they are
     never read (their outputs and input gradients are zeros, the weight gradient stays finite); blocks inside that
     chunk but past `used` hold zeros, as the dispatch leaves padding, so their outputs are zeros too."""
-    from dsv3_jax.precision import Policy
+    from dsv3_jax.kernels.precision import Policy
 
     nb, b, i, o, e = 7, 4, 5, 6, 3
     computed = -(-used // per_step) * per_step
@@ -351,7 +352,7 @@ def test_block_matmul_loops_over_the_used_blocks_only(used, per_step):
     cot = jax.random.normal(jax.random.key(2), (nb, b, o))
 
     def loss(x, w):
-        y = moe.block_matmul(x, w, expert, Policy(), used=jnp.int32(used), per_step=per_step)
+        y = grouped_matmul.block_matmul(x, w, expert, Policy(), used=jnp.int32(used), per_step=per_step)
         return jnp.sum(y * cot), y
 
     def ref(x, w):
@@ -369,7 +370,7 @@ def test_block_matmul_loops_over_the_used_blocks_only(used, per_step):
 
 def test_blocked_moe_under_a_small_weight_budget_matches_the_naive_loop(monkeypatch):
     """The blocked backend with its weights gathered a few blocks at a time is still the exact MoE."""
-    from dsv3_jax.precision import Policy
+    from dsv3_jax.kernels.precision import Policy
 
     n, d, f, e, k = 40, 6, 5, 4, 2
     keys = jax.random.split(jax.random.key(3), 5)
@@ -378,9 +379,9 @@ def test_blocked_moe_under_a_small_weight_budget_matches_the_naive_loop(monkeypa
     gates = jax.random.uniform(keys[2], (n, k))
     wg, wu = (jax.random.normal(kk, (e, d, f)) for kk in jax.random.split(keys[3]))
     wd = jax.random.normal(keys[4], (e, f, d))
-    want = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "dense", 4, Policy())
-    monkeypatch.setattr(moe, "BLOCK_WEIGHT_BUDGET_BYTES", 2 * d * f * 4)
-    got = moe.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy())
+    want = moe_backends.grouped_ffn(x, idx, gates, wg, wu, wd, "dense", 4, Policy())
+    monkeypatch.setattr(grouped_matmul, "BLOCK_WEIGHT_BUDGET_BYTES", 2 * d * f * 4)
+    got = moe_backends.grouped_ffn(x, idx, gates, wg, wu, wd, "blocked", 4, Policy())
     chex.assert_trees_all_close(got, want, atol=1e-5)
 
 
@@ -388,9 +389,9 @@ def test_blocked_moe_under_a_small_weight_budget_matches_the_naive_loop(monkeypa
 def test_block_layout_by_hand_from_the_sort_and_the_one_hot_ranks(monkeypatch, rank_max):
     """Each expert's rows, in row order, fill its run of whole blocks; padding slots point past the rows. Both
     ways of ranking rows (one-hot cumsum for few experts, a sort past ONE_HOT_RANK_MAX) give this layout."""
-    monkeypatch.setattr(moe, "ONE_HOT_RANK_MAX", rank_max)
+    monkeypatch.setattr(grouped_matmul, "ONE_HOT_RANK_MAX", rank_max)
     idx = jnp.array([[2, 0], [0, 3], [2, 0], [0, 2]], jnp.int32)  # rows 0..7 -> experts 2 0 0 3 2 0 0 2; none: 1
-    layout = moe.block_layout(idx, 4, 2)
+    layout = grouped_matmul.block_layout(idx, 4, 2)
     # expert 0: rows 1 2 5 6 -> blocks 0-1; expert 2: rows 0 4 7 -> blocks 2-3 (one pad); expert 3: row 3 -> block 4;
     # the static bound is min(8/2 + 4, 8) = 8 blocks, the unused ones are padding
     np.testing.assert_array_equal(layout.slot_r, [4, 0, 1, 8, 5, 2, 3, 6])

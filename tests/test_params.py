@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-from dsv3_jax.config import load_config
-from dsv3_jax.params import count_params
+from dsv3_jax.model.params import count_params
+from dsv3_jax.presets import load_config
 
 
 def _by_hand(m):
-    """Total, activated and MTP counts written out from the architecture (REFERENCE.md section 1)."""
+    """Total, activated and MTP counts written out from the architecture (the DeepSeek-V3 report and config.json)."""
     d, h, v = m.hidden_size, m.num_attention_heads, m.vocab_size
     q = d * h * m.qk_head_dim if m.q_lora_rank is None else (
         d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * h * m.qk_head_dim)
@@ -46,9 +46,11 @@ def test_16b_preset_is_16b_total_3b_active():
 
 
 def test_param_count_cli_and_error_exit():
-    ok = subprocess.run([sys.executable, "-m", "dsv3_jax.params", "deepseek-v3-671b"], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "dsv3_jax.tools.params", "deepseek-v3-671b"], capture_output=True,
+                        text=True)
     assert ok.returncode == 0 and "671.03B total" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "dsv3_jax.params", "tiny", "model.n_group=3"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "dsv3_jax.tools.params", "tiny", "model.n_group=3"],
+                         capture_output=True,
                          text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "n_group" in bad.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsv3_jax import hf
+from dsv3_jax.interop import hf
 from tests.hf_util import hf_config, make_hf_model
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,

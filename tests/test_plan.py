@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from dsv3_jax import hardware, hlo
-from dsv3_jax.config import ConfigError, load_config
-from dsv3_jax.plan import candidate_meshes, check_mesh
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.presets import load_config
+from dsv3_jax.tools import hardware, hlo
+from dsv3_jax.tools.plan import candidate_meshes, check_mesh
 from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -28,7 +29,8 @@ def _env(devices: int | None = None) -> dict:
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsv3_jax.plan", *args], cwd=REPO, env=_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dsv3_jax.tools.plan", *args], cwd=REPO, env=_env(),
+                          capture_output=True,
                           text=True, timeout=900)
 
 
@@ -44,7 +46,7 @@ def _json(*args: str) -> dict:
 LOOP = textwrap.dedent("""
     import json, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from dsv3_jax import hlo
+    from dsv3_jax.tools import hlo
     mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
     gather = jax.shard_map(lambda v: jax.lax.all_gather(v, "b", axis=1, tiled=True), mesh=mesh,
                            in_specs=P("a", "b"), out_specs=P("a", None), check_vma=False)
@@ -130,12 +132,13 @@ def test_link_bytes_per_collective():
 
 SAME_STATE = textwrap.dedent("""
     import jax
-    from dsv3_jax import plan, trainer
-    from dsv3_jax.config import load_config
-    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.tools import plan
+    from dsv3_jax.train import state as train_state
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.parallel.sharding import make_mesh
     cfg = load_config("tiny", ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=2"])
     mesh = make_mesh(cfg.mesh)
-    state, _, _ = trainer.init_state(cfg, mesh)
+    state, _, _ = train_state.init_state(cfg, mesh)
     planned, _, _, _ = plan.abstract_inputs(cfg, mesh)
     real, abstract = jax.tree.leaves(state._asdict()), jax.tree.leaves(planned._asdict())
     assert len(real) == len(abstract)
@@ -176,7 +179,7 @@ def _param_bytes(overrides: list[str]) -> int:
     import jax
     from flax import nnx
 
-    from dsv3_jax.trainer import split_abstract
+    from dsv3_jax.train.state import split_abstract
 
     _, params, _ = split_abstract(load_config("tiny", overrides))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.to_pure_dict(params)))
@@ -245,7 +248,7 @@ def test_bad_input_is_one_line(args, message):
 def test_in_a_process_where_jax_already_started(monkeypatch, capsys):
     import jax
 
-    from dsv3_jax import plan
+    from dsv3_jax.tools import plan
 
     monkeypatch.setenv("XLA_FLAGS", "")  # restored afterwards: the planner sets both
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

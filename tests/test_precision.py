@@ -14,9 +14,13 @@ import numpy as np
 import optax
 import pytest
 
-from dsv3_jax import precision, trainer
-from dsv3_jax.config import ConfigError, load_config
-from dsv3_jax.sharding import make_mesh
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.interop import fp8_blocks
+from dsv3_jax.kernels import fp8 as fp8_lib
+from dsv3_jax.parallel.sharding import make_mesh
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import state as train_state
+from dsv3_jax.train.step import BATCH_KEYS, train_step
 
 HI = jax.lax.Precision.HIGHEST
 E4M3_TINY = 2.0**-6  # smallest normal float8_e4m3fn
@@ -49,10 +53,10 @@ def with_outliers(rng, shape, n=6, size=200.0) -> np.ndarray:
 def test_quantize_error_is_within_e4m3_rounding_of_each_tile(tile):
     rng = np.random.default_rng(0)
     x = with_outliers(rng, (256, 384)) * np.exp(rng.uniform(-8, 8, (256, 1))).astype(np.float32)  # rows of all sizes
-    q, scale = precision.quantize(jnp.asarray(x), tile)
+    q, scale = fp8_lib.quantize(jnp.asarray(x), tile)
     assert q.dtype == jnp.float8_e4m3fn and scale.shape == (256 // tile[0], 384 // tile[1])
-    s = np.asarray(precision.dequantize(jnp.ones_like(q), scale, tile))
-    back = np.asarray(precision.dequantize(q, scale, tile))
+    s = np.asarray(fp8_lib.dequantize(jnp.ones_like(q), scale, tile))
+    back = np.asarray(fp8_lib.dequantize(q, scale, tile))
     assert np.all(np.isfinite(back))
     assert np.all(np.abs(back - x) <= e4m3_bound(x, s))
     amax = np.abs(x.reshape(256 // tile[0], tile[0], 384 // tile[1], tile[1])).max(axis=(1, 3))
@@ -69,8 +73,8 @@ def test_quantize_edge_values_zero_tiles_and_extreme_magnitudes():
     rows[1] = np.linspace(-1, 1, 128) * 1.2e-38
     rows[2] = np.linspace(-1, 1, 128) * 3.0e38
     # rows[3] stays zero
-    q, scale = precision.quantize(jnp.asarray(rows), (1, 128))
-    back = np.asarray(precision.dequantize(q, scale, (1, 128)))
+    q, scale = fp8_lib.quantize(jnp.asarray(rows), (1, 128))
+    back = np.asarray(fp8_lib.dequantize(q, scale, (1, 128)))
     assert np.all(np.isfinite(np.asarray(q, np.float32))) and np.all(np.isfinite(back))
     assert float(scale[0, 0]) == 1.0
     np.testing.assert_array_equal(back[0, :5], rows[0, :5])  # 448, the smallest normal and a subnormal are exact
@@ -85,17 +89,17 @@ def test_weight_scales_are_the_released_weight_scale_inv():
     and numpy's quantize_blocks is held to the same per-block error bound."""
     rng = np.random.default_rng(1)
     w_in_out = with_outliers(rng, (300, 200))
-    padded = precision._pad(precision._pad(jnp.asarray(w_in_out), 0, 128), 1, 128)
-    _, scale_train = precision.quantize(padded, (128, 128))
-    q, scale_inv = precision.quantize_blocks(w_in_out.T)
+    padded = fp8_lib._pad(fp8_lib._pad(jnp.asarray(w_in_out), 0, 128), 1, 128)
+    _, scale_train = fp8_lib.quantize(padded, (128, 128))
+    q, scale_inv = fp8_blocks.quantize_blocks(w_in_out.T)
     assert scale_inv.shape == (2, 3)
     # equal up to one float32 ulp (XLA divides by 448 as a multiply by its reciprocal)
     np.testing.assert_allclose(np.asarray(scale_train).T, scale_inv, rtol=2.0**-23, atol=0)
-    back = precision.dequantize_blocks(q, scale_inv)
+    back = fp8_blocks.dequantize_blocks(q, scale_inv)
     s = np.repeat(np.repeat(scale_inv, 128, 0), 128, 1)[:200, :300]
     assert np.all(np.abs(back - w_in_out.T) <= e4m3_bound(w_in_out.T, s))
     tiny_block = np.full((130, 130), 1e-39, np.float32)  # amax / 448 is a float32 subnormal: still finite
-    assert np.all(np.isfinite(precision.dequantize_blocks(*precision.quantize_blocks(tiny_block))))
+    assert np.all(np.isfinite(fp8_blocks.dequantize_blocks(*fp8_blocks.quantize_blocks(tiny_block))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def layer():
         y, vjp = jax.vjp(fn, x, w)
         return (y, *vjp(dy))
 
-    fp8 = grads(functools.partial(precision.fp8_einsum, SPEC))
+    fp8 = grads(functools.partial(fp8_lib.fp8_einsum, SPEC))
     ref = grads(lambda a, b: jnp.einsum(SPEC, a, b, precision=HI))
     return x, w, dy, fp8, ref
 
@@ -136,8 +140,8 @@ def test_fp8_gemms_are_the_exact_products_of_the_tile_quantised_operands(layer):
     x, w, dy, fp8, _ = layer
 
     def qd(a, tile):  # dequantised tile quantisation of a 2-D array, padded to whole tiles and cropped back
-        p = precision._pad(precision._pad(a, 0, tile[0]), 1, tile[1])
-        return precision.dequantize(*precision.quantize(p, tile), tile)[: a.shape[0], : a.shape[1]]
+        p = fp8_lib._pad(fp8_lib._pad(a, 0, tile[0]), 1, tile[1])
+        return fp8_lib.dequantize(*fp8_lib.quantize(p, tile), tile)[: a.shape[0], : a.shape[1]]
 
     x2, dy2 = x.reshape(B * T, D), dy.reshape(B * T, F)
     y = qd(x2, (1, 128)) @ qd(w, (128, 128))
@@ -159,7 +163,7 @@ def test_fp8_ragged_dot_and_its_gradients_match_float32_and_spare_idle_experts()
         y, vjp = jax.vjp(fn, x, w)
         return (y, *vjp(dy))
 
-    fp8 = grads(lambda a, b: precision.fp8_ragged_dot(a, b, sizes))
+    fp8 = grads(lambda a, b: fp8_lib.fp8_ragged_dot(a, b, sizes))
     ref = grads(lambda a, b: jax.lax.ragged_dot(a, b, sizes, precision=HI))
     errors = [rel_err(a, b) for a, b in zip(fp8, ref, strict=True)]
     assert all(1e-3 < e < 0.05 for e in errors), errors
@@ -187,11 +191,11 @@ def _dims(t: str) -> list[int]:
 def lowered_dots():
     """(contracting dims, lhs, rhs, out) of every dot_general in the lowered fp8 train step (not compiled)."""
     cfg = load_config("tiny", FP8_TINY)
-    graphdef, abs_params, _ = trainer.split_abstract(cfg)
-    tx = trainer.make_optimizer(cfg.train, trainer.decay_mask(abs_params))
-    state = trainer.TrainState(**trainer.abstract_state(cfg))
-    batch = {k: jax.ShapeDtypeStruct((4, SEQ + 1), jnp.int32) for k in trainer.BATCH_KEYS}
-    step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))
+    graphdef, abs_params, _ = train_state.split_abstract(cfg)
+    tx = train_state.make_optimizer(cfg.train, train_state.decay_mask(abs_params))
+    state = train_state.abstract_state(cfg)[0]
+    batch = {k: jax.ShapeDtypeStruct((4, SEQ + 1), jnp.int32) for k in BATCH_KEYS}
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg))
     with jax.set_mesh(make_mesh(cfg.mesh)):
         text = step.lower(state, batch).as_text()
     dots = [(m[0], m[1], m[2], m[3]) for m in _DOT.findall(text)]
@@ -237,7 +241,7 @@ def test_bfloat16_moments_are_stored_in_bfloat16_and_update_like_float32():
     cfg = load_config("tiny")
     runs = {}
     for dt in ("float32", "bfloat16"):
-        tx = trainer.make_optimizer(dataclasses.replace(cfg.train, moments_dtype=dt), mask)
+        tx = train_state.make_optimizer(dataclasses.replace(cfg.train, moments_dtype=dt), mask)
         state = tx.init(params)
         for _ in range(3):
             updates, state = tx.update(grads, state, params)

@@ -10,9 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from dsv3_jax import data, prepare
 from dsv3_jax.config import DataConfig
-from dsv3_jax.data import DataError, make_dataset, make_tokenizer, pack_documents
+from dsv3_jax.data import pipeline, prepare, sources
+from dsv3_jax.data.pipeline import make_dataset, pack_documents
+from dsv3_jax.data.tokenizer import make_tokenizer
+from dsv3_jax.errors import DataError
+from dsv3_jax.tools import prepare as prepare_cli
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_SHARDS = 0.0005  # MB: about 500 bytes of text per shard, so rows cross many shard boundaries
@@ -34,8 +37,8 @@ def jsonl_corpus(root: pathlib.Path, files=3, docs=40) -> str:
 
 def reference_rows(cfg: DataConfig, split: str):
     """The rows built in memory, the old way: every document read, split by eval_mask, packed."""
-    docs = data.read_documents(cfg)
-    is_eval = data.eval_mask([k for k, _ in docs], cfg.eval_fraction)
+    docs = pipeline.read_documents(cfg)
+    is_eval = pipeline.eval_mask([k for k, _ in docs], cfg.eval_fraction)
     tok = make_tokenizer(cfg.tokenizer)
     texts = [t for (_, t), e in zip(docs, is_eval) if e == (split == "eval")]
     return pack_documents([tok.encode_array(t) for t in texts], tok.bos_id, tok.eos_id, cfg.seq_len), texts
@@ -75,9 +78,9 @@ def test_prepared_rows_equal_in_memory_packing(corpus):
     assert len(manifest["shards"]) > 10
     for split in ("train", "eval"):
         ref, texts = reference_rows(raw, split)
-        rows, _ = data._split(prepared, split)
+        rows, _ = pipeline._split(prepared, split)
         assert_rows_equal(rows, ref)
-        info = data.split_info(prepared, split)
+        info = pipeline.split_info(prepared, split)
         assert info.documents == len(texts) and info.bytes == sum(len(t.encode()) for t in texts)
         assert info.target_tokens == len(ref.stream) - len(texts) and info.rows == ref.num_rows
 
@@ -101,7 +104,7 @@ def test_two_processes_together_yield_the_single_process_batches(corpus):
 _KILLED = """
 import json, os, signal, sys
 from dsv3_jax.config import DataConfig
-from dsv3_jax.data import make_dataset
+from dsv3_jax.data.pipeline import make_dataset
 it = make_dataset(DataConfig(source=sys.argv[1], seq_len=16, eval_fraction=0.2), "train", 4, seed=7)
 for i in range(10**6):
     batch = next(it)
@@ -113,7 +116,7 @@ for i in range(10**6):
 
 def test_resume_after_sigkill_mid_epoch_is_bit_identical(corpus):
     _, prepared, _ = corpus
-    epoch = data.split_info(prepared, "train").rows // 4
+    epoch = pipeline.split_info(prepared, "train").rows // 4
     kill_at = epoch // 2
     proc = subprocess.run([sys.executable, "-c", _KILLED, prepared.source, str(kill_at)], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
@@ -153,7 +156,7 @@ def test_prepare_resumes_keeping_finished_shards(tmp_path, monkeypatch):
     assert kept == {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("0000[0134].*")}
     assert resumed["splits"] == fresh["splits"]
     cfg = DataConfig(source=str(out), seq_len=16)
-    assert_rows_equal(data._split(cfg, "train")[0], data._split(DataConfig(source=str(tmp_path / "fresh"),
+    assert_rows_equal(pipeline._split(cfg, "train")[0], pipeline._split(DataConfig(source=str(tmp_path / "fresh"),
                                                                           seq_len=16), "train")[0])
 
 
@@ -175,8 +178,8 @@ def test_max_documents_and_non_empty_sides_match_eval_mask(tmp_path, fraction, m
     for split in ("train", "eval"):
         cfg = DataConfig(source=str(out), seq_len=16, eval_fraction=fraction, max_documents=max_docs)
         ref, texts = reference_rows(raw, split)
-        assert_rows_equal(data._split(cfg, split)[0], ref)
-        assert data.split_info(cfg, split).documents == len(texts)
+        assert_rows_equal(pipeline._split(cfg, split)[0], ref)
+        assert pipeline.split_info(cfg, split).documents == len(texts)
 
 
 def test_formats_split_into_pieces_keep_document_keys(tmp_path):
@@ -192,11 +195,11 @@ def test_formats_split_into_pieces_keep_document_keys(tmp_path):
     for i in range(45):
         w.write(json.dumps({"text": f"record {i}"}).encode() if i % 2 else f"raw {i}".encode())
     w.close()
-    files = data.sources.source_files(str(src / "*"))
-    pieces = data.sources.pieces(files, 200)
+    files = sources.source_files(str(src / "*"))
+    pieces = sources.pieces(files, 200)
     assert len(pieces) > 20 and {p.fmt for p in pieces} == {"text", "jsonl", "parquet", "arrayrecord"}
-    docs = [d for p in pieces for d in data.sources.read_piece(p, "text")]
-    whole = [d for p in data.sources.pieces(files, 1 << 30) for d in data.sources.read_piece(p, "text")]
+    docs = [d for p in pieces for d in sources.read_piece(p, "text")]
+    whole = [d for p in sources.pieces(files, 1 << 30) for d in sources.read_piece(p, "text")]
     assert docs == whole and len({k for k, _ in docs}) == len(docs) == 1 + 50 + 60 + 45
     keys = [k for k, _ in docs]
     assert keys[:2] == ["a.txt", "b.parquet#0"] and keys[61] == "c.arrayrecord#0" and keys[106] == "part0.jsonl#1"
@@ -241,8 +244,8 @@ def test_bad_shards_fail_in_one_line_naming_the_file(corpus):
     good = shard.read_bytes()
 
     def fails(pattern):
-        data._open.cache_clear()
-        data._mmap.cache_clear()
+        pipeline._open.cache_clear()
+        pipeline._mmap.cache_clear()
         return _one_line(lambda: take(make_dataset(prepared, "train", 4, seed=0), 1000), pattern)
 
     shard.unlink()
@@ -287,13 +290,15 @@ def test_bad_sources_fail_before_anything_is_written(tmp_path):
 
 def test_cli(tmp_path, capsys):
     glob = jsonl_corpus(tmp_path / "src", files=1, docs=10)
-    assert data.main(["prepare", "--source", glob, "--out", str(tmp_path / "out"), "--processes", "1"]) == 0
+    assert prepare_cli.main(["--source", glob, "--out", str(tmp_path / "out"), "--processes", "1"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{tmp_path / 'out'}: 10 documents (") and "MB/s" in line and "tokens/s" in line
-    assert data.main(["prepare", "--source", glob, "--out", str(tmp_path / "out"), "--tokenizer", "nope.json"]) == 2
+    assert prepare_cli.main(["--source", glob, "--out", str(tmp_path / "out"), "--tokenizer", "nope.json"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.tokenizer: file") and "\n" not in err
-    assert data.main([]) == 2
+    with pytest.raises(SystemExit) as usage:
+        prepare_cli.main([])
+    assert usage.value.code == 2
 
 
 @pytest.mark.slow

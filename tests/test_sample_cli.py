@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from dsv3_jax import sampling
-from dsv3_jax.config import load_config
-from dsv3_jax.model import create
-from dsv3_jax.tokenizer import ByteTokenizer
+from dsv3_jax.data.tokenizer import ByteTokenizer
+from dsv3_jax.infer import sampling
+from dsv3_jax.model.transformer import create
+from dsv3_jax.presets import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
@@ -28,7 +28,7 @@ NEW = "6"
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """Our tiny model (byte vocabulary, MTP included) written in the HF layout."""
-    from dsv3_jax import hf
+    from dsv3_jax.interop import hf
 
     path = tmp_path_factory.mktemp("ckpt") / "hf"
     hf.save(create(load_config("tiny").model, seed=0), path)
@@ -37,7 +37,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(hf_dir):
-    from dsv3_jax import hf
+    from dsv3_jax.interop import hf
 
     return hf.load(hf_dir)
 
@@ -174,11 +174,12 @@ def test_process_exit_status_and_one_line(tmp_path):
 @pytest.mark.slow
 def test_our_checkpoint_end_to_end(tmp_path):
     """A checkpoint written by our Checkpointer, sampled by `python sample.py` as a process."""
-    from dsv3_jax import checkpoint, trainer
-    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.parallel.sharding import make_mesh
+    from dsv3_jax.train import checkpoint
+    from dsv3_jax.train import state as train_state
 
     cfg = load_config("tiny", [f"train.run_dir={tmp_path / 'run'}"])
-    state, _, _ = trainer.init_state(cfg, make_mesh(cfg.mesh))
+    state, _, _ = train_state.init_state(cfg, make_mesh(cfg.mesh))
     saver = checkpoint.Checkpointer(cfg.train.run_dir, every=1, keep=1, async_save=False)
     saver.save(0, state._asdict(), {}, cfg, force=True)
     saver.close()

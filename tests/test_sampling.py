@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import sampling
-from dsv3_jax.config import load_config
-from dsv3_jax.model import Transformer, create, unstacked
-from dsv3_jax.moe import RouterBias
+from dsv3_jax import errors
+from dsv3_jax.infer import sampling
+from dsv3_jax.model.routing import RouterBias
+from dsv3_jax.model.transformer import Transformer, create, unstacked
+from dsv3_jax.presets import load_config
 
 PROMPTS = [[5, 9, 33, 2, 7], [100, 3], [4] * 17 + [8]]  # different lengths; the longest spans two 16-buckets
 NEW = 12
@@ -227,14 +228,14 @@ def test_greedy_rule_is_argmax():
 ])
 def test_bad_input_raises_one_line_error(model, kwargs, match):
     kw = {"prompts": [[3, 4]], "max_new_tokens": 4} | kwargs
-    with pytest.raises(sampling.GenerateError, match=match) as e:
+    with pytest.raises(errors.GenerateError, match=match) as e:
         sampling.generate(model, **kw)
     assert "\n" not in str(e.value)
 
 
 def test_speculative_needs_an_mtp_module():
     cfg = dataclasses.replace(load_config("tiny").model, num_nextn_predict_layers=0)
-    with pytest.raises(sampling.GenerateError, match="num_nextn_predict_layers"):
+    with pytest.raises(errors.GenerateError, match="num_nextn_predict_layers"):
         sampling.generate(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), [[3]], 2, speculative="mtp")
 
 
@@ -266,10 +267,10 @@ def test_speculative_greedy_equals_plain_greedy_good_drafter(drafter):
 
 def test_decode_loops_update_the_cache_in_place(model, greedy, cfg):
     """The compiled decode loops (plain and speculative) copy no layer's cache: each step scatters its latents
-    into the loop-carried cache and reads that (reading the cache as it was before the write made XLA copy every
-    layer's (B, S, c) cache twice per step, 10% of a batch-16 step on the bench config)."""
+    into the loop-carried cache and reads that (reading the cache as it was before the write makes XLA copy every
+    layer's (B, S, c) cache twice per step)."""
     sampling.generate(model, PROMPTS, NEW, speculative="mtp")
-    loops = [exe.as_text() for key, exe in sampling._COMPILED.items() if key[0] is sampling._chunk_fn]
+    loops = [exe.as_text() for key, exe in sampling.PROGRAMS.executables.items() if key[0] is sampling._chunk_fn]
     assert len(loops) >= 2
     b = len(PROMPTS)
     for width in (cfg.kv_lora_rank, cfg.qk_rope_head_dim):
@@ -308,7 +309,7 @@ HF_CFG = {"q_lora_rank": 20, "num_hidden_layers": 3, "n_routed_experts": 8, "n_g
 def test_greedy_matches_transformers_generate(tmp_path):
     torch = pytest.importorskip("torch")
     hf_util = pytest.importorskip("tests.hf_util")
-    from dsv3_jax import hf
+    from dsv3_jax.interop import hf
 
     ref = hf_util.make_hf_model(hf_util.hf_config(**HF_CFG), seed=11)  # every weight random, incl. norms and bias
     ref.save_pretrained(tmp_path)

@@ -12,9 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from dsv3_jax import trainer
-from dsv3_jax.config import ConfigError, MeshConfig, load_config
-from dsv3_jax.sharding import RULES, fit_spec, logical_spec, make_mesh, rules_for, state_shardings, use_rules
+from dsv3_jax.config import MeshConfig
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.parallel.sharding import RULES, fit_spec, logical_spec, make_mesh, rules_for, state_shardings, use_rules
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import state, step
 from tests import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -23,9 +25,10 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec
     from flax import nnx
-    from dsv3_jax.config import load_config, MeshConfig
-    from dsv3_jax.model import create
-    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.model.transformer import create
+    from dsv3_jax.parallel.sharding import make_mesh
     assert jax.device_count() == 8
     cfg = load_config("tiny").model
     ref_model = create(cfg, 0)
@@ -46,7 +49,7 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_array_equal(np.asarray(out.aux["expert_counts"]), np.asarray(ref.aux["expert_counts"]))
     # an HF-format directory loads straight into the shardings: each device holds only its shard
     import sys, tempfile
-    from dsv3_jax import hf
+    from dsv3_jax.interop import hf
     with tempfile.TemporaryDirectory() as d:
         hf.save(ref_model, d)
         mesh = make_mesh(MeshConfig(data=2, fsdp=2, expert=2, tensor=1))
@@ -100,12 +103,12 @@ def test_every_large_weight_shards_over_fsdp_and_expert_as_well_as_its_model_axi
 PARAM_BYTES = textwrap.dedent("""
     import math, sys
     import jax
-    from dsv3_jax import trainer
-    from dsv3_jax.config import load_config
-    from dsv3_jax.sharding import make_mesh, rules_for, state_shardings
+    from dsv3_jax.train import step, state
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.parallel.sharding import make_mesh, rules_for, state_shardings
     cfg = load_config(sys.argv[1], sys.argv[2:])
     mesh = make_mesh(cfg.mesh)
-    _, params, _ = trainer.split_abstract(cfg)  # abstract: nothing is allocated
+    _, params, _ = state.split_abstract(cfg)  # abstract: nothing is allocated
     total = per_device = 0
     for v, s in zip(jax.tree.leaves(params), jax.tree.leaves(state_shardings(params, mesh, rules_for(cfg.mesh)))):
         total += math.prod(v.shape) * v.dtype.itemsize
@@ -134,7 +137,7 @@ def test_mesh_rules_override_the_table_and_reach_the_parameter_shardings():
     rules = rules_for(cfg.mesh)
     assert rules["heads"] is None and rules["q_lora"] == "tensor" and rules["embed"] == "fsdp"
     assert rules["experts"] == RULES["experts"]
-    _, params, _ = trainer.split_abstract(cfg)
+    _, params, _ = state.split_abstract(cfg)
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
     with use_rules(rules):
         specs = nnx.to_pure_dict(state_shardings(params, mesh))
@@ -181,23 +184,23 @@ def test_671b_preset_encodes_the_report_schedule():
     assert abs(t.mtp_lambda_switch_step * tokens / 10e12 - 1) < 1e-4
     assert abs(t.bias_gamma_stop_step * tokens / 14.3e12 - 1) < 1e-4
     assert abs(t.steps * tokens / 14.8e12 - 1) < 1e-4
-    lr = [float(trainer.learning_rate(s, t)) for s in (0, 999, 1999, 100_000, 158_945, t.steps)]
+    lr = [float(state.learning_rate(s, t)) for s in (0, 999, 1999, 100_000, 158_945, t.steps)]
     assert lr[0] < lr[1] < lr[2] == pytest.approx(2.2e-4) == lr[3] == lr[4]
     assert lr[5] == pytest.approx(2.2e-5)
-    assert float(trainer.mtp_lambda(t.mtp_lambda_switch_step - 1, t)) == pytest.approx(0.3)
-    assert float(trainer.mtp_lambda(t.mtp_lambda_switch_step, t)) == pytest.approx(0.1)
-    assert float(trainer.bias_gamma(t.bias_gamma_stop_step - 1, t)) == pytest.approx(1e-3)
-    assert float(trainer.bias_gamma(t.bias_gamma_stop_step, t)) == 0.0
+    assert float(step.mtp_lambda(t.mtp_lambda_switch_step - 1, t)) == pytest.approx(0.3)
+    assert float(step.mtp_lambda(t.mtp_lambda_switch_step, t)) == pytest.approx(0.1)
+    assert float(step.bias_gamma(t.bias_gamma_stop_step - 1, t)) == pytest.approx(1e-3)
+    assert float(step.bias_gamma(t.bias_gamma_stop_step, t)) == 0.0
 
 
 OPT_STATE = textwrap.dedent("""
     import jax
     from flax import nnx
-    from dsv3_jax import trainer
-    from dsv3_jax.config import load_config
-    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.train import step, state
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.parallel.sharding import make_mesh
     cfg = load_config("tiny", ["mesh.data=2", "mesh.expert=4"])
-    state, _, _ = trainer.init_state(cfg, make_mesh(cfg.mesh))
+    state, _, _ = state.init_state(cfg, make_mesh(cfg.mesh))
     mu = state.opt_state[1][0].mu
     for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu)):
         assert m.sharding.spec == p.sharding.spec, (m.sharding.spec, p.sharding.spec)

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax import data, tokenizer
 from dsv3_jax.config import DataConfig
-from dsv3_jax.data import DataError
+from dsv3_jax.data import pipeline, tokenizer
+from dsv3_jax.errors import DataError
+from dsv3_jax.tools import tokenizer as tokenizer_cli
 
 pytest.importorskip("tokenizers")
 
@@ -19,13 +20,14 @@ def trained(tmp_path_factory):
              for i in range(300)]
     (root / "code.jsonl").write_text("\n".join(lines) + "\n")
     out = root / "tok" / "tokenizer.json"
-    assert tokenizer.main(["train", "--source", str(root / "*.jsonl"), "--vocab-size", "400", "--out", str(out)]) == 0
+    argv = ["train", "--source", str(root / "*.jsonl"), "--vocab-size", "400", "--out", str(out)]
+    assert tokenizer_cli.main(argv) == 0
     return root, str(out)
 
 
 def test_round_trip_and_compression(trained):
     root, path = trained
-    tok = data.make_tokenizer(path)
+    tok = tokenizer.make_tokenizer(path)
     assert tok.vocab_size == 400 and (tok.bos_id, tok.eos_id) == (0, 1)
     for text in ("def function_7(value):\n    return value", "unseen: héllo 世界 \t\x00 ✓"):
         ids = tok.encode(text)
@@ -38,22 +40,22 @@ def test_accepted_by_data_tokenizer_and_bytes_per_token_is_exact(trained, tmp_pa
     root, path = trained
     cfg = DataConfig(source=str(root / "*.jsonl"), tokenizer=path, seq_len=32, eval_fraction=0.1,
                      cache_dir=str(tmp_path / "cache"))
-    batch = next(data.make_dataset(cfg, "train", 4, vocab_size=400))
+    batch = next(pipeline.make_dataset(cfg, "train", 4, vocab_size=400))
     assert batch["tokens"].shape == (4, 33) and batch["tokens"].max() < 400
-    tok = data.make_tokenizer(path)
-    docs = data.read_documents(cfg)
-    held = data.eval_mask([k for k, _ in docs], cfg.eval_fraction)
+    tok = tokenizer.make_tokenizer(path)
+    docs = pipeline.read_documents(cfg)
+    held = pipeline.eval_mask([k for k, _ in docs], cfg.eval_fraction)
     texts = [t for (_, t), e in zip(docs, held) if e]
-    info = data.split_info(cfg, "eval")
+    info = pipeline.split_info(cfg, "eval")
     predicted = sum(len(tok.encode(t)) + 1 for t in texts)  # each document's tokens and its eos; never the bos
     assert info.bytes == sum(len(t.encode("utf-8")) for t in texts) and info.target_tokens == predicted
     assert info.bytes_per_token == pytest.approx(info.bytes / predicted) and info.bytes_per_token > 2.5
-    byte_info = data.split_info(DataConfig(source=cfg.source, seq_len=32, eval_fraction=0.1,
-                                           cache_dir=cfg.cache_dir), "eval")
+    byte_info = pipeline.split_info(DataConfig(source=cfg.source, seq_len=32, eval_fraction=0.1,
+                                               cache_dir=cfg.cache_dir), "eval")
     assert byte_info.bytes == info.bytes and byte_info.bytes_per_token == pytest.approx(
         info.bytes / (info.bytes + info.documents))
     with pytest.raises(DataError, match=r"token id \d+ .* is >= model vocab_size 300"):
-        data.make_dataset(cfg, "train", 4, vocab_size=300)
+        pipeline.make_dataset(cfg, "train", 4, vocab_size=300)
     np.testing.assert_array_equal(batch["segment_ids"][:, 0], 1)
 
 

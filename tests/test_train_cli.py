@@ -101,18 +101,18 @@ def test_resume_restores_without_initialising(run_dir, tmp_path, monkeypatch):
     """A resume restores straight into the sharded abstract state: the fresh-state initialiser is never called."""
     import shutil
 
-    from dsv3_jax import trainer
-    from dsv3_jax.config import load_config
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.train import loop
 
     def no_init(*args, **kwargs):
         raise AssertionError("a resume initialised a fresh train state")
 
     moved = tmp_path / "run"
     shutil.copytree(run_dir, moved)
-    monkeypatch.setattr(trainer, "init_state", no_init)
+    monkeypatch.setattr(loop, "init_state", no_init)
     overrides = [a for a in BASE[2:]] + [f"train.run_dir={moved}", "train.steps=3", "train.progress=false"]
-    trainer.train(load_config("tiny", overrides))
+    loop.train(load_config("tiny", overrides))
     assert (moved / "checkpoints" / "3").is_dir()
     fresh = tmp_path / "fresh"
     with pytest.raises(AssertionError, match="initialised"):  # and a fresh run does initialise
-        trainer.train(load_config("tiny", overrides[:-2] + [f"train.run_dir={fresh}", "train.steps=3"]))
+        loop.train(load_config("tiny", overrides[:-2] + [f"train.run_dir={fresh}", "train.steps=3"]))

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import trainer
-from dsv3_jax.config import load_config
-from dsv3_jax.moe import update_bias
-from dsv3_jax.sharding import make_mesh
+from dsv3_jax.model.routing import update_bias
+from dsv3_jax.parallel.sharding import make_mesh
+from dsv3_jax.presets import load_config
+from dsv3_jax.train import losses
+from dsv3_jax.train import state as train_state
+from dsv3_jax.train.step import bias_gamma, forward, mtp_lambda, train_step, update_router_bias
 
 SEQ, BATCH = 16, 4
 
@@ -36,18 +38,18 @@ def setup():
     cfg = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
                                "train.balance_alpha=0.01"])
     mesh = make_mesh(cfg.mesh)
-    state, graphdef, tx = trainer.init_state(cfg, mesh)
+    state, graphdef, tx = train_state.init_state(cfg, mesh)
     return cfg, mesh, state, graphdef, tx
 
 
 @functools.cache
 def _jitted_step(cfg, graphdef, tx):
-    return jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg))
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg))
 
 
 @functools.cache
 def _jitted_forward(graphdef):
-    return jax.jit(functools.partial(trainer.forward, graphdef))
+    return jax.jit(functools.partial(forward, graphdef))
 
 
 def run_step(cfg, mesh, state, graphdef, tx, batch):
@@ -64,7 +66,7 @@ def test_update_router_bias_moves_each_expert_by_gamma_towards_the_mean():
     counts = {"moe_layers": {"mlp": {"bias": jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])}},  # means 5, 3
               "mtp": {0: {"block": {"mlp": {"bias": jnp.array([4.0, 4.0, 0.0, 8.0])}}}}}  # mean 4
     bias = {"moe_layers": {"mlp": {"bias": jnp.zeros((2, 4))}}, "mtp": {0: {"block": {"mlp": {"bias": jnp.ones(4)}}}}}
-    new = trainer.update_router_bias(bias, counts, jnp.float32(0.5))
+    new = update_router_bias(bias, counts, jnp.float32(0.5))
     np.testing.assert_array_equal(np.asarray(new["moe_layers"]["mlp"]["bias"]),
                                   [[-0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, -0.5]])
     np.testing.assert_array_equal(np.asarray(new["mtp"][0]["block"]["mlp"]["bias"]), [1.0, 1.0, 1.5, 0.5])
@@ -95,10 +97,10 @@ def test_bias_is_in_no_gradient_and_no_optimizer_state(setup):
                         state.bias)  # a non-zero bias that changes the choice
 
     def loss(params, bias):  # the training objective: next-token and MTP cross-entropy plus the balance loss
-        out = trainer.forward(graphdef, params, bias, batch)
-        ce, n = trainer.losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
-        mtp, _ = trainer.losses.mtp_losses(out.mtp_logits, batch["tokens"], batch["segment_ids"])
-        return ce / n + mtp.sum() / n + trainer.losses.balance_loss(out.aux, 0.1)
+        out = forward(graphdef, params, bias, batch)
+        ce, n = losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
+        mtp, _ = losses.mtp_losses(out.mtp_logits, batch["tokens"], batch["segment_ids"])
+        return ce / n + mtp.sum() / n + losses.balance_loss(out.aux, 0.1)
 
     g_params, g_bias = jax.jit(jax.grad(loss, argnums=(0, 1)))(state.params, bias)
     chex.assert_tree_all_finite(g_params)
@@ -129,6 +131,7 @@ def test_bias_update_uses_the_counts_of_the_whole_batch(setup):
                                                       jnp.asarray(mtp_counts), gamma)), atol=1e-9)
     np.testing.assert_array_equal(np.asarray(metrics["dead_experts"]), (counts == 0).sum())
     np.testing.assert_array_equal(np.asarray(metrics["routed_tokens"]), counts.sum(-1))
+    np.testing.assert_array_equal(np.asarray(metrics["router_bias"]), new)  # the main layers' bias after the update
     assert int(new_state.step) == 1
 
 
@@ -140,8 +143,8 @@ def test_mtp_counts_cover_exactly_the_mtp_targets(setup):
     batch["segment_ids"][0, -1] = 9  # a new document in the target column only
     batch = jax.tree.map(jnp.asarray, batch)
     out = _jitted_forward(graphdef)(state.params, state.bias, batch)
-    targets = int(trainer.losses.same_document_mask(batch["segment_ids"], 1).sum())
-    inputs_in_doc = int(trainer.losses.same_document_mask(batch["segment_ids"][:, :-1], 0).sum())
+    targets = int(losses.same_document_mask(batch["segment_ids"], 1).sum())
+    inputs_in_doc = int(losses.same_document_mask(batch["segment_ids"][:, :-1], 0).sum())
     assert inputs_in_doc > targets  # the model alone (no target column) would count more
     np.testing.assert_array_equal(np.asarray(out.aux["mtp_expert_counts"]).sum(-1),
                                   [targets * cfg.model.num_experts_per_tok])
@@ -158,7 +161,7 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     np.testing.assert_array_equal(np.asarray(m_one["maxvio"]), np.asarray(m_two["maxvio"]))
     k = cfg.model.num_experts_per_tok
     valid = int((batch["segment_ids"][:, :-1] != 0).sum())
-    targets = int(trainer.losses.same_document_mask(jnp.asarray(batch["segment_ids"]), 1).sum())
+    targets = int(losses.same_document_mask(jnp.asarray(batch["segment_ids"]), 1).sum())
     for m in (m_one, m_two):
         np.testing.assert_array_equal(np.asarray(m["routed_tokens"]), [valid * k] * cfg.model.num_moe_layers)
         np.testing.assert_array_equal(np.asarray(m["mtp_routed_tokens"]), [targets * k])
@@ -175,18 +178,18 @@ def test_schedules():
     cfg = load_config("tiny", ["train.steps=100", "train.warmup_steps=10", "train.constant_steps=20",
                                "train.learning_rate=1e-3", "train.min_learning_rate=1e-4",
                                "train.mtp_lambda_switch_step=50", "train.bias_gamma_stop_step=80"]).train
-    lr = [float(trainer.learning_rate(jnp.int32(s), cfg)) for s in (0, 9, 10, 29, 30, 65, 100)]
+    lr = [float(train_state.learning_rate(jnp.int32(s), cfg)) for s in (0, 9, 10, 29, 30, 65, 100)]
     np.testing.assert_allclose(lr, [1e-4, 1e-3, 1e-3, 1e-3, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
-    assert float(trainer.mtp_lambda(jnp.int32(49), cfg)) == pytest.approx(0.3)
-    assert float(trainer.mtp_lambda(jnp.int32(50), cfg)) == pytest.approx(0.1)
-    assert float(trainer.bias_gamma(jnp.int32(79), cfg)) == pytest.approx(1e-3)
-    assert float(trainer.bias_gamma(jnp.int32(80), cfg)) == 0.0
+    assert float(mtp_lambda(jnp.int32(49), cfg)) == pytest.approx(0.3)
+    assert float(mtp_lambda(jnp.int32(50), cfg)) == pytest.approx(0.1)
+    assert float(bias_gamma(jnp.int32(79), cfg)) == pytest.approx(1e-3)
+    assert float(bias_gamma(jnp.int32(80), cfg)) == 0.0
 
 
 def test_weight_decay_mask_skips_norms_and_vectors(setup):
     cfg, *_ = setup
-    _, abs_params, _ = trainer.split_abstract(cfg)
-    mask = trainer.decay_mask(abs_params)
+    _, abs_params, _ = train_state.split_abstract(cfg)
+    mask = train_state.decay_mask(abs_params)
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert not any(m for p, m in flat.items() if "norm" in p)  # stacked norm scales are 2-D but not decayed
     assert flat["['embed']['weight']"] and flat["['moe_layers']['mlp']['w_gate']"]
@@ -199,7 +202,7 @@ def test_optimizer_clips_then_applies_adamw_with_its_betas_and_decay_mask():
     cfg = load_config("tiny", ["train.warmup_steps=1", "train.learning_rate=0.1", "train.b1=0.8", "train.b2=0.9",
                                "train.weight_decay=0.5", "train.grad_clip=1.0", "train.steps=10"]).train
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "scale": jnp.array([2.0, -1.0])}
-    tx = trainer.make_optimizer(cfg, {"w": True, "scale": False})
+    tx = train_state.make_optimizer(cfg, {"w": True, "scale": False})
     grads = [{"w": jnp.array([[3.0, 0.0], [4.0, 0.0]]), "scale": jnp.array([0.0, 0.0])},  # norm 5: clipped to 1
              {"w": jnp.array([[0.1, -0.2], [0.0, 0.05]]), "scale": jnp.array([0.1, 0.0])}]  # below the clip
     state = tx.init(params)
@@ -211,7 +214,7 @@ def test_optimizer_clips_then_applies_adamw_with_its_betas_and_decay_mask():
         params = jax.tree.map(jnp.add, params, updates)
         g = {k: np.asarray(x, np.float64) for k, x in g.items()}
         norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
-        lr = float(trainer.learning_rate(jnp.int32(step), cfg))
+        lr = float(train_state.learning_rate(jnp.int32(step), cfg))
         for k in p:
             gk = g[k] * min(1.0, cfg.grad_clip / norm)
             m[k] = cfg.b1 * m[k] + (1 - cfg.b1) * gk
@@ -229,11 +232,11 @@ def test_remat_inside_the_train_step_changes_nothing_but_memory(setup):
     batch = jax.tree.map(jnp.asarray, packed_batch(5, cfg.model.vocab_size))
     cfg_r = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
                                  "train.balance_alpha=0.01", "impl.remat=full"])
-    graphdef_r, _, _ = trainer.split_abstract(cfg_r)
+    graphdef_r, _, _ = train_state.split_abstract(cfg_r)
 
     def program(c, g):
         with jax.set_mesh(mesh):
-            return str(jax.make_jaxpr(functools.partial(trainer.train_step, graphdef=g, tx=tx, cfg=c))(state, batch))
+            return str(jax.make_jaxpr(functools.partial(train_step, graphdef=g, tx=tx, cfg=c))(state, batch))
 
     assert "remat2[" in program(cfg_r, graphdef_r) and "remat2[" not in program(cfg, graphdef)
     plain, m_plain = run_step(cfg, mesh, state, graphdef, tx, batch)

@@ -1,0 +1,2 @@
+"""Generation: prefill, the compiled decode loop, sampling rules and MTP speculative decoding.
+"""

@@ -1,0 +1,156 @@
+"""The DeepSeekMoE layer: routed experts (sigmoid, group-limited, aux-loss-free bias) plus shared experts, and the
+choice of the expert-FFN backend for a mesh and platform.
+
+Under a mesh whose batch axes split the batch, the layer runs inside `jax.shard_map`: each device routes its own
+tokens, and the counts and balance-loss sums are psum'd once over the batch axes. The layer returns its expert
+counts in `aux` (the train step updates the bias from them; nothing is sown or looked up by path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax.config import ImplConfig, ModelConfig
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.kernels.precision import Policy, policy
+from dsv3_jax.model.layers import MLP, param
+from dsv3_jax.model.moe_backends import BACKENDS, ExpertWeights, MoeContext
+from dsv3_jax.model.routing import (
+    RouterBias,
+    Routing,
+    expert_counts,
+    router_scores,
+    select_experts,
+    sequence_balance_terms,
+)
+from dsv3_jax.parallel.sharding import current_rules, mesh_axes, mesh_size
+
+
+def local_impl(platform: str) -> str:
+    """The grouped matmul for this platform: ragged_dot is native only on TPU (GPU pads it to a dense matmul)."""
+    return "ragged_dot" if platform == "tpu" else "blocked"
+
+
+MOE_IMPLS = ("auto", *BACKENDS)  # what impl.moe_impl may name
+
+# Blocks per step of the blocked form's loop over its used blocks when impl.moe_blocks_per_step is None, by
+# platform: on XLA:CPU the loop beats one batched matmul (docs/performance.md); elsewhere one batched matmul.
+AUTO_BLOCKS_PER_STEP = {"cpu": 8}
+
+
+def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int, block: int, pol: Policy,
+           platform: str, chunk_tokens: int = 0, blocks_per_step: int | None = None) -> tuple[str, MoeContext, bool]:
+    """(backend name, context, whether to run inside shard_map) for `impl.moe_impl` on this mesh.
+
+    `auto` is expert-parallel whenever the experts are split (ragged all-to-all on TPU/GPU, the dense exchange
+    elsewhere), else the platform's local grouped matmul, and whenever the batch splits over the mesh it runs
+    inside shard_map, so each device routes and sorts only its own tokens. A local backend named explicitly runs
+    over the global batch and lets GSPMD partition it (the baseline, which gathers the whole batch's routing onto
+    every device); so does everything when the batch does not split (decoding one sequence)."""
+    local = local_impl(platform)
+    if blocks_per_step is None:
+        blocks_per_step = AUTO_BLOCKS_PER_STEP.get(platform, 0)
+    ctx = MoeContext(pol, block, local, blocks_per_step=blocks_per_step)
+    if mesh.empty:
+        return (local if impl == "auto" else impl), ctx, False
+    ep_axes, batch_axes = mesh_axes("experts", rules), mesh_axes("batch", rules)
+    ep = mesh_size(mesh, ep_axes)
+    auto = impl == "auto"
+    if auto:
+        impl = ("ep_ragged" if platform in ("gpu", "tpu", "cuda", "rocm") else "ep_a2a") if ep > 1 else local
+    if batch % mesh_size(mesh, batch_axes) or not (auto or BACKENDS[impl].expert_parallel):
+        return (local if BACKENDS[impl].expert_parallel else impl), ctx, False
+    ffn_axes = tuple(a for a in mesh_axes("expert_mlp", rules)
+                     if a not in batch_axes and a not in ep_axes and mesh.shape[a] > 1)
+    ctx = dataclasses.replace(ctx, ffn_axes=ffn_axes if ffn % mesh_size(mesh, ffn_axes) == 0 else ())
+    if not BACKENDS[impl].expert_parallel:
+        return impl, ctx, True
+    if num_experts % ep:
+        raise ConfigError(f"model.n_routed_experts ({num_experts}) is not divisible by the expert-parallel size "
+                          f"{ep} (mesh {'*'.join(ep_axes)})")
+    if not set(ep_axes) <= set(batch_axes):
+        raise ConfigError(f"impl.moe_impl={impl} needs the expert mesh axes {ep_axes} among the batch axes "
+                          f"{batch_axes} (mesh.rules)")
+    return impl, dataclasses.replace(ctx, expert_axes=ep_axes, chunk_tokens=chunk_tokens), True
+
+
+class MoE(nnx.Module):
+    """Routed experts (sigmoid, group-limited, aux-loss-free bias) plus always-on shared experts."""
+
+    def __init__(self, cfg: ModelConfig, impl: ImplConfig, rngs: nnx.Rngs):
+        d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        self.policy = policy(impl)
+        pdt = jnp.dtype(self.policy.param_dtype)
+        self.cfg, self.impl = cfg, impl
+        self.router = param(rngs, (d, e), ("embed", "experts"), cfg.initializer_range, jnp.float32)
+        self.bias = RouterBias(jnp.zeros((e,), jnp.float32), axes=("experts",))
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), cfg.initializer_range, pdt)
+        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), cfg.initializer_range, pdt)
+        self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), cfg.initializer_range, pdt)
+        self.shared = MLP(cfg, f * cfg.n_shared_experts, self.policy, rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array, decoding: bool = False) -> tuple[jax.Array, dict]:
+        """Returns the layer output and aux {expert_counts (E,), balance_loss (), expert_affinity (E,): the sum of the
+        normalised affinities s_i / sum_j s_j, for the batch-level aux loss} over valid tokens, all over the whole
+        global batch (psum'd once across the shards under expert parallelism). `decoding` (on the cache): a handful
+        of tokens and no mesh take the `decode` backend instead of the training dispatch (`decodes`)."""
+        cfg = self.cfg
+        mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
+        if decoding and decodes(x_btd.shape[0] * x_btd.shape[1]):
+            name, ctx, sharded = "decode", MoeContext(self.policy), False
+        else:
+            name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
+                                        cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy,
+                                        jax.default_backend(), self.impl.moe_ep_chunk_tokens,
+                                        self.impl.moe_blocks_per_step)
+        weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
+        routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
+        args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)
+        if sharded:
+            bat, e, f = mesh_axes("batch", rules), ctx.expert_axes or None, ctx.ffn_axes or None
+            w_in, w_out = P(e, None, f), P(e, f, None)
+            routed = jax.shard_map(functools.partial(routed, reduce_axes=bat), mesh=mesh,
+                                   in_specs=(P(bat), P(bat), P(), P(), ExpertWeights(w_in, w_in, w_out)),
+                                   out_specs=(P(bat), P(), P(), P()))
+        y_btd, counts, balance, affinity = routed(*args)
+        y_btd = y_btd.astype(x_btd.dtype)
+        if self.shared is not None:
+            y_btd = y_btd + self.shared(x_btd)
+        return y_btd, {"expert_counts": counts, "balance_loss": balance, "expert_affinity": affinity}
+
+
+def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: ModelConfig, backend, ctx,
+            reduce_axes: tuple[str, ...] = ()):
+    """Route these tokens, run the backend, count: (y (B, T, D), expert counts (E,), balance loss (), affinity sum
+    (E,)). Inside shard_map the counts and the balance-loss and affinity sums are psum'd over the batch axes."""
+    b, t, d = x_btd.shape
+    x_nd = x_btd.reshape(b * t, d)
+    scores = router_scores(x_nd, router_de)  # (N, E) float32
+    idx, gates = select_experts(scores, bias_e, cfg)
+    y_nd = backend(x_nd, Routing(idx, gates), weights, ctx)
+    if ctx.ffn_axes:  # each device computed its slice of every expert's hidden width: partial sums
+        y_nd = jax.lax.psum(y_nd, ctx.ffn_axes)
+    counts = expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts)
+    bal_sum, n_seq = sequence_balance_terms(scores.reshape(b, t, -1), idx.reshape(b, t, -1), valid_bt,
+                                            cfg.num_experts_per_tok)
+    affinity = ((scores / scores.sum(-1, keepdims=True)) * valid_bt.reshape(-1, 1)).sum(0)  # (E,)
+    if reduce_axes:
+        counts, bal_sum, n_seq, affinity = jax.lax.psum((counts, bal_sum, n_seq, affinity), reduce_axes)
+    return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0), affinity
+
+
+# The decode path: a handful of tokens on the latent cache (`MoE(..., decoding=True)`). Same routing, same aux; the
+# `decode` backend instead of the training dispatch.
+DECODE_MAX_TOKENS = 64
+
+
+def decodes(n_tokens: int) -> bool:
+    """Whether the decode path takes `n_tokens` tokens: few of them, and no mesh (under a mesh the layer's own
+    sharded dispatch stays in charge)."""
+    return n_tokens <= DECODE_MAX_TOKENS and jax.sharding.get_abstract_mesh().empty

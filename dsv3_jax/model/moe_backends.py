@@ -1,0 +1,256 @@
+"""The expert-FFN backends, one registry and one signature:
+    backend(x_nd, routing, weights, ctx) -> y_nd = sum_k gate_k * Expert_{idx_k}(x_n)
+
+`dense` (every expert on every token, the reference), `ragged_dot` and `blocked` (grouped matmuls over rows sorted
+by expert), `decode` (a handful of tokens on the cache) and the expert-parallel `ep_ragged` / `ep_a2a`, which run
+inside `jax.shard_map` on this device's tokens and its E_l experts: rows sorted by expert are sent to the shard
+holding the expert (parallel/expert_parallel.py), computed there by the local grouped matmul, and sent back.
+All-gathering tokens within the expert group was rejected: on an expert-only mesh it gathers the whole batch onto
+every device.
+
+Legend: N tokens, E routed experts, K experts per token, D hidden size, F expert hidden size, R = N*K routed rows,
+S expert-parallel shards, E_l = E/S experts per shard, M = S*R rows a shard can receive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.kernels.grouped_matmul import (
+    block_grid,
+    block_layout,
+    block_matmul,
+    collect_rows,
+    dispatch_rows,
+    expert_ranks,
+    sort_rows,
+    varying_like,
+)
+from dsv3_jax.kernels.precision import Policy, ragged_dot
+from dsv3_jax.kernels.precision import einsum as policy_einsum
+from dsv3_jax.kernels.shapes import cdiv
+from dsv3_jax.model.routing import Routing
+from dsv3_jax.parallel.expert_parallel import all_to_all_exchange, exchange_plans, ragged_exchange
+
+
+class ExpertWeights(NamedTuple):
+    w_gate: jax.Array  # (E, D, F)
+    w_up: jax.Array  # (E, D, F)
+    w_down: jax.Array  # (E, F, D)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeContext:
+    """What a backend needs besides data: the precision policy, the blocked form's block size, and for the
+    expert-parallel backends the local grouped matmul, the mesh axes (experts split over `expert_axes`, the
+    expert hidden width F over `ffn_axes`, whose partial outputs are psum'd) and how many tokens one exchange
+    carries at most (`chunk_tokens`, 0 = all of this device's tokens at once). `blocks_per_step`: see
+    `block_matmul`."""
+
+    policy: Policy = Policy()
+    block: int = 32
+    local: str = "blocked"
+    expert_axes: tuple[str, ...] = ()
+    ffn_axes: tuple[str, ...] = ()
+    chunk_tokens: int = 0
+    blocks_per_step: int = 0  # the blocked form loops over the used blocks this many at a time; 0: one matmul
+
+
+def combine(y_nkd: jax.Array, gates_nk: jax.Array, pol: Policy) -> jax.Array:
+    """sum_k g_k y_k in float32 at HIGHEST precision (gates are float32 router outputs), in the policy's dtype."""
+    y = jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), gates_nk.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.astype(pol.out_dtype)
+
+
+# Grouped matmuls: rows sorted by expert, group sizes (E,) -> (R, D). Rows past sum(group sizes) belong to no
+# expert and come back as zeros (the padding of the expert-parallel receive buffer).
+
+
+def _ffn_ragged(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    pol = ctx.policy
+    h = jax.nn.silu(ragged_dot(x_rd, w.w_gate, sizes_e, pol)) * ragged_dot(x_rd, w.w_up, sizes_e, pol)
+    return ragged_dot(h, w.w_down, sizes_e, pol)
+
+
+def _blocks_swiglu(x_nbd: jax.Array, w: ExpertWeights, expert_b: jax.Array, used: jax.Array,
+                   ctx: MoeContext) -> jax.Array:
+    """The expert SwiGLU on expert-aligned blocks of rows (Nb, b, D), of which the first `used` hold rows."""
+    mm = functools.partial(block_matmul, expert_n=expert_b, pol=ctx.policy, used=used, per_step=ctx.blocks_per_step)
+    return mm(jax.nn.silu(mm(x_nbd, w.w_gate)) * mm(x_nbd, w.w_up), w.w_down)
+
+
+def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """Rows scattered into expert-aligned blocks of `block` rows, the expert SwiGLU on the blocks (portable)."""
+    (r, d), e, block = x_rd.shape, sizes_e.shape[0], ctx.block
+    grid = block_grid(sizes_e, r, block)
+    slots = grid.expert_b.shape[0] * block
+    ends = jnp.cumsum(sizes_e)
+    row = jnp.arange(r)
+    expert_r = jnp.searchsorted(ends, row, side="right")  # (R,) E for rows past the last group
+    e_r = jnp.minimum(expert_r, e - 1)
+    # rows of no expert go to distinct out-of-range slots and are dropped
+    dest_r = jnp.where(expert_r < e, grid.start_e[e_r] + row - (ends - sizes_e)[e_r], slots + row)
+    x_pd = jnp.zeros((slots, d), x_rd.dtype).at[dest_r].set(x_rd, mode="drop", unique_indices=True)
+    y_nbd = _blocks_swiglu(x_pd.reshape(-1, block, d), w, grid.expert_b, grid.used, ctx)
+    return y_nbd.reshape(slots, d).at[dest_r].get(mode="fill", fill_value=0)
+
+
+LOCAL_FFN = {"ragged_dot": _ffn_ragged, "blocked": _ffn_blocked}
+
+
+def _blocked_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """Blocked grouped matmuls with gather-only dispatch and combine (`block_layout`)."""
+    (n, k), d = routing.idx_nk.shape, x_nd.shape[1]
+    layout = block_layout(routing.idx_nk, w.w_gate.shape[0], ctx.block)
+    x_nbd = dispatch_rows(x_nd, layout, k).reshape(-1, ctx.block, d)
+    y_pd = _blocks_swiglu(x_nbd, w, layout.expert_b, layout.used, ctx).reshape(-1, d)
+    return combine(collect_rows(y_pd, layout).reshape(n, k, d), routing.gates_nk, ctx.policy)
+
+
+def _unsort_combine(y_rd: jax.Array, order: jax.Array, routing: Routing, pol: Policy) -> jax.Array:
+    n, k = routing.idx_nk.shape
+    y_nkd = y_rd[jnp.argsort(order)].reshape(n, k, -1)
+    return combine(y_nkd, routing.gates_nk, pol)
+
+
+def _local_backend(ffn):
+    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+        k = routing.idx_nk.shape[1]
+        order, _, sizes = sort_rows(routing.idx_nk, w.w_gate.shape[0])
+        return _unsort_combine(ffn(x_nd[order // k], sizes, w, ctx), order, routing, ctx.policy)
+
+    return backend
+
+
+def _dense_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """Every expert on every token: a reference, never the training path."""
+    pol, e = ctx.policy, w.w_gate.shape[0]
+    h = jax.nn.silu(policy_einsum("nd,edf->nef", x_nd, w.w_gate, pol)) * policy_einsum("nd,edf->nef", x_nd,
+                                                                                      w.w_up, pol)
+    y_ned = policy_einsum("nef,efd->ned", h, w.w_down, pol)
+    sel_nke = jax.nn.one_hot(routing.idx_nk, e, dtype=jnp.float32)
+    y_nkd = jnp.einsum("ned,nke->nkd", y_ned.astype(jnp.float32), sel_nke, precision=jax.lax.Precision.HIGHEST)
+    return combine(y_nkd, routing.gates_nk, pol)
+
+
+def _every_expert(x_nd: jax.Array, routing: Routing, w: ExpertWeights, pol: Policy) -> jax.Array:
+    """Every expert on every token, batched over experts (no weight transpose); each token's K outputs gathered."""
+    n, e = x_nd.shape[0], w.w_gate.shape[0]
+    x_end = jnp.broadcast_to(x_nd, (e, *x_nd.shape))
+    h_enf = jax.nn.silu(policy_einsum("end,edf->enf", x_end, w.w_gate, pol)) * policy_einsum(
+        "end,edf->enf", x_end, w.w_up, pol)
+    y_end = policy_einsum("enf,efd->end", h_enf, w.w_down, pol)
+    return combine(y_end[routing.idx_nk, jnp.arange(n)[:, None]], routing.gates_nk, pol)
+
+
+def _with_capacity(x_nd: jax.Array, routing: Routing, w: ExpertWeights, pol: Policy, rank: jax.Array,
+                   cap: int) -> jax.Array:
+    """Each expert on its own tokens only, gathered expert-major into `cap` slots (E, cap, D): the batched matmuls
+    read every expert's weights in place, as `_every_expert`, for cap/N of its work. Exact when no expert has more
+    than `cap` pairs (the caller checks); empty slots read a zero row."""
+    (n, d), (_, k), e = x_nd.shape, routing.idx_nk.shape, w.w_gate.shape[0]
+    flat = routing.idx_nk.reshape(-1)
+    token = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
+    slot_token = jnp.full((e, cap), n, jnp.int32).at[flat, rank].set(token, mode="drop")  # n: the zero row
+    x_ecd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])[slot_token]
+    h_ecf = jax.nn.silu(policy_einsum("ecd,edf->ecf", x_ecd, w.w_gate, pol)) * policy_einsum(
+        "ecd,edf->ecf", x_ecd, w.w_up, pol)
+    y_ecd = policy_einsum("ecf,efd->ecd", h_ecf, w.w_down, pol)
+    return combine(y_ecd[flat, rank].reshape(n, k, d), routing.gates_nk, pol)
+
+
+def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """For a handful of tokens (decoding), without the training dispatch. While N*K < E, each (token, choice)
+    pair slices its expert's three matrices out of the stack and applies them as plain vector-matrix products,
+    reading N*K expert matrices and no sort, padding or scatter (a gathered (N, K, D, F) batched einsum is slower
+    on XLA:CPU). From N*K >= E on every expert is read anyway, and the experts run batched over the stack:
+    on twice the mean number of pairs per expert (`_with_capacity`) when no expert got more than that, else on
+    every token (`_every_expert`); the test is one conditional per layer, so the result is exact either way."""
+    n, k = routing.idx_nk.shape
+    pol, e = ctx.policy, w.w_gate.shape[0]
+    if n * k >= e:
+        cap = 2 * cdiv(n * k, e)
+        if cap >= n:
+            return _every_expert(x_nd, routing, w, pol)
+        rank, counts = expert_ranks(routing.idx_nk, e)
+        return jax.lax.cond(counts.max() <= cap, lambda: _with_capacity(x_nd, routing, w, pol, rank, cap),
+                            lambda: _every_expert(x_nd, routing, w, pol))
+
+    def expert(x_d, e):
+        w_df = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False) for m in w]
+        h_f = jax.nn.silu(policy_einsum("d,df->f", x_d, w_df[0], pol)) * policy_einsum("d,df->f", x_d, w_df[1], pol)
+        return policy_einsum("f,fd->d", h_f, w_df[2], pol)
+
+    y_nkd = jnp.stack([jnp.stack([expert(x_nd[i], routing.idx_nk[i, j]) for j in range(k)]) for i in range(n)])
+    return combine(y_nkd, routing.gates_nk, pol)
+
+
+def _expert_parallel_backend(exchange):
+    def one_shot(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+        axes, (n, k), d = ctx.expert_axes, routing.idx_nk.shape, x_nd.shape[1]
+        s, e_l = jax.lax.axis_size(axes), w.w_gate.shape[0]
+        r = n * k
+        order, sorted_e, sizes_e = sort_rows(routing.idx_nk, s * e_l)
+        send_j = sizes_e.reshape(s, e_l).sum(1)
+        forward, back = exchange_plans(jax.lax.all_gather(send_j, axes), jax.lax.axis_index(axes))
+        # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows
+        x_md = exchange(x_nd[order // k], jnp.zeros((s * r, d), x_nd.dtype), forward, axes, r)
+        local_m = exchange(sorted_e % e_l, jnp.full((s * r,), e_l, jnp.int32), forward, axes, r)
+        order_m, _, sizes_m = sort_rows(local_m, e_l + 1)  # unfilled slots (id E_l) sort last, past every group
+        y_md = LOCAL_FFN[ctx.local](x_md[order_m], sizes_m[:e_l], w, ctx)[jnp.argsort(order_m)]
+        y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, r)
+        return _unsort_combine(y_rd, order, routing, ctx.policy)
+
+    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+        if 0 < ctx.chunk_tokens < x_nd.shape[0]:
+            return in_token_chunks(one_shot, x_nd, routing, w, ctx)
+        return one_shot(x_nd, routing, w, ctx)
+
+    return backend
+
+
+def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """`fn` (a backend) over C chunks of at most `ctx.chunk_tokens` tokens, one after another: every buffer of
+    the exchange (S*R/C receive rows instead of S*R) is live for one chunk only, and each chunk is rematerialised,
+    so the backward keeps only the chunk inputs. Dropless and exact: a token's output depends on its own routed
+    rows only. Padding tokens (when C does not divide N) have zero gates and are cut off."""
+    n = x_nd.shape[0]
+    c = cdiv(n, ctx.chunk_tokens)
+    size = cdiv(n, c)
+
+    def split(a):  # (N, ...) -> (C, N/C, ...)
+        return jnp.pad(a, ((0, c * size - n),) + ((0, 0),) * (a.ndim - 1)).reshape(c, size, *a.shape[1:])
+
+    # weights made varying like the tokens before the loop: the psum of their gradient then runs once, not per chunk
+    w = ExpertWeights(*(varying_like(a, x_nd) for a in w))
+    body = jax.checkpoint(lambda xs: fn(xs[0], Routing(xs[1], xs[2]), w, ctx), prevent_cse=False)
+    y_cnd = jax.lax.map(body, (split(x_nd), split(routing.idx_nk), split(routing.gates_nk)))
+    return y_cnd.reshape(c * size, -1)[:n]
+
+
+class Backend(NamedTuple):
+    fn: Callable  # (x_nd, Routing, ExpertWeights, MoeContext) -> y_nd
+    expert_parallel: bool  # runs inside shard_map on this device's tokens and experts
+
+
+BACKENDS: dict[str, Backend] = {
+    "dense": Backend(_dense_backend, False),
+    "ragged_dot": Backend(_local_backend(_ffn_ragged), False),
+    "blocked": Backend(_blocked_backend, False),
+    "ep_a2a": Backend(_expert_parallel_backend(all_to_all_exchange), True),
+    "ep_ragged": Backend(_expert_parallel_backend(ragged_exchange), True),
+    "decode": Backend(_decode_backend, False),  # picked by `MoE(..., decoding=True)`, not by `choose`
+}
+
+
+def grouped_ffn(x_nd, idx_nk, gates_nk, w_gate, w_up, w_down, impl: str, block: int, pol: Policy) -> jax.Array:
+    """A local backend called with plain arrays (benchmarks, tests)."""
+    return BACKENDS[impl].fn(x_nd, Routing(idx_nk, gates_nk), ExpertWeights(w_gate, w_up, w_down),
+                             MoeContext(pol, block))

@@ -1,0 +1,191 @@
+"""Decode speed side by side with transformers on the same weights, in one run on the current machine.
+
+  python -m dsv3_jax.tools.bench_decode [--quick] [--json] [--checkpoint runs/small] [--new-tokens 128]
+      [--batches 1,16] [--attention-block-size 512]
+
+Rows (`run`): greedy decode tokens/s at batch 1 and 16 (16-token prompts, 128 new tokens, no stop token) for
+`sampling.generate` and for transformers' `DeepseekV3ForCausalLM.generate` loaded from our `hf.save` of the same
+model; both caches' bytes per token (ours: the latent cache, kv_lora + rope dims per layer; transformers: its
+DynamicCache, measured: transformers 5 caches the same latent and expands K and V from it at every step); and MTP
+speculative against plain greedy decoding on a trained checkpoint (the default run's, `runs/small`, when it
+exists), with the acceptance rate. Each figure is the median of several timed calls after one warm-up call
+(compiles excluded), the two sides of a row called alternately; both sides time the whole generate call,
+prefill included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.presets import load_config
+from dsv3_jax.tools.timing import paired_medians_s, row
+
+PROMPT_LEN = 16
+
+
+SPEC_PROMPT = "def main("
+
+
+def bench_config() -> ModelConfig:
+    """Issue 12's benchmark model (`configs/bench.yaml`), the one `dsv3_jax.bench` trains."""
+    return load_config("bench").model
+
+
+def prompts_for(cfg: ModelConfig, batch: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(2, min(cfg.vocab_size, 256), (batch, PROMPT_LEN)).tolist()
+
+
+def ours_call(model, prompts, new: int, out: dict, speculative: str | None = None):
+    """A call of `sampling.generate` (greedy) that leaves its result in out["r"]."""
+    from dsv3_jax.infer import sampling
+
+    def call():
+        out["r"] = sampling.generate(model, prompts, new, speculative=speculative)
+
+    return call
+
+
+def hf_call(hf_model, prompts, new: int, out: dict):
+    """A call of transformers' greedy generate (exactly `new` tokens per row); its new tokens in out["y"]."""
+    import torch
+
+    ids = torch.tensor(prompts)
+
+    def call():
+        with torch.no_grad():
+            y = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=0)
+        out["y"] = y[:, ids.shape[1]:].tolist()
+
+    return call
+
+
+def hf_cache_bytes_per_token(hf_model, prompt: list[int]) -> int:
+    """Bytes per token of the DynamicCache transformers fills for one prompt (every layer's keys and values)."""
+    import torch
+
+    with torch.no_grad():
+        cache = hf_model(torch.tensor([prompt]), use_cache=True).past_key_values
+    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return total // len(prompt)
+
+
+def load_hf(model, directory: str):
+    """Our model through `hf.save`, loaded by transformers (float32, eager attention)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from dsv3_jax.interop import hf
+
+    hf.save(model, directory)
+    return DeepseekV3ForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: str) -> list[dict]:
+    plain, spec = {}, {}
+    s_plain, s_spec = paired_medians_s(ours_call(model, [prompt], new, plain),
+                                       ours_call(model, [prompt], new, spec, speculative="mtp"), repeats, warmup=1)
+    r = spec["r"]
+    if r.tokens != plain["r"].tokens:
+        raise RuntimeError("speculative greedy output differs from plain greedy output")
+    n = len(r.tokens[0])
+    return [row(f"speculative mtp vs plain decode, batch 1, {new} new tokens ({source})", n / s_spec, n / s_plain,
+                "tokens/s", acceptance=r.acceptance, drafts=r.drafts, accepted=r.accepted)]
+
+
+def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None = "runs/small", new_tokens: int = 128,
+        batches: tuple[int, ...] = (1, 16), torch_threads: int | None = None,
+        attention_block_size: int | None = None) -> list[dict]:
+    """The decode rows (see the module docstring). `cfg` replaces the bench config (tests); the speculative row
+    uses `checkpoint` when it exists, else the bench model itself when it has an MTP module, else is left out.
+    `torch_threads` sets transformers' intra-op threads (on a CPU shared with other jobs torch's default
+    threading collapses: one thread decoded 10x faster on the loaded 2-core machine). `attention_block_size`
+    sets our model's impl field (decode reads caches longer than it in blocks, up to the filled part)."""
+    from dsv3_jax.config import ImplConfig
+    from dsv3_jax.model.transformer import create
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    cfg = cfg or bench_config()
+    repeats = 2 if quick else 5
+    impl = ImplConfig() if attention_block_size is None else ImplConfig(attention_block_size=attention_block_size)
+    model = create(cfg, seed=0, impl=impl.validate())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = load_hf(model, tmp)
+        for b in batches:
+            prompts = prompts_for(cfg, b)
+            ours, ref = {}, {}
+            s_ours, s_ref = paired_medians_s(ours_call(model, prompts, new_tokens, ours),
+                                             hf_call(hf_model, prompts, new_tokens, ref), repeats, warmup=1)
+            same = sum(a == r for a, r in zip(ours["r"].tokens, ref["y"]))
+            n_ours = sum(map(len, ours["r"].tokens))
+            rows.append(row(f"greedy decode, batch {b}, {new_tokens} new tokens", n_ours / s_ours,
+                            b * new_tokens / s_ref, "tokens/s", rows_identical=f"{same}/{b}"))
+        from dsv3_jax.infer.sampling import cache_bytes_per_token
+
+        ours_bytes = cache_bytes_per_token(cfg, model.impl.dtype)
+        rows.append(row("cache bytes per token", ours_bytes, hf_cache_bytes_per_token(hf_model, prompts_for(cfg, 1)[0]),
+                        "bytes"))
+    if checkpoint and pathlib.Path(checkpoint).is_dir():
+        from dsv3_jax.data.tokenizer import make_tokenizer
+        from dsv3_jax.train import checkpoint as ckpt
+
+        spec_model, run_cfg = ckpt.load_model(checkpoint)
+        tok = make_tokenizer(run_cfg.data.tokenizer)
+        prompt = [tok.bos_id] + tok.encode(SPEC_PROMPT)
+        rows += speculative_rows(spec_model, prompt, 120, repeats, f"checkpoint {checkpoint}")
+    elif cfg.num_nextn_predict_layers:
+        rows += speculative_rows(model, prompts_for(cfg, 1)[0], new_tokens, repeats, "untrained bench model")
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| | ours | transformers / plain | ratio | unit |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ref = "" if r["reference"] is None else f"{r['reference']:,.0f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        extra = f" (acceptance {r['accepted']}/{r['drafts']})" if "acceptance" in r else ""
+        lines.append(f"| {r['name']}{extra} | {r['ours']:,.0f} | {ref} | {ratio} | {r['unit']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the median of two timed calls per figure instead of five")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--checkpoint", default="runs/small", help="trained run for the speculative row")
+    p.add_argument("--torch-threads", type=int, default=None, help="transformers' intra-op threads (torch default)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row of the greedy rows")
+    p.add_argument("--batches", default="1,16", help="comma-separated batch sizes of the greedy rows")
+    p.add_argument("--attention-block-size", type=int, default=None,
+                   help="our impl.attention_block_size (default 512): caches longer than it are read in blocks")
+    args = p.parse_args(argv)
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if args.new_tokens <= 0 or any(b <= 0 for b in batches):
+        p.error("--new-tokens and --batches must be positive")
+    if args.attention_block_size is not None and args.attention_block_size <= 0:
+        p.error(f"--attention-block-size must be positive, got {args.attention_block_size}")
+    from dsv3_jax.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX starts its CPU client; both sides see the same allocator
+    rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads, new_tokens=args.new_tokens,
+               batches=batches, attention_block_size=args.attention_block_size)
+    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

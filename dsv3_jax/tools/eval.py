@@ -1,0 +1,126 @@
+"""Held-out evaluation of a checkpoint: loss, perplexity, bits per byte, next-token and MTP accuracy, MaxVio_global.
+
+    python -m dsv3_jax.tools.eval --checkpoint runs/small                 # the run's own eval split
+    python -m dsv3_jax.tools.eval --checkpoint path/to/hf_dir --data 'held_out/*.txt' --batches 8 --json
+
+MTP accuracy at depth k is how often the argmax of the depth-k head at position t equals token t+k+1, over
+positions where that target lies in the same document: with greedy decoding it is the rate at which
+`sample.py --speculative mtp` would accept a draft if the main model's own prediction were always right.
+Bits per byte divide the loss per predicted token by ln 2 and by the split's UTF-8 bytes per predicted token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import Config, DataConfig
+from dsv3_jax.errors import ConfigError, print_error
+from dsv3_jax.train.evaluate import batch_sums, split_sums
+from dsv3_jax.train.step import BATCH_KEYS
+
+
+def evaluate_model(model, data_cfg: DataConfig, batch_size: int, batches: int, seed: int = 0) -> dict:
+    """Loss (nats/token), perplexity, bits per byte and accuracies over `batches` eval batches (0: the whole split)."""
+    from flax import nnx
+
+    from dsv3_jax.data import pipeline
+    from dsv3_jax.model.routing import RouterBias
+
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    step = jax.jit(lambda p, b, x: batch_sums(graphdef, p, b, x))
+    total = split_sums(lambda batch: step(params, bias, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}), data_cfg,
+                       batch_size, batches, seed, model.cfg.vocab_size)
+    if total is None:
+        raise ConfigError(f"data.source={data_cfg.source!r} has no eval batches of {batch_size} rows")
+    bpt = pipeline.split_info(data_cfg, "eval").bytes_per_token
+    loss = float(total["ce"]) / max(float(total["count"]), 1.0)
+    res = {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bpt,
+           "accuracy": float(total["correct"]) / max(float(total["count"]), 1.0), "tokens": int(total["count"])}
+    # MaxVio_global per MoE layer: the load violation of the counts accumulated over the whole held-out set
+    counts = total["expert_counts"]
+    for layer, v in enumerate(counts.max(-1) / np.maximum(counts.mean(-1), 1e-9) - 1.0):
+        res[f"maxvio_global/{layer}"] = float(v)
+    if "mtp_ce" in total:
+        for k in range(len(total["mtp_ce"])):
+            n = max(float(total["mtp_count"][k]), 1.0)
+            res[f"mtp{k + 1}_loss"] = float(total["mtp_ce"][k]) / n
+            res[f"mtp{k + 1}_accuracy"] = float(total["mtp_correct"][k]) / n
+    return res
+
+
+def load(path_str: str, data_source: str | None, tokenizer: str | None, seq_len: int | None) -> tuple:
+    """(model, Config) from our run/step dir (its own data config) or an HF dir (stdlib or --data, byte tokenizer
+    unless the dir has tokenizer.json)."""
+    from dsv3_jax.interop import hf
+    from dsv3_jax.train import checkpoint
+
+    path = pathlib.Path(path_str)
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    ours = (path / "checkpoints").is_dir() or (path / "state").is_dir()
+    if (path / "config.json").is_file() and not ours:
+        model = hf.load(path, dtype="float32")
+        tok = str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else "byte"
+        cfg = Config(model=model.cfg, data=DataConfig(tokenizer=tok))
+    elif ours:
+        model, cfg = checkpoint.load_model(path)
+    else:
+        raise ConfigError(f"--checkpoint {path} is neither a run dir with checkpoints, a checkpoint step dir, nor "
+                          "an HF dir with config.json")
+    d = cfg.data
+    d = dataclasses.replace(d, source=data_source or d.source, tokenizer=tokenizer or d.tokenizer,
+                            seq_len=seq_len or d.seq_len)
+    return model, dataclasses.replace(cfg, data=d)
+
+
+def format_table(res: dict) -> str:
+    rows = [("loss (nats/token)", f"{res['loss']:.4f}"), ("perplexity", f"{res['perplexity']:.3f}"),
+            ("bits per byte", f"{res['bits_per_byte']:.4f}"), ("next-token accuracy", f"{res['accuracy']:.4f}")]
+    k = 1
+    while f"mtp{k}_loss" in res:
+        rows += [(f"MTP depth {k} loss", f"{res[f'mtp{k}_loss']:.4f}"),
+                 (f"MTP depth {k} accuracy (token t+{k + 1})", f"{res[f'mtp{k}_accuracy']:.4f}")]
+        k += 1
+    layers = [v for k, v in res.items() if k.startswith("maxvio_global/")]
+    if layers:
+        rows.append(("MaxVio_global per MoE layer", " ".join(f"{v:.3f}" for v in layers)))
+    rows.append(("predicted tokens", str(res["tokens"])))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--checkpoint", required=True, help="our run/step dir, or an HF dir with config.json")
+    p.add_argument("--data", help="data.source of the held-out text (default: the run's; stdlib for an HF dir)")
+    p.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the run's / the HF dir's)")
+    p.add_argument("--seq-len", type=int, help="row length (default: the run's data.seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=4, help="eval batches (0: the whole eval split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from dsv3_jax.errors import DataError, HFError
+
+    try:
+        if args.batches < 0 or args.batch_size <= 0:
+            raise ConfigError("--batches must be >= 0 and --batch-size positive")
+        model, cfg = load(args.checkpoint, args.data, args.tokenizer, args.seq_len)
+        res = evaluate_model(model, cfg.data, args.batch_size, args.batches)
+    except (ConfigError, DataError, HFError, FileNotFoundError) as e:
+        return print_error(e)
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""Dry-run planner: compile the real training step for N devices on N fake CPU devices and read what XLA reports.
+
+    python -m dsv3_jax.tools.plan --config deepseek-v3-671b --devices 256 train.micro_batches=60
+    python -m dsv3_jax.tools.plan --config dsv3-16b --devices 8 mesh.fsdp=8 mesh.data=1 --hardware H100
+    python -m dsv3_jax.tools.plan --config dsv3-16b --devices 8 --hardware H100 --search
+
+Nothing is allocated: the TrainState is ShapeDtypeStructs carrying the shardings the trainer would create, the batch
+likewise, and `train_step` is lowered and compiled exactly as `loop.train` jits it (state donated). Per
+device it prints the parameter and optimizer-state bytes (from the shardings), XLA's temporaries (compiled memory
+analysis), FLOPs (matmuls in the compiled HLO, every loop weighted by its trip count, beside XLA's cost analysis and
+the analytic 6N + attention count), every collective with its count and bytes, the compile time and whether it fits.
+Bad input prints `error: <reason>` on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+
+from dsv3_jax.config import Config, MeshConfig
+from dsv3_jax.errors import ConfigError, print_error
+from dsv3_jax.presets import load_config
+from dsv3_jax.tools import hardware
+
+GIB = 2**30
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dsv3_jax.tools.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", default="small", help="preset name or YAML file")
+    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for (faked on CPU)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mesh.expert=8")
+    p.add_argument("--hbm-gib", type=float, help="device memory in GiB (default: the --hardware's HBM, else 80)")
+    p.add_argument("--hardware", help=f"roofline estimate for one of: {', '.join(hardware.TABLE)}")
+    p.add_argument("--seq-len", type=int, nargs="+", help="plan each of these data.seq_len values in turn")
+    p.add_argument("--search", action="store_true", help="try the meshes that divide --devices, rank those that fit")
+    p.add_argument("--max-compiles", type=int, default=8, help="--search compiles at most this many meshes")
+    p.add_argument("--require-fit", action="store_true", help="exit with an error when the step does not fit")
+    p.add_argument("--json", action="store_true", help="print one JSON object per plan instead of the table")
+    return p.parse_intermixed_args(argv)
+
+
+def use_fake_devices(n: int) -> None:
+    """Make jax see `n` CPU devices: XLA reads XLA_FLAGS when its backends start, so set it before they do."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        import jax  # noqa: PLC0415
+        from jax._src import xla_bridge  # noqa: PLC0415
+
+        if xla_bridge.backends_are_initialized() and (jax.default_backend() != "cpu" or jax.device_count() != n):
+            raise ConfigError(f"jax already started with {jax.device_count()} {jax.default_backend()} devices in "
+                              f"this process; run `python -m dsv3_jax.tools.plan --devices {n} ...` in a fresh process")
+
+
+def check_mesh(cfg: Config, n_devices: int) -> None:
+    """Mesh vs device count and the axes the model must divide, as one-line errors naming the fields."""
+    m, model = cfg.mesh, cfg.model
+    sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.expert, "tensor": m.tensor}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if list(sizes.values()).count(-1) == 1 and n_devices % fixed == 0:
+        sizes[next(k for k, v in sizes.items() if v == -1)] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices or -1 in sizes.values():
+        raise ConfigError(f"mesh {sizes} has {math.prod(abs(s) for s in sizes.values())} devices, --devices is "
+                          f"{n_devices}")
+    if model.n_routed_experts % sizes["expert"]:
+        raise ConfigError(f"model.n_routed_experts ({model.n_routed_experts}) is not divisible by mesh.expert "
+                          f"({sizes['expert']})")
+    if model.num_attention_heads % sizes["tensor"]:
+        raise ConfigError(f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by mesh.tensor "
+                          f"({sizes['tensor']})")
+
+
+def candidate_meshes(cfg: Config, n: int, max_tensor: int = 8) -> list[MeshConfig]:
+    """(data, fsdp, expert, tensor) with product n that the model and batch divide; tensor stays inside a node.
+    Each keeps the config's `mesh.rules` (a preset's sharding strategy is part of what is planned)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    out = []
+    for tensor, expert, fsdp in itertools.product(divisors, repeat=3):
+        if n % (tensor * expert * fsdp) or tensor > max_tensor:
+            continue
+        data = n // (tensor * expert * fsdp)
+        mesh = MeshConfig(data=data, fsdp=fsdp, expert=expert, tensor=tensor, rules=cfg.mesh.rules)
+        batch = cfg.train.global_batch_size // cfg.train.micro_batches
+        if (cfg.model.n_routed_experts % expert or cfg.model.num_attention_heads % tensor
+                or batch % (data * fsdp * expert)):
+            continue
+        out.append(mesh)
+    return out
+
+
+def shard_bytes(tree) -> int:
+    """Bytes of the largest shard of every ShapeDtypeStruct in `tree` (one device's share)."""
+    import jax  # noqa: PLC0415
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def abstract_inputs(cfg: Config, mesh):
+    """(TrainState of ShapeDtypeStructs with the trainer's shardings, batch likewise, graphdef, optimizer)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax.sharding import NamedSharding  # noqa: PLC0415
+
+    from dsv3_jax.parallel.sharding import logical_spec
+    from dsv3_jax.train.state import abstract_state
+    from dsv3_jax.train.step import BATCH_KEYS
+
+    state, graphdef, tx = abstract_state(cfg, mesh)
+    rows = NamedSharding(mesh, logical_spec(("batch",)))
+    shape = (cfg.train.global_batch_size, cfg.data.seq_len + 1)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in BATCH_KEYS}
+    return state, batch, graphdef, tx
+
+
+@contextlib.contextmanager
+def captured_stderr(lines: list[str]):
+    """Collect what XLA's C++ side writes to fd 2 while compiling (thousands of sharding warnings on big meshes):
+    the planner counts them instead of streaming them; on an exception they are written back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            text = f.read().decode(errors="replace")
+            lines.extend(text.splitlines())
+            if failed:
+                sys.stderr.write(text)
+
+
+def plan(cfg: Config, mesh, hbm_bytes: float, hw: hardware.Hardware | None = None) -> dict:
+    """Compile the training step of `cfg` on `mesh` (abstract inputs) and report per-device memory, work, time."""
+    import jax  # noqa: PLC0415
+
+    from dsv3_jax.parallel.sharding import logical_size, rules_for, use_rules
+    from dsv3_jax.tools import hlo
+    from dsv3_jax.train import loop, metrics
+    from dsv3_jax.train.step import jit_train_step
+
+    loop.check_run(cfg, mesh)
+    n = mesh.size
+    t0, c0 = time.perf_counter(), time.process_time()
+    log: list[str] = []
+    with use_rules(rules_for(cfg.mesh)), captured_stderr(log):
+        state, batch, graphdef, tx = abstract_inputs(cfg, mesh)
+    step = jit_train_step(cfg, graphdef, tx, mesh, state)
+    with jax.set_mesh(mesh), use_rules(rules_for(cfg.mesh)), captured_stderr(log):
+        lowered = step.lower(state, batch)
+        t1, c1 = time.perf_counter(), time.process_time()
+        # backend optimisation only speeds up the CPU code we never run; buffer assignment is the same without it
+        compiled = lowered.compile({"xla_backend_optimization_level": 0})
+    t2, c2 = time.perf_counter(), time.process_time()
+    remat = sum("Involuntary full rematerialization" in line for line in log)
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    work = hlo.analyze(compiled.as_text(), n, hw.node if hw else None)
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    analytic = metrics.flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+    out = {
+        "config": {"model_layers": cfg.model.num_hidden_layers, "seq_len": cfg.data.seq_len,
+                   "global_batch_size": cfg.train.global_batch_size, "micro_batches": cfg.train.micro_batches,
+                   "remat": cfg.impl.remat, "precision": cfg.impl.precision},
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "rows_per_device": cfg.train.global_batch_size // logical_size(mesh, "batch"),
+        "tokens_per_step": tokens,
+        "bytes_per_device": {
+            "params": shard_bytes(state.params), "opt_state": shard_bytes(state.opt_state),
+            "other_state": shard_bytes((state.step, state.bias)), "batch": shard_bytes(batch),
+            "arguments": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
+            "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes, "total": total,
+        },
+        "hbm_bytes": hbm_bytes,
+        "fits": total <= hbm_bytes,
+        "flops_per_step": {"compiled_matmul_per_device": work["dot_flops"],
+                           "xla_cost_analysis_per_device": cost.get("flops", math.nan),
+                           "analytic_per_device": analytic / n, "analytic_total": analytic},
+        "hbm_traffic_per_device": work["hbm_traffic"],
+        "collectives": work["collectives"],
+        "largest_collectives": work["largest_collectives"],
+        "loop_trip_counts": work["loop_trip_counts"],
+        "xla_warnings": {"involuntary_full_rematerialization": remat,
+                         "other": [line for line in log if "Involuntary full rematerialization" not in line][:20]},
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "lower_cpu_s": c1 - c0,  # CPU seconds of this process: the wall times above include waiting for a core
+        "compile_cpu_s": c2 - c1,
+    }
+    if hw is not None:
+        inter = sum(c["inter_node_link_bytes"] for c in work["collectives"].values())
+        intra = sum(c["link_bytes"] for c in work["collectives"].values()) - inter
+        est = hardware.roofline(hw, cfg.impl.precision, work["dot_flops"], work["hbm_traffic"], intra, inter)
+        est["hardware"] = hw.name
+        est["tokens_per_s_per_device"] = tokens / n / est["step_s"]
+        est["mfu"] = analytic / n / est["step_s"] / hardware.peak_flops(hw, cfg.impl.precision)
+        out["estimate"] = est
+    return out
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:,.2f}"
+
+
+def _size(b: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:,.2f} {unit}"
+    return f"{b:,.0f} B"
+
+
+def format_plan(p: dict) -> str:
+    b, f, c = p["bytes_per_device"], p["flops_per_step"], p["config"]
+    mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [
+        f"mesh {mesh} on {p['devices']} devices; {c['global_batch_size']} x {c['seq_len']} tokens per step, "
+        f"{p['rows_per_device']} rows per device in {c['micro_batches']} micro-batch(es); remat {c['remat']}, "
+        f"precision {c['precision']}, {c['model_layers']} layers",
+        "per device",
+        f"  parameters                 {_size(b['params']):>14}",
+        f"  optimizer state            {_size(b['opt_state']):>14}",
+        f"  router bias, step          {_size(b['other_state']):>14}",
+        f"  batch                      {_size(b['batch']):>14}",
+        f"  temporaries (XLA)          {_size(b['temp']):>14}",
+        f"  outputs not aliased        {_size(b['outputs_not_aliased']):>14}",
+        f"  total                      {_size(b['total']):>14}   "
+        + ("fits" if p["fits"] else "does not fit") + f" in {_size(p['hbm_bytes'])}",
+        f"FLOPs per step per device: {f['compiled_matmul_per_device']:.3e} compiled matmuls (loops x trip counts "
+        f"{p['loop_trip_counts']}), {f['xla_cost_analysis_per_device']:.3e} XLA cost analysis (loop bodies once), "
+        f"{f['analytic_per_device']:.3e} analytic 6N + attention",
+        f"HBM traffic per device per step (unfused ops; slices as read): {_size(p['hbm_traffic_per_device'])}",
+        "collectives per device per step    count        result          sent    sent across nodes",
+    ]
+    for kind, v in sorted(p["collectives"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(f"  {kind:<26} {v['count']:>9} {_size(v['bytes']):>13} {_size(v['link_bytes']):>13} "
+                     f"{_size(v['inter_node_link_bytes']):>20}")
+    if not p["collectives"]:
+        lines.append("  (none)")
+    for big in p["largest_collectives"][:3]:
+        shape = big["shape"] if len(big["shape"]) < 60 else big["shape"][:56] + " ..."
+        lines.append(f"  largest: {big['kind']} {shape} x{big['times']} over {big['group']} devices "
+                     f"({_size(big['bytes'])}) from {big['op_name'][-90:]}")
+    w = p["xla_warnings"]
+    if w["involuntary_full_rematerialization"]:
+        lines.append(f"XLA warned {w['involuntary_full_rematerialization']} times: \"Involuntary full "
+                     "rematerialization\" (a tensor replicated on every device to change its sharding)")
+    lines.append(f"compile: trace + lower {p['lower_s']:.1f} s, compile {p['compile_s']:.1f} s (CPU time "
+                 f"{p['lower_cpu_s']:.1f} s + {p['compile_cpu_s']:.1f} s)")
+    if "estimate" in p:
+        e = p["estimate"]
+        lines.append(f"roofline on {e['hardware']}: step {e['step_s']:.3g} s ({e['bound']} bound; compute "
+                     f"{e['compute_s']:.3g} s, memory {e['memory_s']:.3g} s, collectives {e['collectives_s']:.3g} s)"
+                     f", {e['tokens_per_s_per_device']:,.0f} tokens/s per device, MFU {100 * e['mfu']:.1f}%")
+    return "\n".join(lines)
+
+
+def _mesh_str(m: MeshConfig) -> str:
+    return f"data={m.data} fsdp={m.fsdp} expert={m.expert} tensor={m.tensor}"
+
+
+def search(cfg: Config, n: int, hbm_bytes: float, hw, max_compiles: int, emit) -> list[dict]:
+    """Compile the candidate meshes whose state fits, best first by state size; rank those that fit."""
+    import dataclasses  # noqa: PLC0415
+
+    from dsv3_jax.parallel.sharding import make_mesh
+
+    t0 = time.perf_counter()
+    cands = candidate_meshes(cfg, n, hw.node if hw and hw.node < n else 8)
+    sized = []
+    for m in cands:  # parameter + optimizer bytes from the shardings alone: no compile needed to rule a mesh out
+        with captured_stderr([]):
+            state, batch, _, _ = abstract_inputs(dataclasses.replace(cfg, mesh=m), make_mesh(m))
+        sized.append((shard_bytes(state) + shard_bytes(batch), m))
+    sized.sort(key=lambda s: s[0])
+    results, pruned = [], 0
+    for state_bytes, m in sized:
+        if state_bytes > hbm_bytes:
+            pruned += 1
+            emit(f"  {_mesh_str(m)}: does not fit: state alone {_gib(state_bytes)} GiB > {_gib(hbm_bytes)} GiB")
+            continue
+        if len(results) == max_compiles:
+            emit(f"  {_mesh_str(m)}: not compiled (--max-compiles {max_compiles})")
+            continue
+        p = plan(dataclasses.replace(cfg, mesh=m), make_mesh(m), hbm_bytes, hw)
+        results.append(p)
+        verdict = "fits" if p["fits"] else f"does not fit: {_gib(p['bytes_per_device']['total'])} GiB > " \
+                                           f"{_gib(hbm_bytes)} GiB"
+        emit(f"  {_mesh_str(m)}: {verdict} (compiled in {p['compile_s']:.1f} s)")
+    fit = [p for p in results if p["fits"]]
+    key = (lambda p: p["estimate"]["step_s"]) if hw else (lambda p: p["bytes_per_device"]["total"])
+    fit.sort(key=key)
+    emit(f"search: {len(cands)} meshes divide {n} devices and the model; {pruned} ruled out by state size, "
+         f"{len(results)} compiled in {time.perf_counter() - t0:.0f} s, {len(fit)} fit")
+    return fit
+
+
+def format_ranking(fit: list[dict]) -> str:
+    lines = ["rank  mesh (data fsdp expert tensor)   total GiB   step s  bound         tokens/s/dev    MFU"]
+    for i, p in enumerate(fit, 1):
+        m, e = p["mesh"], p.get("estimate", {})
+        mesh = f"{m['data']:>4} {m['fsdp']:>4} {m['expert']:>6} {m['tensor']:>6}"
+        est = (f"{e['step_s']:>8.3g}  {e['bound']:<12} {e['tokens_per_s_per_device']:>12,.0f} {100 * e['mfu']:>6.1f}%"
+               if e else "       -  -")
+        lines.append(f"{i:>4}  {mesh:<29} {_gib(p['bytes_per_device']['total']):>11} {est}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, hw: hardware.Hardware | None) -> int:
+    from dsv3_jax.parallel.sharding import make_mesh
+
+    hbm = args.hbm_gib * GIB if args.hbm_gib is not None else (hw.hbm_bytes if hw else 80 * GIB)
+    emit = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
+    seq = [[f"data.seq_len={s}"] for s in args.seq_len or []] or [[]]
+    configs = [load_config(args.config, [*args.overrides, *s]) for s in seq]
+    for c in configs:
+        if args.search:
+            fit = search(c, args.devices, hbm, hw, args.max_compiles, emit)
+            if args.json:
+                print(json.dumps({"devices": args.devices, "ranking": fit}))
+            else:
+                emit(format_ranking(fit) if fit else "no mesh fits")
+            if args.require_fit and not fit:
+                raise ConfigError(f"does not fit: no mesh of {args.devices} devices fits {_gib(hbm)} GiB")
+            continue
+        p = plan(c, make_mesh(c.mesh), hbm, hw)
+        if args.require_fit and not p["fits"]:
+            raise ConfigError(f"does not fit: {_gib(p['bytes_per_device']['total'])} GiB > {_gib(hbm)} GiB per device "
+                              f"(mesh {p['mesh']}, seq_len {c.data.seq_len})")
+        print(json.dumps(p) if args.json else format_plan(p), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)  # input errors before jax starts
+        if args.devices <= 0:
+            raise ConfigError(f"--devices must be positive, got {args.devices}")
+        if not args.search:
+            check_mesh(cfg, args.devices)
+        hw = hardware.get(args.hardware) if args.hardware else None
+        use_fake_devices(args.devices)
+        return run(args, hw)
+    except ConfigError as e:
+        return print_error(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The pure train step: forward, loss, gradients over micro-batches, the optimizer update and the bias update.
+
+The train state (train/state.py) is plain pytrees: `params` and `bias` are pure dicts that `nnx.merge(graphdef,
+params, bias)` turns back into a model inside jit. Gradients are taken with respect to `params` only; the router
+bias is updated afterwards from the expert counts the forward pass returns, counted over the whole global batch (a
+global jax.Array: the sum over the batch axis spans every shard and process) and summed over micro-batches. Under
+remat the counts are forward outputs, so recomputation cannot count them twice.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dsv3_jax.config import Config, TrainConfig
+from dsv3_jax.model.routing import max_violation, update_bias
+from dsv3_jax.parallel.sharding import (
+    constrain,
+)
+from dsv3_jax.train import losses
+from dsv3_jax.train.state import (
+    TrainState,
+    learning_rate,
+)
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+def mtp_lambda(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+    switch = cfg.mtp_lambda_switch_step
+    return jnp.asarray(cfg.mtp_lambda if switch is None else jnp.where(step < switch, cfg.mtp_lambda,
+                                                                         cfg.mtp_lambda_late), jnp.float32)
+
+
+def bias_gamma(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+    """The bias speed; 0 (bias frozen at its initial zeros) unless the balancing strategy is aux_free."""
+    if cfg.balance != "aux_free":
+        return jnp.zeros((), jnp.float32)
+    stop = cfg.bias_gamma_stop_step
+    return jnp.asarray(cfg.bias_gamma if stop is None else jnp.where(step < stop, cfg.bias_gamma, 0.0), jnp.float32)
+
+
+def update_router_bias(bias: dict, counts: dict, gamma: jax.Array) -> dict:
+    """Apply `moe.update_bias` to every router from the global-batch counts: `counts` has the structure of `bias`
+    (`Transformer.router_counts`), so each layer's counts meet its own bias by tree structure, not by path."""
+    return jax.tree.map(lambda b, c: update_bias(b, c, gamma), bias, counts)
+
+
+def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
+    """The model on the input columns [:, :-1] of a packed batch; MTP counts only positions with a target."""
+    model = nnx.merge(graphdef, params, bias)
+    depth = len(model.mtp)
+    mtp_valid = losses.mtp_target_mask(batch["segment_ids"], depth) if mtp and depth else None
+    return model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp, mtp_valid=mtp_valid)
+
+
+def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTransformation,
+               cfg: Config) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch (B, T+1), accumulating gradients over `micro_batches`."""
+    tcfg, depth = cfg.train, cfg.model.num_nextn_predict_layers
+    m = tcfg.micro_batches
+    seg = batch["segment_ids"]
+    n_tok = jnp.maximum(losses.same_document_mask(seg, 0).sum(), 1).astype(jnp.float32)
+    n_mtp = jnp.stack([losses.same_document_mask(seg, k).sum() for k in range(1, depth + 1)]) if depth else \
+        jnp.zeros((0,))
+    n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (M,) targets per MTP depth in the whole global batch
+    lam, gamma = mtp_lambda(state.step, tcfg), bias_gamma(state.step, tcfg)
+
+    def micro_loss(params, mb):
+        out = forward(graphdef, params, state.bias, mb)
+        ce_sum, _ = losses.next_token_loss(out.logits, mb["tokens"], mb["segment_ids"])
+        ce = ce_sum / n_tok
+        if depth:
+            sums, _ = losses.mtp_losses(out.mtp_logits, mb["tokens"], mb["segment_ids"])
+            mtp_ce = sums / n_mtp
+            mtp_counts = out.aux["mtp_expert_counts"]
+        else:
+            mtp_ce, mtp_counts = jnp.zeros((0,)), jnp.zeros((0, cfg.model.n_routed_experts))
+        bal = losses.balance_loss(out.aux, tcfg.balance_alpha) / m
+        aux_bal = losses.aux_balance_loss(out.aux, tcfg.aux_loss_alpha, cfg.model.num_experts_per_tok) / m \
+            if tcfg.balance == "aux_loss" else jnp.zeros((), jnp.float32)
+        total = ce + losses.mtp_loss(mtp_ce, lam) + bal + aux_bal
+        return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "aux_balance": aux_bal,
+                       "counts": out.aux["expert_counts"],
+                       "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # (B, ...) -> (m, B/m, ...) taking rows i, i+m, ...: each micro-batch keeps the batch sharding of dim 0
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(acc, mb):
+        mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
+        (total, aux), grads = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, acc, (total, aux, grads)), None
+
+    (total_shape, aux_shape), grads_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (total_shape, aux_shape, grads_shape))
+    (total, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    bias = update_router_bias(state.bias, aux["router_counts"], gamma)
+    maxvio = max_violation(aux["counts"])  # (L_moe,)
+    all_bias = jnp.concatenate([b.reshape(-1) for b in jax.tree.leaves(bias)] or [jnp.zeros((1,))])
+    out = {
+        "loss": aux["ce"], "total_loss": total, "mtp_loss": aux["mtp_ce"].mean() if depth else jnp.zeros(()),
+        "balance_loss": aux["balance"], "grad_norm": grad_norm, "lr": learning_rate(state.step, tcfg),
+        "mtp_lambda": lam, "bias_gamma": gamma, "maxvio": maxvio,
+        "maxvio_mean": maxvio.mean() if aux["counts"].shape[0] else jnp.zeros(()),
+        "dead_experts": (aux["counts"] == 0).sum(), "bias_mean": all_bias.mean(), "bias_std": all_bias.std(),
+        "tokens": n_tok, "routed_tokens": aux["counts"].sum(-1),  # (L_moe,) = valid tokens x K when counted once
+        "aux_balance_loss": aux["aux_balance"],
+        # (L_moe, E) each: load c_i / mean(c) and the router bias after the update, for plots (metrics.layer_matrix)
+        "expert_load": aux["counts"] / jnp.maximum(aux["counts"].mean(-1, keepdims=True), 1e-9),
+        "router_bias": nnx.merge(graphdef, params, bias).main_router_bias(),
+    }
+    if depth:
+        out["mtp_maxvio"] = max_violation(aux["mtp_counts"])
+        out["mtp_routed_tokens"] = aux["mtp_counts"].sum(-1)  # (M,) = MTP targets x K
+    return TrainState(state.step + 1, params, bias, opt_state), out
+
+
+def jit_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, abstract: TrainState,
+                   donate: bool = True):
+    """`train_step` jitted as the trainer runs it (and the planner compiles it): the new state keeps the state's
+    shardings (left to propagation, the optimizer moments came back replicated), metrics replicated."""
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                   out_shardings=(jax.tree.map(lambda x: x.sharding, abstract), NamedSharding(mesh, PartitionSpec())),
+                   donate_argnums=(0,) if donate else ())
+
+
+def eval_step(params: dict, bias: dict, batch: dict, graphdef) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token cross-entropies, number of targets) on one batch, without MTP."""
+    out = forward(graphdef, params, bias, batch, mtp=False)
+    return losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
+
+
+def to_global(batch: dict, sharding, global_batch: int) -> dict:
+    """This process's rows (b, T+1) -> global arrays (B, T+1) sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]),
+                                                      (global_batch,) + batch[k].shape[1:]) for k in BATCH_KEYS}
