@@ -6,6 +6,7 @@ bad input with `error: <message>` and exit status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 
@@ -29,3 +30,16 @@ class HFError(ValueError):
 
 class GenerateError(ValueError):
     """Bad generation input (prompt, budget, sampling setting); the message is one line naming the culprit."""
+
+
+class MissingExtra(ImportError):
+    """An optional dependency a tool needs is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str):
+    """`module`, imported; a one-line MissingExtra naming `pip install 'dsv3_jax[extra]'` when it is absent."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{module} is not installed; this tool needs the [{extra}] extra: "
+                           f"pip install 'dsv3_jax[{extra}]' (from a checkout: pip install -e '.[{extra}]')") from None

@@ -51,3 +51,26 @@ def test_bad_input_is_one_line(capsys, argv, needle):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_train_step_benchmark_derives_its_figures_from_the_timed_step(capsys):
+    """benchmarks/train_step.py (the accelerator figures): tokens/s and both MFUs follow from the median step time,
+    the model's FLOPs per token and the two peaks; bad config is one line."""
+    import pathlib
+    import runpy
+
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.train.metrics import flops_per_token
+
+    script = runpy.run_path(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "train_step.py"))
+    assert script["main"](["--config", "tiny", "--steps", "2", "--matmul", "64", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    cfg = load_config("tiny")
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    assert res["tokens_per_step"] == tokens and res["step_s_min"] <= res["step_s_median"]
+    assert _close(res["tokens_per_s"], tokens / res["step_s_median"])
+    flops = flops_per_token(cfg.model, cfg.data.seq_len) * res["tokens_per_s"]
+    assert _close(res["model_tflops_per_s"], flops / 1e12)
+    assert _close(res["mfu_vs_measured_matmul"], flops / (res["bf16_matmul_tflops_measured"] * 1e12))
+    assert script["main"](["--config", "tiny", "model.hidden_sise=3"]) == 2
+    assert "did you mean model.hidden_size" in capsys.readouterr().err

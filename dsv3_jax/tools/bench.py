@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import Config
-from dsv3_jax.errors import ConfigError, print_error
+from dsv3_jax.errors import ConfigError, MissingExtra, print_error, require
 from dsv3_jax.hostmem import reuse_freed_memory
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools.timing import median_s, paired_medians_s, row
@@ -315,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     reuse_freed_memory()  # both sides run in this process and see the same allocator
     try:
+        require("torch", "bench")  # every section measures against torch or transformers
+        require("transformers", "bench")
         result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
                      only=tuple(x for x in args.only.split(",") if x))
-    except ConfigError as e:
+    except (ConfigError, MissingExtra) as e:
         return print_error(e)
     print(json.dumps(result) if args.json else table(result))
     return 0

@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import MissingExtra, print_error, require
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools.timing import paired_medians_s, row
 
@@ -181,6 +182,11 @@ def main(argv=None) -> int:
     from dsv3_jax.hostmem import reuse_freed_memory
 
     reuse_freed_memory()  # before JAX starts its CPU client; both sides see the same allocator
+    try:
+        require("torch", "bench")
+        require("transformers", "bench")
+    except MissingExtra as e:
+        return print_error(e)
     rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads, new_tokens=args.new_tokens,
                batches=batches, attention_block_size=args.attention_block_size)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))

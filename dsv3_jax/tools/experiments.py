@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from dsv3_jax.errors import ConfigError, print_error
+from dsv3_jax.errors import ConfigError, DataError, HFError, MissingExtra, print_error, require
 from dsv3_jax.train import metrics
 
 PRESET = "exp"
@@ -239,16 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every arm")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     enable_compile_cache()
-    from dsv3_jax.errors import DataError, HFError
-
     try:
+        require("matplotlib", "plot")  # the plots come last: fail before the runs, not after them
         if args.kind not in ARMS:
             raise ConfigError(f"unknown experiment {args.kind!r}; choose one of {list(ARMS)}")
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
         print(run_experiment(args.kind, pathlib.Path(args.out), args.seeds, args.quick, args.preset, args.overrides,
                              args.eval_batches))
-    except (ConfigError, DataError, HFError, FileNotFoundError) as e:
+    except (ConfigError, DataError, HFError, MissingExtra, FileNotFoundError) as e:
         return print_error(e)
     return 0
 

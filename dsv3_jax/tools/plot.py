@@ -17,8 +17,15 @@ import sys
 
 import numpy as np
 
-from dsv3_jax.errors import print_error
+from dsv3_jax.errors import MissingExtra, print_error, require
 from dsv3_jax.train import metrics
+
+try:
+    matplotlib = require("matplotlib", "plot")
+except MissingExtra as missing:
+    if __name__ == "__main__":  # python -m dsv3_jax.tools.plot: the one-line answer, not a traceback
+        raise SystemExit(print_error(missing)) from None
+    raise
 
 
 def run_info(run_dir: str | pathlib.Path) -> tuple[list[dict], dict]:
@@ -55,8 +62,6 @@ def _line_plot(ax, runs: dict, kind: str, key: str, style: str = "-", label_suff
 
 def plot_runs(run_dirs: list[str], out: str | pathlib.Path, labels: list[str] | None = None) -> list[pathlib.Path]:
     """Write the PNGs for these runs into `out`; returns their paths."""
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
