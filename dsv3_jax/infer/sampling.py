@@ -37,6 +37,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import GenerateError
+from dsv3_jax.kernels.shapes import round_up
 from dsv3_jax.model.routing import RouterBias
 from dsv3_jax.model.transformer import block_consts, unstacked
 
@@ -324,10 +325,6 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
         raise GenerateError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
              speculative: str | None = None, on_tokens: Callable[[list[list[int]]], None] | None = None,
@@ -340,14 +337,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
 
     b, spec = len(prompts), speculative == "mtp"
     lens = np.array([len(p) for p in prompts], np.int32)
-    t = _round_up(int(lens.max()), 16)  # bucketed so nearby prompt lengths share one compiled prefill
+    t = round_up(int(lens.max()), 16)  # bucketed so nearby prompt lengths share one compiled prefill
     ids = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
-    slots = _round_up(t + max_new_tokens + 1, 64)  # speculative verification writes one slot past the last token
+    slots = round_up(t + max_new_tokens + 1, 64)  # speculative verification writes one slot past the last token
     graphdef, state = programs.decode_state(model)
     stop_ids = sorted({int(s) for s in stop_tokens})
-    stop = np.full((_round_up(max(len(stop_ids), 1), 8),), -1, np.int32)  # -1 pads; bucketed to share compiles
+    stop = np.full((round_up(max(len(stop_ids), 1), 8),), -1, np.int32)  # -1 pads; bucketed to share compiles
     stop[: len(stop_ids)] = stop_ids
 
     args = (state, ids, lens, stop, jax.random.key(seed))
