@@ -27,7 +27,9 @@ from dsv3_jax.train.metrics import flops_per_token, peak_flops
 
 
 def matmul_peak_flops(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` (float32 accumulation) on the default device."""
+    """FLOP/s of an n x n x n matmul in `dtype` (float32 accumulation) on the default device, median of `repeats`.
+    Random operands: a GPU multiplies constant ones faster (train/metrics.measured_matmul_tflops, the CPU estimate,
+    uses ones)."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))

@@ -132,14 +132,14 @@ class ImplConfig:
 
     dtype: str = "float32"  # activations between layers
     param_dtype: str = "float32"  # master weights
-    precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (precision.policy)
+    precision: str = "fp32"  # fp32 | bf16 | fp8 : operands of the linear-layer matmuls (kernels.precision.policy)
     remat: str = "none"  # none | full | dots : rematerialisation policy of each scanned block
     scan_layers: bool = True  # False: unroll the layer stack (no per-layer slice/stack copies; compile grows)
     moe_impl: str = "auto"  # auto or a name in model.moe_backends.BACKENDS
     moe_block_size: int = 32  # rows per expert-aligned block of the portable grouped matmul
     moe_blocks_per_step: int | None = None  # blocked grouped matmul: a loop over the used blocks, this many a
     # step; 0 = one batched matmul over every block, padding included; None = 8 on CPU, 0 elsewhere
-    moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe.in_token_chunks); 0 = all at once
+    moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe_backends.in_token_chunks); 0: all
     attention: str = "auto"  # auto or a name in kernels.attention.BACKENDS
     attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
 
@@ -181,8 +181,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes (-1 on one axis takes all remaining devices) and overrides of the logical -> mesh rules table
-    (sharding.RULES): `rules: {heads: tensor, embed: [fsdp, expert], q_lora: null}`, kept as sorted pairs so the
-    config stays hashable."""
+    (parallel.sharding.RULES): `rules: {heads: tensor, embed: [fsdp, expert], q_lora: null}`, kept as sorted pairs so
+    the config stays hashable."""
 
     data: int = -1
     fsdp: int = 1

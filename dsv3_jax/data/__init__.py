@@ -1,2 +1,1 @@
-"""Text in, token rows out: sources, tokenizers, the prepare step that writes token shards, and the grain pipeline.
-"""
+"""Text in, token rows out: sources, tokenizers, the prepare step that writes token shards, and the grain pipeline."""

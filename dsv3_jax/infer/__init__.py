@@ -1,2 +1,1 @@
-"""Generation: prefill, the compiled decode loop, sampling rules and MTP speculative decoding.
-"""
+"""Generation: prefill, the compiled decode loop, sampling rules and MTP speculative decoding."""

@@ -27,7 +27,7 @@ from dsv3_jax.config import ImplConfig
 from dsv3_jax.errors import ConfigError, HFError
 from dsv3_jax.interop.fp8_blocks import dequantize_blocks, quantize_blocks
 from dsv3_jax.interop.hf_config import from_hf_config, to_hf_config
-from dsv3_jax.interop.hf_format import _LAYER, F8_DTYPE, SCALE_SUFFIX, Entry, entries, listing
+from dsv3_jax.interop.hf_format import F8_DTYPE, LAYER_KEY, SCALE_SUFFIX, Entry, entries, listing
 from dsv3_jax.interop.hf_sliced import fill_sharded
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.parallel.sharding import state_shardings
@@ -90,7 +90,6 @@ def _shards(root: pathlib.Path) -> tuple[list[pathlib.Path], dict | None]:
 
 
 def _model_config(hf_cfg: dict):
-
     try:
         return from_hf_config(hf_cfg)
     except (ConfigError, TypeError) as e:
@@ -99,7 +98,6 @@ def _model_config(hf_cfg: dict):
 
 def _impl_config(dtype: str, overrides: dict):
     """ImplConfig for `load`: `dtype` sets parameters and activations (bf16 matmuls when not float32)."""
-
     base = {"dtype": dtype, "param_dtype": dtype, "precision": "fp32" if dtype == "float32" else "bf16"}
     try:
         return check_impl(ImplConfig(**{**base, **overrides}).validate())
@@ -167,7 +165,6 @@ class _Reader:
             raise HFError(f"{file}: cannot read tensor {key} ({_first_line(e)})") from None
 
     def get(self, key: str) -> np.ndarray:
-
         a = self.raw(key)
         if self.info(key)["dtype"] != F8_DTYPE:
             return a
@@ -203,12 +200,12 @@ def load(path, dtype: str = "float32", mesh=None, stats: dict | None = None, **i
             raise HFError(f"{root / 'model.safetensors.index.json'} lists tensors its shards lack: "
                           f"{listing(unlisted)}")
         n = cfg.num_hidden_layers
-        if cfg.num_nextn_predict_layers and not any(int(m.group(1)) >= n for k in keys if (m := _LAYER.match(k))):
+        if cfg.num_nextn_predict_layers and not any(int(m.group(1)) >= n for k in keys if (m := LAYER_KEY.match(k))):
             print(f"note: {root} has no MTP tensors (model.layers.{n}.*); loading with MTP off "
                   "(num_nextn_predict_layers=0)", file=sys.stderr)
             cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
         fused = frozenset(int(m.group(1)) for k in keys if k.endswith("mlp.experts.gate_up_proj")
-                          and (m := _LAYER.match(k)))
+                          and (m := LAYER_KEY.match(k)))
         main, copies = entries(cfg, hf_cfg.get("rope_interleave", True) is not False, fused)
         _check_keys(root, cfg, reader, main, copies)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), impl)))

@@ -1,5 +1,4 @@
-"""The HF `config.json` <-> ModelConfig mapping (the fields DeepSeek-V3 checkpoints carry, the ones we ignore).
-"""
+"""The HF `config.json` <-> ModelConfig mapping (the fields DeepSeek-V3 checkpoints carry, the ones we ignore)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ F8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = "_scale_inv"
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class Target(NamedTuple):

@@ -34,7 +34,6 @@ def _np_dtype(name: str):
 
 def read_slice(reader, key: str, ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
     """tensor[r0:r1, c0:c1, ...] read from the file's bytes (counted in reader.bytes_read); FP8 dequantised."""
-
     file, info = reader.where[key], reader.info(key)
     shape = tuple(info["shape"])
     index = tuple(slice(a, b) for a, b in ranges)
@@ -73,7 +72,6 @@ def _part(reader, entry, target, trailing) -> np.ndarray:
     """Our target[index][trailing] from the HF tensor of `entry`. Identity and transpose maps read exactly the
     slice; other maps (head splits, rope row orders, fused experts) find the bounding box of the HF elements the
     slice needs by pushing an index array through the same map, and read only that box."""
-
     if target.to_ours is same:
         return read_slice(reader, entry.key, trailing)
     if target.to_ours is transpose and len(trailing) == 2:

@@ -1,5 +1,4 @@
-"""Parameter counts from abstract shapes (nothing is allocated): total, activated per token, main model and MTP.
-"""
+"""Parameter counts from abstract shapes (nothing is allocated): total, activated per token, main model and MTP."""
 
 from __future__ import annotations
 

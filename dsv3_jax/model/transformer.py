@@ -293,7 +293,6 @@ def create(cfg: ModelConfig, seed: int = 0, mesh=None, impl: ImplConfig | None =
     """A freshly initialised model, built by one jitted init so that the parameters are created directly in their
     shardings when a mesh is given (a model larger than one device never materialises on one). Init runs once,
     so it is compiled without backend optimisation: on CPU that cuts its compile time about 4x."""
-
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed), impl))
     graphdef, abstract_state = nnx.split(abstract)
     out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)

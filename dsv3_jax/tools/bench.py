@@ -5,7 +5,7 @@ One run measures, side by side: (a) the float32 matmul peak (a large jnp.dot), a
 of the train step's shapes, (b) our train step's tokens/s and MFU on the named config, (c) the identical step (same
 weights, batch, AdamW, grad clip) in transformers on PyTorch and the ratio, (d) one MoE layer against a dense SwiGLU
 FFN of the same activated FLOPs (forward + backward), (e) decode against transformers' `generate`
-(`dsv3_jax.bench_decode`), (f) the train step's compile time against
+(`tools.bench_decode`), (f) the train step's compile time against
 depth. Every figure is a median after a warm-up; every ratio is computed from the figures it divides. Both sides
 train without MTP (transformers has no MTP training path), so the comparison is one model.
 """

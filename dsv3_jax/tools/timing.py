@@ -1,5 +1,4 @@
-"""Timing helpers of the benchmarks: medians after a warm-up, paired (alternating) medians, table rows.
-"""
+"""Timing helpers of the benchmarks: medians after a warm-up, paired (alternating) medians, table rows."""
 
 from __future__ import annotations
 

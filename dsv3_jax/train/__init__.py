@@ -1,2 +1,1 @@
-"""Training: the explicit train state, the pure step, losses, metrics, checkpoints and the loop that drives them.
-"""
+"""Training: the explicit train state, the pure step, losses, metrics, checkpoints and the loop that drives them."""

@@ -95,7 +95,6 @@ class _StopSignal:
 
 def evaluate(cfg: Config, eval_fn, state: TrainState, batch_sharding) -> float:
     """Mean next-token loss (nats) over `eval_batches` batches of a fresh eval iterator (0: the whole split)."""
-
     sums = split_sums(lambda b: eval_fn(state.params, state.bias, to_global(b, batch_sharding,
                                                                             cfg.train.global_batch_size)),
                       cfg.data, cfg.train.global_batch_size, cfg.train.eval_batches, cfg.train.seed,
@@ -106,7 +105,6 @@ def evaluate(cfg: Config, eval_fn, state: TrainState, batch_sharding) -> float:
 
 def generate_sample(cfg: Config, graphdef, state: TrainState) -> str:
     """A short continuation of `train.sample_prompt` from the trained model, with the `sample` settings."""
-
     tok = make_tokenizer(cfg.data.tokenizer)
     prompt = [tok.bos_id] + list(tok.encode(cfg.train.sample_prompt))
     model = nnx.merge(graphdef, state.params, state.bias)
@@ -124,7 +122,6 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config) -> dict:
-
     tcfg, b = cfg.train, cfg.train.global_batch_size
     lead = jax.process_index() == 0
     # Everything that can reject the input runs before the run dir is touched.

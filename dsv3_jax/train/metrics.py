@@ -30,7 +30,6 @@ PEAK_TFLOPS = (
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * activated parameters (head included, embedding lookup not) + attention."""
-
     counts = count_params(cfg)
     mtp = cfg.num_nextn_predict_layers
     active = counts["activated"] + counts["mtp_activated"] + mtp * cfg.hidden_size * cfg.vocab_size  # shared head

@@ -89,7 +89,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, params, param_sharding
 
 
 def init_state(cfg: Config, mesh) -> tuple[TrainState, Any, optax.GradientTransformation]:
-    """A fresh TrainState whose parameters are created directly in their shardings (`model.create`)."""
+    """A fresh TrainState whose parameters are created directly in their shardings (`model.transformer.create`)."""
     graphdef, params, bias = nnx.split(create(cfg.model, cfg.train.seed, mesh, cfg.impl), nnx.Param, RouterBias)
     tx = make_optimizer(cfg.train, decay_mask(params))
     params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)

@@ -47,7 +47,7 @@ def bias_gamma(step: jax.Array, cfg: TrainConfig) -> jax.Array:
 
 
 def update_router_bias(bias: dict, counts: dict, gamma: jax.Array) -> dict:
-    """Apply `moe.update_bias` to every router from the global-batch counts: `counts` has the structure of `bias`
+    """Apply `routing.update_bias` to every router from the global-batch counts: `counts` has the structure of `bias`
     (`Transformer.router_counts`), so each layer's counts meet its own bias by tree structure, not by path."""
     return jax.tree.map(lambda b, c: update_bias(b, c, gamma), bias, counts)
 
