@@ -269,8 +269,10 @@ def test_decode_loops_update_the_cache_in_place(model, greedy, cfg):
     """The compiled decode loops (plain and speculative) copy no layer's cache: each step scatters its latents
     into the loop-carried cache and reads that (reading the cache as it was before the write makes XLA copy every
     layer's (B, S, c) cache twice per step)."""
-    sampling.generate(model, PROMPTS, NEW, speculative="mtp")
-    loops = [exe.as_text() for key, exe in sampling.PROGRAMS.executables.items() if key[0] is sampling._chunk_fn]
+    programs = sampling.Programs()  # its own: the shared one also holds other tests' models and batch sizes
+    sampling.generate(model, PROMPTS, NEW, programs=programs)
+    sampling.generate(model, PROMPTS, NEW, speculative="mtp", programs=programs)
+    loops = [exe.as_text() for key, exe in programs.executables.items() if key[0] is sampling._chunk_fn]
     assert len(loops) >= 2
     b = len(PROMPTS)
     for width in (cfg.kv_lora_rank, cfg.qk_rope_head_dim):
