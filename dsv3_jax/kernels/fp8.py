@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.kernels.shapes import round_up
+from dsv3_jax.kernels.shapes import group_of_rows, round_up
 
 FP8_BLOCK = 128
 
@@ -136,8 +136,7 @@ def fp8_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _row_groups(group_sizes_e: jax.Array, rows: int) -> jax.Array:
     """The group of every sorted row (rows past the last group are given the last group; ragged_dot zeroes them)."""
-    group_r = jnp.searchsorted(jnp.cumsum(group_sizes_e), jnp.arange(rows), side="right")
-    return jnp.minimum(group_r, group_sizes_e.shape[0] - 1)
+    return jnp.minimum(group_of_rows(group_sizes_e, rows), group_sizes_e.shape[0] - 1)
 
 
 def _scaled_ragged_dot(a_rk: jax.Array, b_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
