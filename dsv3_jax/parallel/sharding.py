@@ -124,37 +124,66 @@ def param_axes(variable) -> tuple[str | None, ...]:
     return ("layers",) * extra + axes
 
 
+def dims_axes(spec: PartitionSpec) -> list[tuple[str, ...]]:
+    """The mesh axes of each dimension of `spec`, as tuples (() for a replicated dimension)."""
+    return [(a,) if isinstance(a, str) else tuple(a or ()) for a in spec]
+
+
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Keep, per dim, the longest prefix of its mesh axes whose product divides the size (3 heads on tensor=2 are
     replicated; 576 rows on fsdp=32 x expert=8 keep fsdp)."""
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for dim, names in zip(shape, dims_axes(PartitionSpec(*spec, *(None,) * (len(shape) - len(spec))))):
         while names and dim % math.prod(mesh.shape[a] for a in names):
             names = names[:-1]
         out.append(names[0] if len(names) == 1 else (names or None))
     return PartitionSpec(*out)
 
 
-def state_shardings(state, mesh: Mesh, rules: dict | None = None):
-    """NamedShardings for every variable of an nnx State (abstract or concrete), from its logical axes."""
+def state_specs(state, mesh, rules: dict | None = None):
+    """PartitionSpecs for every variable of an nnx State (abstract or concrete), from its logical axes; `mesh` may
+    be abstract (inside jit)."""
     import flax.nnx as nnx  # noqa: PLC0415
 
     def one(v):
         if isinstance(v, nnx.Variable):
-            spec = fit_spec(logical_spec(param_axes(v), rules), v.get_value().shape, mesh)
-            return v.replace(NamedSharding(mesh, spec))
-        return NamedSharding(mesh, PartitionSpec())
+            return v.replace(fit_spec(logical_spec(param_axes(v), rules), v.get_value().shape, mesh))
+        return PartitionSpec()
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def state_shardings(state, mesh: Mesh, rules: dict | None = None):
+    """NamedShardings for every variable of an nnx State (abstract or concrete), from its logical axes."""
+    import flax.nnx as nnx  # noqa: PLC0415
+
+    return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, v.get_value())) if isinstance(v, nnx.Variable)
+                        else NamedSharding(mesh, v), state_specs(state, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, (nnx.Variable, PartitionSpec)))
+
+
+def without_axes(spec: PartitionSpec, drop) -> PartitionSpec:
+    """`spec` with the mesh axes in `drop` removed from every dimension."""
+    out = []
+    for axes in dims_axes(spec):
+        names = tuple(n for n in axes if n not in drop)
+        out.append(names[0] if len(names) == 1 else (names or None))
+    return PartitionSpec(*out)
+
+
+def only_axes(spec: PartitionSpec, keep) -> PartitionSpec:
+    """`spec` with only the mesh axes in `keep` left (the part a shard_map over `keep` names)."""
+    return without_axes(spec, {n for axes in dims_axes(spec) for n in axes if n not in keep})
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside a mesh context (single device, tests)."""
+    """Sharding constraint by logical names; a no-op outside a mesh context (single device, tests). Inside a
+    shard_map the axes it made manual are left out (the array is already this device's block along them)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, fit_spec(logical_spec(axes), x.shape, mesh))
+    spec = without_axes(logical_spec(axes), set(mesh.manual_axes))
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))
 
 
 def mesh_size(mesh, axes: tuple[str, ...]) -> int:

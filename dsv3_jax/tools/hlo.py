@@ -269,4 +269,4 @@ def analyze(text: str, n_devices: int, node: int | None = None) -> dict:
     largest.sort(key=lambda d: -d["bytes"])
     loops = [int(t) for t in _TRIP.findall(text)]
     return {"dot_flops": flops, "hbm_traffic": traffic, "collectives": collectives, "largest_collectives": largest[:8],
-            "loop_trip_counts": loops}
+            "collective_ops": largest, "loop_trip_counts": loops}
