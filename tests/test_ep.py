@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.kernels.precision import Policy
@@ -288,9 +288,10 @@ def test_exchange_plans_deliver_every_row_and_bring_it_back():
         np.testing.assert_array_equal(back[s], rows[s])
 
 
-def _abstract(**shape) -> AbstractMesh:
+def _abstract(manual=(), **shape) -> AbstractMesh:
     sizes = {a: shape.get(a, 1) for a in MESH_AXES}
-    return AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    kinds = tuple(AxisType.Manual if a in manual else AxisType.Auto for a in sizes)
+    return AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=kinds)
 
 
 def test_auto_picks_expert_parallel_on_split_experts_and_the_local_matmul_per_platform():
@@ -320,6 +321,17 @@ def test_auto_picks_expert_parallel_on_split_experts_and_the_local_matmul_per_pl
     assert steps == {("cpu", None): 8, ("gpu", None): 0, ("cpu", 0): 0, ("gpu", 0): 0, ("cpu", 3): 3, ("gpu", 3): 3}
     with pytest.raises(ConfigError, match="n_routed_experts"):
         pick(_abstract(expert=8), "cpu", experts=12)
+    # experts over an axis that does not split the batch (tensor): the tokens its devices share are split among them
+    everywhere = {**RULES, "experts": ("fsdp", "expert", "tensor")}
+    _, ctx, _ = moe.choose("auto", _abstract(fsdp=2, expert=2, tensor=2), everywhere, 8, 8, 16, 4, pol, "cpu")
+    assert ctx.expert_axes == ("fsdp", "expert", "tensor") and ctx.token_split_axes == ("tensor",)
+    assert ctx.ffn_axes == ()  # tensor went to the experts
+    # inside the train step's data-parallel region (the batch axes manual, this device's rows only) every backend
+    # is "sharded": it reduces its expert counts over the batch axes
+    region = _abstract(manual=("data", "fsdp", "expert"), data=2, expert=4)
+    assert moe.choose("auto", region, RULES, 2, 8, 16, 4, pol, "cpu")[::2] == ("ep_a2a", True)
+    assert moe.choose("blocked", _abstract(manual=("data", "fsdp", "expert"), data=8), RULES, 2, 8, 16, 4, pol,
+                      "cpu")[::2] == ("blocked", True)
 
 
 def test_negative_ep_chunk_is_one_line_config_error():

@@ -20,7 +20,7 @@ from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.kernels.precision import Policy, policy
 from dsv3_jax.model.layers import MLP, param
-from dsv3_jax.model.moe_backends import BACKENDS, ExpertWeights, MoeContext
+from dsv3_jax.model.moe_backends import BACKENDS, ExpertWeights, MoeContext, split_tokens
 from dsv3_jax.model.routing import (
     RouterBias,
     Routing,
@@ -52,7 +52,10 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     elsewhere), else the platform's local grouped matmul, and whenever the batch splits over the mesh it runs
     inside shard_map, so each device routes and sorts only its own tokens. A local backend named explicitly runs
     over the global batch and lets GSPMD partition it (the baseline, which gathers the whole batch's routing onto
-    every device); so does everything when the batch does not split (decoding one sequence)."""
+    every device); so does everything when the batch does not split (decoding one sequence). Expert axes that do
+    not split the batch (`tensor` in `experts: [fsdp, expert, tensor]`) split the tokens their devices share
+    before the exchange (`token_split_axes`). Inside the train step's data-parallel region the batch axes are
+    manual: the layer sees its device's rows and shard_maps over the remaining axes only."""
     local = local_impl(platform)
     if blocks_per_step is None:
         blocks_per_step = AUTO_BLOCKS_PER_STEP.get(platform, 0)
@@ -64,8 +67,12 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     auto = impl == "auto"
     if auto:
         impl = ("ep_ragged" if platform in ("gpu", "tpu", "cuda", "rocm") else "ep_a2a") if ep > 1 else local
-    if batch % mesh_size(mesh, batch_axes) or not (auto or BACKENDS[impl].expert_parallel):
-        return (local if BACKENDS[impl].expert_parallel else impl), ctx, False
+    # `batch` is this trace's batch: inside the train step's data-parallel region the batch axes are manual already,
+    # and the layer sees only this device's tokens, so it must reduce its counts over them (sharded)
+    free_batch = tuple(a for a in batch_axes if a not in mesh.manual_axes)
+    in_region = len(free_batch) < len(batch_axes)
+    if batch % mesh_size(mesh, free_batch) or not (auto or BACKENDS[impl].expert_parallel):
+        return (local if BACKENDS[impl].expert_parallel else impl), ctx, in_region
     ffn_axes = tuple(a for a in mesh_axes("expert_mlp", rules)
                      if a not in batch_axes and a not in ep_axes and mesh.shape[a] > 1)
     ctx = dataclasses.replace(ctx, ffn_axes=ffn_axes if ffn % mesh_size(mesh, ffn_axes) == 0 else ())
@@ -74,10 +81,11 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     if num_experts % ep:
         raise ConfigError(f"model.n_routed_experts ({num_experts}) is not divisible by the expert-parallel size "
                           f"{ep} (mesh {'*'.join(ep_axes)})")
-    if not set(ep_axes) <= set(batch_axes):
-        raise ConfigError(f"impl.moe_impl={impl} needs the expert mesh axes {ep_axes} among the batch axes "
-                          f"{batch_axes} (mesh.rules)")
-    return impl, dataclasses.replace(ctx, expert_axes=ep_axes, chunk_tokens=chunk_tokens), True
+    # expert axes that do not split the batch (`tensor` in `experts: [expert, tensor]`) hold the same tokens: each
+    # of their devices sends its own slice of them, so no row is exchanged twice
+    split = tuple(a for a in ep_axes if a not in batch_axes and mesh.shape[a] > 1)
+    return impl, dataclasses.replace(ctx, expert_axes=ep_axes, token_split_axes=split,
+                                     chunk_tokens=chunk_tokens), True
 
 
 class MoE(nnx.Module):
@@ -113,11 +121,19 @@ class MoE(nnx.Module):
         routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
         args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)
         if sharded:
-            bat, e, f = mesh_axes("batch", rules), ctx.expert_axes or None, ctx.ffn_axes or None
-            w_in, w_out = P(e, None, f), P(e, f, None)
-            routed = jax.shard_map(functools.partial(routed, reduce_axes=bat), mesh=mesh,
-                                   in_specs=(P(bat), P(bat), P(), P(), ExpertWeights(w_in, w_in, w_out)),
-                                   out_specs=(P(bat), P(), P(), P()))
+            bat = mesh_axes("batch", rules)
+            routed = functools.partial(routed, reduce_axes=bat)
+            free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+            # over the axes no enclosing shard_map (the train step's data-parallel region) made manual, if any splits
+            if any(mesh.shape[a] > 1 for a in free) or not mesh.manual_axes:
+                def spec(axes):
+                    return tuple(a for a in axes if a in free) or None
+
+                b, e, f = spec(bat), spec(ctx.expert_axes), spec(ctx.ffn_axes)
+                w_in, w_out = P(e, None, f), P(e, f, None)
+                routed = jax.shard_map(routed, mesh=mesh, axis_names=set(free),
+                                       in_specs=(P(b), P(b), P(), P(), ExpertWeights(w_in, w_in, w_out)),
+                                       out_specs=(P(b), P(), P(), P()))
         y_btd, counts, balance, affinity = routed(*args)
         y_btd = y_btd.astype(x_btd.dtype)
         if self.shared is not None:
@@ -133,7 +149,10 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
     x_nd = x_btd.reshape(b * t, d)
     scores = router_scores(x_nd, router_de)  # (N, E) float32
     idx, gates = select_experts(scores, bias_e, cfg)
-    y_nd = backend(x_nd, Routing(idx, gates), weights, ctx)
+    if ctx.token_split_axes:
+        y_nd = split_tokens(backend, x_nd, Routing(idx, gates), weights, ctx)
+    else:
+        y_nd = backend(x_nd, Routing(idx, gates), weights, ctx)
     if ctx.ffn_axes:  # each device computed its slice of every expert's hidden width: partial sums
         y_nd = jax.lax.psum(y_nd, ctx.ffn_axes)
     counts = expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts)

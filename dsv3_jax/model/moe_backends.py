@@ -34,7 +34,7 @@ from dsv3_jax.kernels.grouped_matmul import (
 )
 from dsv3_jax.kernels.precision import Policy, ragged_dot
 from dsv3_jax.kernels.precision import einsum as policy_einsum
-from dsv3_jax.kernels.shapes import cdiv
+from dsv3_jax.kernels.shapes import cdiv, group_of_rows
 from dsv3_jax.model.routing import Routing
 from dsv3_jax.parallel.expert_parallel import all_to_all_exchange, exchange_plans, ragged_exchange
 
@@ -58,6 +58,7 @@ class MoeContext:
     local: str = "blocked"
     expert_axes: tuple[str, ...] = ()
     ffn_axes: tuple[str, ...] = ()
+    token_split_axes: tuple[str, ...] = ()  # expert axes over which the tokens are replicated (`split_tokens`)
     chunk_tokens: int = 0
     blocks_per_step: int = 0  # the blocked form loops over the used blocks this many at a time; 0: one matmul
 
@@ -93,7 +94,7 @@ def _ffn_blocked(x_rd: jax.Array, sizes_e: jax.Array, w: ExpertWeights, ctx: Moe
     slots = grid.expert_b.shape[0] * block
     ends = jnp.cumsum(sizes_e)
     row = jnp.arange(r)
-    expert_r = jnp.searchsorted(ends, row, side="right")  # (R,) E for rows past the last group
+    expert_r = group_of_rows(sizes_e, r)  # (R,) E for rows past the last group
     e_r = jnp.minimum(expert_r, e - 1)
     # rows of no expert go to distinct out-of-range slots and are dropped
     dest_r = jnp.where(expert_r < e, grid.start_e[e_r] + row - (ends - sizes_e)[e_r], slots + row)
@@ -233,6 +234,22 @@ def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx
     body = jax.checkpoint(lambda xs: fn(xs[0], Routing(xs[1], xs[2]), w, ctx), prevent_cse=False)
     y_cnd = jax.lax.map(body, (split(x_nd), split(routing.idx_nk), split(routing.gates_nk)))
     return y_cnd.reshape(c * size, -1)[:n]
+
+
+def split_tokens(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    """`fn` (an expert-parallel backend) on this device's 1/T of the N tokens that the T devices of
+    `ctx.token_split_axes` share, the T results gathered back: each routed row is exchanged and computed once,
+    not T times. Padding tokens (when T does not divide N) have zero gates and are cut off."""
+    axes, n = ctx.token_split_axes, x_nd.shape[0]
+    size = cdiv(n, jax.lax.axis_size(axes))
+    start = jax.lax.axis_index(axes) * size
+
+    def mine(a):  # (N, ...) -> this device's (N/T, ...)
+        a = jnp.pad(a, ((0, size * jax.lax.axis_size(axes) - n),) + ((0, 0),) * (a.ndim - 1))
+        return jax.lax.dynamic_slice_in_dim(a, start, size)
+
+    y = fn(mine(x_nd), Routing(mine(routing.idx_nk), mine(routing.gates_nk)), w, ctx)
+    return jax.lax.all_gather(y, axes, tiled=True, to="invarying")[:n]
 
 
 class Backend(NamedTuple):
