@@ -140,6 +140,9 @@ class ImplConfig:
     moe_blocks_per_step: int | None = None  # blocked grouped matmul: a loop over the used blocks, this many a
     # step; 0 = one batched matmul over every block, padding included; None = 8 on CPU, 0 elsewhere
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe_backends.in_token_chunks); 0: all
+    grad_reduce: str = "step"  # step: micro-batch gradients summed per device, reduced once per step (weights
+    # gathered once per step, routed experts stay on their shards); micro_batch: reduced (and weights gathered) in
+    # every micro-batch by GSPMD, less memory (train/step.py data_parallel_region)
     attention: str = "auto"  # auto or a name in kernels.attention.BACKENDS
     attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
 
@@ -148,6 +151,8 @@ class ImplConfig:
                               ("remat", _REMAT)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if self.grad_reduce not in ("step", "micro_batch"):
+            raise ConfigError(f"impl.grad_reduce must be step or micro_batch, got {self.grad_reduce!r}")
         if self.moe_block_size <= 0:
             raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
         if self.moe_blocks_per_step is not None and self.moe_blocks_per_step < 0:

@@ -19,15 +19,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.config import Config, TrainConfig
+from dsv3_jax.model.moe_backends import BACKENDS
 from dsv3_jax.model.routing import max_violation, update_bias
-from dsv3_jax.parallel.sharding import (
-    constrain,
-)
+from dsv3_jax.parallel import data_parallel
+from dsv3_jax.parallel.sharding import constrain, logical_size, mesh_axes, mesh_size, param_axes, state_specs
 from dsv3_jax.train import losses
-from dsv3_jax.train.state import (
-    TrainState,
-    learning_rate,
-)
+from dsv3_jax.train.state import TrainState, learning_rate, split_abstract
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
@@ -72,37 +69,14 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         jnp.zeros((0,))
     n_mtp = jnp.maximum(n_mtp, 1).astype(jnp.float32)  # (M,) targets per MTP depth in the whole global batch
     lam, gamma = mtp_lambda(state.step, tcfg), bias_gamma(state.step, tcfg)
-
-    def micro_loss(params, mb):
-        out = forward(graphdef, params, state.bias, mb)
-        ce_sum, _ = losses.next_token_loss(out.logits, mb["tokens"], mb["segment_ids"])
-        ce = ce_sum / n_tok
-        if depth:
-            sums, _ = losses.mtp_losses(out.mtp_logits, mb["tokens"], mb["segment_ids"])
-            mtp_ce = sums / n_mtp
-            mtp_counts = out.aux["mtp_expert_counts"]
-        else:
-            mtp_ce, mtp_counts = jnp.zeros((0,)), jnp.zeros((0, cfg.model.n_routed_experts))
-        bal = losses.balance_loss(out.aux, tcfg.balance_alpha) / m
-        aux_bal = losses.aux_balance_loss(out.aux, tcfg.aux_loss_alpha, cfg.model.num_experts_per_tok) / m \
-            if tcfg.balance == "aux_loss" else jnp.zeros((), jnp.float32)
-        total = ce + losses.mtp_loss(mtp_ce, lam) + bal + aux_bal
-        return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "aux_balance": aux_bal,
-                       "counts": out.aux["expert_counts"],
-                       "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     # (B, ...) -> (m, B/m, ...) taking rows i, i+m, ...: each micro-batch keeps the batch sharding of dim 0
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
-
-    def body(acc, mb):
-        mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
-        (total, aux), grads = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, acc, (total, aux, grads)), None
-
-    (total_shape, aux_shape), grads_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (total_shape, aux_shape, grads_shape))
-    (total, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+    sums = functools.partial(_accumulate, graphdef=graphdef, cfg=cfg)
+    region = data_parallel_region(cfg)
+    if region is None:
+        total, aux, grads = sums(state.params, state.bias, micro, n_tok, n_mtp, lam)
+    else:
+        total, aux, grads = region(sums)(state.params, state.bias, micro, n_tok, n_mtp, lam)
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -126,6 +100,87 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         out["mtp_maxvio"] = max_violation(aux["mtp_counts"])
         out["mtp_routed_tokens"] = aux["mtp_counts"].sum(-1)  # (M,) = MTP targets x K
     return TrainState(state.step + 1, params, bias, opt_state), out
+
+
+def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: Config, shards: int = 1,
+                manual: tuple[str, ...] = ()):
+    """(total loss, aux, gradients) summed over the micro-batches (m, b, T+1) of `micro`. In the data-parallel
+    region (`manual`: its axes, `shards` devices) these are this device's sums, its gradients unreduced; the
+    balance terms, computed there from counts already summed over every device, enter each device's loss
+    divided by `shards` so that the sum over devices counts them once."""
+    tcfg, depth, m = cfg.train, cfg.model.num_nextn_predict_layers, cfg.train.micro_batches
+
+    def micro_loss(params, mb):
+        out = forward(graphdef, params, bias, mb)
+        ce_sum, _ = losses.next_token_loss(out.logits, mb["tokens"], mb["segment_ids"])
+        ce = ce_sum / n_tok
+        if depth:
+            mtp_sums, _ = losses.mtp_losses(out.mtp_logits, mb["tokens"], mb["segment_ids"])
+            mtp_ce = mtp_sums / n_mtp
+            mtp_counts = out.aux["mtp_expert_counts"]
+        else:
+            mtp_ce, mtp_counts = jnp.zeros((0,)), jnp.zeros((0, cfg.model.n_routed_experts))
+        bal = losses.balance_loss(out.aux, tcfg.balance_alpha) / m
+        aux_bal = losses.aux_balance_loss(out.aux, tcfg.aux_loss_alpha, cfg.model.num_experts_per_tok) / m \
+            if tcfg.balance == "aux_loss" else jnp.zeros((), jnp.float32)
+        total = ce + losses.mtp_loss(mtp_ce, lam) + (bal + aux_bal) / shards
+        return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "aux_balance": aux_bal,
+                       "counts": out.aux["expert_counts"],
+                       "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    params = jax.tree.map(lambda p: data_parallel.varying(p, manual), params)
+
+    def body(acc, mb):
+        mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
+        return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
+
+    # the sums start as zeros typed like one micro-batch's results (varying where those are, in the region)
+    zeros = jax.tree.map(lambda s: data_parallel.varying(jnp.zeros(s.shape, s.dtype), data_parallel.varying_axes(s)),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+    ((total, aux), grads), _ = jax.lax.scan(body, zeros, micro)
+    return total, aux, grads
+
+
+def data_parallel_region(cfg: Config):
+    """`impl.grad_reduce: step` under a mesh whose batch axes split the batch: a wrapper that runs `_accumulate`
+    inside a shard_map over the batch axes (parallel/data_parallel.py) and reduces its gradients once. None when
+    there is nothing to reduce, under `impl.grad_reduce: micro_batch` (GSPMD reduces the gradients of every
+    micro-batch, and gathers the weights for each: less memory), or when an explicitly named local MoE backend
+    must see every expert (its weights cannot stay on their expert shards). Also None under a `tensor` axis: the
+    MoE layer's own shard_map over it would nest inside the region, which jax 0.10 cannot lower under autodiff
+    (sdy: "operates on axis ... already bound by a parent sdy.manual_computation"; docs/scale.md)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if cfg.impl.grad_reduce != "step" or mesh.empty:
+        return None
+    manual = mesh_axes("batch")
+    shards = mesh_size(mesh, manual)
+    local_moe = cfg.impl.moe_impl != "auto" and not BACKENDS[cfg.impl.moe_impl].expert_parallel
+    others = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
+    if shards == 1 or others or (local_moe and logical_size(mesh, "experts") > 1):
+        return None
+    _, abs_params, _ = split_abstract(cfg)
+    logical = nnx.to_pure_dict(jax.tree.map(param_axes, abs_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    specs = nnx.to_pure_dict(state_specs(abs_params, mesh))
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    entry = jax.tree.map(lambda s, ax: data_parallel.entry_spec(s, ax, manual), specs, logical, is_leaf=is_spec)
+    leave = jax.tree.map(lambda s: data_parallel.exit_spec(s, manual), specs, is_leaf=is_spec)
+    rows = PartitionSpec(None, manual)
+
+    def wrap(sums):
+        def region(params, bias, micro, n_tok, n_mtp, lam):
+            total, aux, grads = sums(params, bias, micro, n_tok, n_mtp, lam, shards=shards, manual=manual)
+            grads = jax.tree.map(lambda g, s, e: data_parallel.reduce_gradient(g, s, e, manual), grads, specs,
+                                 entry, is_leaf=is_spec)
+            total, aux = jax.tree.map(data_parallel.sum_over_devices, (total, aux))
+            return total, aux, grads
+
+        return jax.shard_map(region, mesh=mesh, axis_names=set(manual),
+                             in_specs=(entry, PartitionSpec(), rows, PartitionSpec(), PartitionSpec(),
+                                       PartitionSpec()),
+                             out_specs=(PartitionSpec(), PartitionSpec(), leave))
+
+    return wrap
 
 
 def jit_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, abstract: TrainState,

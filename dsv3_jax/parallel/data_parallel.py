@@ -1,0 +1,76 @@
+"""The train step's data-parallel region: the micro-batch loop inside one `jax.shard_map` over the batch axes, so
+that gradients are accumulated on each device and reduced once per step, not once per micro-batch.
+
+Entering the region, each parameter is gathered over the batch axes that shard it (ZeRO: once per step, and kept
+for every micro-batch), except the routed-expert weights (`resident`), which keep their expert-axis shards: each
+device holds its experts whole for the whole step and only tokens move to them (the MoE layer's exchange). The
+gradients of this device's micro-batches are summed locally, as varying values; leaving the region, one
+reduce-scatter per parameter puts each sum on the shard that owns it (psum over batch axes that replicate it, none
+for a resident expert whose expert axes span the batch). The optimizer update then runs on the shards (GSPMD).
+
+Specs here name mesh axes; `manual` is the region's axes (the batch axes). The tensor axis stays automatic.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec
+
+from dsv3_jax.parallel.sharding import dims_axes, only_axes
+
+
+def resident(logical_axes: tuple[str | None, ...]) -> bool:
+    """Routed-expert weights (the only parameters with an `expert_mlp` axis) stay on their expert shards."""
+    return "expert_mlp" in logical_axes
+
+
+def entry_spec(spec: PartitionSpec, logical_axes: tuple[str | None, ...], manual) -> PartitionSpec:
+    """The spec a parameter enters the region with, over the manual axes: a resident expert weight keeps its
+    `experts` dimension's axes (and is gathered along any other dimension the batch axes shard), the rest whole."""
+    spec = only_axes(spec, manual)
+    if not resident(logical_axes):
+        return PartitionSpec(*(None for _ in spec))
+    keep = {a for axes, name in zip(dims_axes(spec), logical_axes) if name == "experts" for a in axes}
+    return only_axes(spec, keep)
+
+
+def varying_axes(aval) -> tuple[str, ...]:
+    """The shard_map axes a value (or its ShapeDtypeStruct) varies over; () outside shard_map."""
+    kind = getattr(aval, "manual_axis_type", None)
+    return tuple(sorted(kind.varying)) if kind is not None else ()
+
+
+def varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """`x` typed as varying over every axis of `axes` (a per-device copy: its gradient is this device's part)."""
+    if not axes:
+        return x
+    extra = tuple(a for a in axes if a not in varying_axes(jax.typeof(x)))
+    return jax.lax.pcast(x, extra, to="varying") if extra else x
+
+
+def reduce_gradient(g: jax.Array, spec: PartitionSpec, entry: PartitionSpec, manual: tuple[str, ...]) -> jax.Array:
+    """This device's gradient sum (varying over `manual`, in the `entry` layout) -> its shard of the global sum in
+    the parameter's `spec`: psum over the manual axes that do not shard the parameter, reduce-scatter along each
+    dimension the region gathered; nothing over the axes of a resident expert dimension."""
+    full, kept = dims_axes(only_axes(spec, manual)), {a for axes in dims_axes(entry) for a in axes}
+    sharding = {a for axes in full for a in axes}
+    replicated = tuple(a for a in manual if a not in sharding)
+    if replicated:
+        g = jax.lax.psum(g, replicated)
+    for dim, axes in enumerate(full):
+        gathered = tuple(a for a in axes if a not in kept)
+        if gathered:
+            g = jax.lax.psum_scatter(g, gathered, scatter_dimension=dim, tiled=True)
+    return g
+
+
+def exit_spec(spec: PartitionSpec, manual) -> PartitionSpec:
+    """The spec a parameter's reduced gradient leaves the region with: its own, over the manual axes."""
+    return only_axes(spec, manual)
+
+
+def sum_over_devices(x: jax.Array) -> jax.Array:
+    """A per-device partial sum (varying) -> the global sum (invariant); an invariant value is returned as is."""
+    axes = varying_axes(jax.typeof(x))
+    return jax.lax.psum(x, axes) if axes else x
+
