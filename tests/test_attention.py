@@ -76,6 +76,21 @@ def test_blocked_equals_dense_with_packed_documents_and_ragged_blocks(block):
     _assert_equals_dense_on_packed_documents(functools.partial(ops.blocked, block=block))
 
 
+def test_blocked_runs_inside_shard_map_where_its_loop_carries_vary_per_device():
+    """Under the train step's data-parallel region the kernel's inputs are per-device (varying) values; its loop
+    accumulators must be typed so too (kernels/varying.py), else lax.cond rejects the carry. One device is enough:
+    the types are the same at any size."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+
+    def in_region(*args):
+        arrays, scale, pol = args[:9], args[9], args[10]
+        return jax.shard_map(lambda *a: ops.blocked(*a, scale, pol, block=8), mesh=mesh,
+                             in_specs=jax.sharding.PartitionSpec("data"),
+                             out_specs=jax.sharding.PartitionSpec("data"))(*arrays)
+
+    _assert_equals_dense_on_packed_documents(in_region)
+
+
 def test_blocked_equals_dense_on_shared_latent_keys_at_arbitrary_positions():
     """The absorbed cache form: keys and values shared by all heads, queries at their own positions per row (one
     row's first query sees nothing at all: its output and gradients are 0, not NaN). The query at position 24 sees

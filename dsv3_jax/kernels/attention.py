@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.kernels.precision import Policy
 from dsv3_jax.kernels.shapes import round_up
+from dsv3_jax.kernels.varying import like
 
 # `auto` switches from dense to blocked when the query length reaches this (dense is at least as fast below it on
 # CPU, and its (B, H, T, S) float32 scores stay small).
@@ -139,8 +140,8 @@ def _flash_fwd_impl(cfg: _Blocking, qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_po
 
             return jax.lax.cond(kmin[j] <= qmax[i], compute, lambda c: c, carry)
 
-        init = (jnp.full((b, h, cfg.bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, cfg.bq), jnp.float32),
-                jnp.zeros((b, cfg.bq, h, dv), jnp.float32))
+        init = like((jnp.full((b, h, cfg.bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, cfg.bq), jnp.float32),
+                     jnp.zeros((b, cfg.bq, h, dv), jnp.float32)), qn, kn, v)
         m, denom, acc = jax.lax.fori_loop(0, nk, step, init)
         tiny = jnp.finfo(jnp.float32).tiny
         out = acc / jnp.maximum(jnp.moveaxis(denom, 1, 2), tiny)[..., None]
@@ -171,7 +172,8 @@ def _flash_bwd(cfg, res, dout):
     delta_bht = jnp.moveaxis(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)  # rowsum(dO*O)
     lse_ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
     kn_spec, kr_spec, v_spec = (_k_spec(x, c).replace("s", "k") for x, c in ((kn, "n"), (kr, "r"), (v, "v")))
-    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    def f32(shape):  # a float32 accumulator, varying where the inputs are (kernels/varying.py)
+        return like(jnp.zeros(shape, jnp.float32), qn, kn, v, dout)
     qmax, kmin = _block_bounds(cfg, q_pos, k_pos)
 
     def key_block(dq, j):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.kernels.shapes import group_of_rows, round_up
+from dsv3_jax.kernels.varying import like
 
 FP8_BLOCK = 128
 
@@ -182,7 +183,7 @@ def _scaled_ragged_wgrad(x_rk: jax.Array, dy_rn: jax.Array, group_sizes_e: jax.A
                                           preferred_element_type=jnp.float32)
         return acc_ekn + part * sx_tk[t][None, :, None] * sdy_tn[t][None, None, :], None
 
-    acc = jnp.zeros((group_sizes_e.shape[0], k, n), jnp.float32)
+    acc = like(jnp.zeros((group_sizes_e.shape[0], k, n), jnp.float32), qx, qdy)
     return jax.lax.scan(tile, acc, jnp.arange(n_tiles))[0]
 
 

@@ -34,20 +34,6 @@ def entry_spec(spec: PartitionSpec, logical_axes: tuple[str | None, ...], manual
     return only_axes(spec, keep)
 
 
-def varying_axes(aval) -> tuple[str, ...]:
-    """The shard_map axes a value (or its ShapeDtypeStruct) varies over; () outside shard_map."""
-    kind = getattr(aval, "manual_axis_type", None)
-    return tuple(sorted(kind.varying)) if kind is not None else ()
-
-
-def varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """`x` typed as varying over every axis of `axes` (a per-device copy: its gradient is this device's part)."""
-    if not axes:
-        return x
-    extra = tuple(a for a in axes if a not in varying_axes(jax.typeof(x)))
-    return jax.lax.pcast(x, extra, to="varying") if extra else x
-
-
 def reduce_gradient(g: jax.Array, spec: PartitionSpec, entry: PartitionSpec, manual: tuple[str, ...]) -> jax.Array:
     """This device's gradient sum (varying over `manual`, in the `entry` layout) -> its shard of the global sum in
     the parameter's `spec`: psum over the manual axes that do not shard the parameter, reduce-scatter along each
@@ -67,10 +53,3 @@ def reduce_gradient(g: jax.Array, spec: PartitionSpec, entry: PartitionSpec, man
 def exit_spec(spec: PartitionSpec, manual) -> PartitionSpec:
     """The spec a parameter's reduced gradient leaves the region with: its own, over the manual axes."""
     return only_axes(spec, manual)
-
-
-def sum_over_devices(x: jax.Array) -> jax.Array:
-    """A per-device partial sum (varying) -> the global sum (invariant); an invariant value is returned as is."""
-    axes = varying_axes(jax.typeof(x))
-    return jax.lax.psum(x, axes) if axes else x
-

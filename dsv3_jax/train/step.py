@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.config import Config, TrainConfig
+from dsv3_jax.kernels.varying import sum_over_devices, varying, varying_axes
 from dsv3_jax.model.moe_backends import BACKENDS
 from dsv3_jax.model.routing import max_violation, update_bias
 from dsv3_jax.parallel import data_parallel
@@ -129,14 +130,14 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
                        "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    params = jax.tree.map(lambda p: data_parallel.varying(p, manual), params)
+    params = jax.tree.map(lambda p: varying(p, manual), params)
 
     def body(acc, mb):
         mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
         return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
 
     # the sums start as zeros typed like one micro-batch's results (varying where those are, in the region)
-    zeros = jax.tree.map(lambda s: data_parallel.varying(jnp.zeros(s.shape, s.dtype), data_parallel.varying_axes(s)),
+    zeros = jax.tree.map(lambda s: varying(jnp.zeros(s.shape, s.dtype), varying_axes(s)),
                          jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
     ((total, aux), grads), _ = jax.lax.scan(body, zeros, micro)
     return total, aux, grads
@@ -172,7 +173,7 @@ def data_parallel_region(cfg: Config):
             total, aux, grads = sums(params, bias, micro, n_tok, n_mtp, lam, shards=shards, manual=manual)
             grads = jax.tree.map(lambda g, s, e: data_parallel.reduce_gradient(g, s, e, manual), grads, specs,
                                  entry, is_leaf=is_spec)
-            total, aux = jax.tree.map(data_parallel.sum_over_devices, (total, aux))
+            total, aux = jax.tree.map(sum_over_devices, (total, aux))
             return total, aux, grads
 
         return jax.shard_map(region, mesh=mesh, axis_names=set(manual),
