@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from dsv3_jax.kernels.precision import Policy
 from dsv3_jax.kernels.precision import einsum as policy_einsum
 from dsv3_jax.kernels.shapes import cdiv
+from dsv3_jax.kernels.varying import varying_axes
 
 # Weights one step of `block_matmul` may gather: each block of rows needs its expert's whole (D, F) matrix, so
 # gathering them for every block at once costs num_blocks x D x F (for DeepSeek-V3's 8K-block micro-batches,
@@ -119,16 +120,10 @@ def _chunked_bwd(pol, chunk, res, g_nbo):
     return _like(dx, x_nbi), _like(dw, w_eio), None, None
 
 
-def varying_like(a: jax.Array, like: jax.Array) -> jax.Array:
-    """`a` marked as varying over the shard_map axes `like` varies over (its gradient is psum'd over them here)."""
-    extra = tuple(sorted(jax.typeof(like).manual_axis_type.varying - jax.typeof(a).manual_axis_type.varying))
-    return jax.lax.pcast(a, extra, to="varying") if extra else a
-
-
 def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
     """A cotangent in its primal's dtype, summed over the shard_map axes it varies over and its primal does not
     (what autodiff's implicit broadcast of a replicated weight transposes to)."""
-    extra = tuple(sorted(jax.typeof(ct).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying))
+    extra = tuple(sorted(set(varying_axes(jax.typeof(ct))) - set(varying_axes(jax.typeof(primal)))))
     return (jax.lax.psum(ct, extra) if extra else ct).astype(primal.dtype)
 
 

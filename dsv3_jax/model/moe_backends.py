@@ -30,11 +30,11 @@ from dsv3_jax.kernels.grouped_matmul import (
     dispatch_rows,
     expert_ranks,
     sort_rows,
-    varying_like,
 )
 from dsv3_jax.kernels.precision import Policy, ragged_dot
 from dsv3_jax.kernels.precision import einsum as policy_einsum
 from dsv3_jax.kernels.shapes import cdiv, group_of_rows
+from dsv3_jax.kernels.varying import like
 from dsv3_jax.model.routing import Routing
 from dsv3_jax.parallel.expert_parallel import all_to_all_exchange, exchange_plans, ragged_exchange
 
@@ -201,7 +201,10 @@ def _expert_parallel_backend(exchange):
         order, sorted_e, sizes_e = sort_rows(routing.idx_nk, s * e_l)
         send_j = sizes_e.reshape(s, e_l).sum(1)
         forward, back = exchange_plans(jax.lax.all_gather(send_j, axes), jax.lax.axis_index(axes))
-        # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows
+        # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows.
+        # Under bf16 the rows travel as the expert matmuls would read them (bf16: half the bytes of float32, the
+        # same result); fp8 and fp32 keep the activation dtype (fp8 quantizes per 1x128 tile on arrival)
+        x_nd = x_nd.astype(ctx.policy.compute_dtype) if ctx.policy.precision == "bf16" else x_nd
         x_md = exchange(x_nd[order // k], jnp.zeros((s * r, d), x_nd.dtype), forward, axes, r)
         local_m = exchange(sorted_e % e_l, jnp.full((s * r,), e_l, jnp.int32), forward, axes, r)
         order_m, _, sizes_m = sort_rows(local_m, e_l + 1)  # unfilled slots (id E_l) sort last, past every group
@@ -230,7 +233,7 @@ def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx
         return jnp.pad(a, ((0, c * size - n),) + ((0, 0),) * (a.ndim - 1)).reshape(c, size, *a.shape[1:])
 
     # weights made varying like the tokens before the loop: the psum of their gradient then runs once, not per chunk
-    w = ExpertWeights(*(varying_like(a, x_nd) for a in w))
+    w = ExpertWeights(*(like(a, x_nd) for a in w))
     body = jax.checkpoint(lambda xs: fn(xs[0], Routing(xs[1], xs[2]), w, ctx), prevent_cse=False)
     y_cnd = jax.lax.map(body, (split(x_nd), split(routing.idx_nk), split(routing.gates_nk)))
     return y_cnd.reshape(c * size, -1)[:n]
