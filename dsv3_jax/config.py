@@ -140,6 +140,9 @@ class ImplConfig:
     moe_blocks_per_step: int | None = None  # blocked grouped matmul: a loop over the used blocks, this many a
     # step; 0 = one batched matmul over every block, padding included; None = 8 on CPU, 0 elsewhere
     moe_ep_chunk_tokens: int = 0  # expert-parallel: most tokens per exchange (moe_backends.in_token_chunks); 0: all
+    moe_capacity_factor: float | None = None  # expert-parallel: rows one device may send another per exchange, as
+    # a multiple of the balanced share (routed rows / shards); rows past it are dropped (zero output) and counted
+    # (metric moe_dropped_fraction). None: dropless, with receive buffers for the worst case (shards x rows)
     grad_reduce: str = "step"  # step: micro-batch gradients summed per device, reduced once per step (weights
     # gathered once per step, routed experts stay on their shards); micro_batch: reduced (and weights gathered) in
     # every micro-batch by GSPMD, less memory (train/step.py data_parallel_region)
@@ -157,6 +160,8 @@ class ImplConfig:
             raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
         if self.moe_blocks_per_step is not None and self.moe_blocks_per_step < 0:
             raise ConfigError(f"impl.moe_blocks_per_step must be >= 0, got {self.moe_blocks_per_step}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ConfigError(f"impl.moe_capacity_factor must be positive or null, got {self.moe_capacity_factor}")
         if self.moe_ep_chunk_tokens < 0:
             raise ConfigError(f"impl.moe_ep_chunk_tokens must be >= 0, got {self.moe_ep_chunk_tokens}")
         if self.attention_block_size <= 0:

@@ -138,6 +138,12 @@ STEP_SCRIPT = textwrap.dedent(r"""
         # the default layout under micro_batch gathers each expert weight's `embed` shards over fsdp: seen
         assert expert_gathers(texts["micro_batch", 2]), "the measurement finds no expert gather anywhere"
 
+    def check_capacity(dropless):
+        assert all(float(m["moe_dropped_fraction"]) == 0 for m in dropless[0]), "drops without a capacity factor"
+        frac = [float(m["moe_dropped_fraction"]) for m in two_steps([*RESIDENT, "impl.moe_capacity_factor=0.5"])[0]]
+        # half the balanced share per peer: at least half the rows cannot fit; the layer still trains
+        assert all(0.5 <= f < 1 for f in frac), frac
+
     def outcome(check, *args):
         try:
             check(*args)
@@ -147,7 +153,9 @@ STEP_SCRIPT = textwrap.dedent(r"""
 
     results = {}
     ref = two_steps(["mesh.data=1"], devices=jax.devices()[:1])
-    results["resident"] = outcome(check_equal, ref, two_steps(RESIDENT))
+    resident = two_steps(RESIDENT)
+    results["resident"] = outcome(check_equal, ref, resident)
+    results["capacity"] = outcome(check_capacity, resident)
     results["token-split"] = outcome(check_equal, ref, two_steps(SPLIT))
     texts = {("step", m): build(RESIDENT, m)[0].as_text() for m in (2, 8)}
     texts.update({("micro_batch", m): build([*DEFAULT, "impl.grad_reduce=micro_batch"], m)[0].as_text()
@@ -182,6 +190,13 @@ def test_gradient_collectives_do_not_depend_on_the_micro_batch_count(region_step
     """The resident layout's all-reduces and reduce-scatters over 1 KiB: outside every loop, the same ops and bytes
     at micro_batches 2 and 8; under impl.grad_reduce=micro_batch the bytes grow with the count."""
     assert region_steps["collectives"] == "ok", region_steps["collectives"]
+
+
+@pytest.mark.slow
+def test_capacity_factor_drops_rows_and_the_step_reports_the_fraction(region_steps):
+    """impl.moe_capacity_factor=0.5 on the resident layout: moe_dropped_fraction in [0.5, 1) on both steps; 0
+    without a factor."""
+    assert region_steps["capacity"] == "ok", region_steps["capacity"]
 
 
 @pytest.mark.slow

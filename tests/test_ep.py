@@ -156,7 +156,7 @@ EXCHANGE_SCRIPT = textwrap.dedent("""
     w_spec = moe_backends.ExpertWeights(P("expert"), P("expert"), P("expert"))
 
     def loss(x, idx, gates, w):
-        y = moe_backends.BACKENDS["ep_ragged"].fn(x, routing.Routing(idx, gates), w, ctx)
+        y, _ = moe_backends.BACKENDS["ep_ragged"].fn(x, routing.Routing(idx, gates), w, ctx)
         return jax.lax.psum((y * y).sum(), "expert")
 
     f = jax.shard_map(jax.value_and_grad(loss, argnums=(0, 3)), mesh=mesh,
@@ -202,7 +202,7 @@ CHUNK_SCRIPT = textwrap.dedent(r"""
     def run(chunk):  # (loss, grads) and the compiled program's text
         ctx = moe_backends.MoeContext(Policy(), 4, "blocked", ("expert",), chunk_tokens=chunk,
                                       blocks_per_step=2 if chunk else 0)  # the loop over used blocks, inside shard_map
-        y = jax.shard_map(lambda x, i, g, w: moe_backends.BACKENDS["ep_a2a"].fn(x, routing.Routing(i, g), w, ctx),
+        y = jax.shard_map(lambda x, i, g, w: moe_backends.BACKENDS["ep_a2a"].fn(x, routing.Routing(i, g), w, ctx)[0],
                           mesh=mesh,
                           in_specs=(tok, tok, tok, w_spec), out_specs=tok)
         f = jax.jit(jax.value_and_grad(lambda x, g, w: (y(x, idx, g, w) * cot).sum(), argnums=(0, 1, 2)))
@@ -254,6 +254,9 @@ def test_every_backend_matches_a_naive_loop(name):
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
         fn = jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
     y = fn(x, routing.Routing(idx, gates), w)
+    if ep:
+        y, dropped = y
+        assert int(dropped) == 0  # dropless without impl.moe_capacity_factor
     np.testing.assert_allclose(y, _naive(x, idx, gates, *w), rtol=1e-5, atol=1e-5)
 
 
@@ -277,7 +280,7 @@ def test_dispatched_rows_travel_in_the_dtype_the_expert_matmuls_read(precision, 
     dispatch = next(ln for ln in jaxpr.splitlines() if "all_to_all[" in ln and f",{d}]" in ln)
     assert dispatch.split(":")[1].startswith(rows + "["), dispatch
     if precision == "bf16":
-        np.testing.assert_allclose(fn(x, routing.Routing(idx, gates), w), _naive(x, idx, gates, *w), rtol=0.05,
+        np.testing.assert_allclose(fn(x, routing.Routing(idx, gates), w)[0], _naive(x, idx, gates, *w), rtol=0.05,
                                    atol=0.05)
 
 
@@ -310,6 +313,54 @@ def test_exchange_plans_deliver_every_row_and_bring_it_back():
     back = _simulate_ragged_all_to_all(recv, [np.full_like(r, -1) for r in rows], [p[1] for p in plans])
     for s in range(s_count):
         np.testing.assert_array_equal(back[s], rows[s])
+
+
+def test_capped_plans_deliver_each_chunks_first_rows_and_bring_back_only_those():
+    """impl.moe_capacity_factor: at most `cap` rows of each (sender, destination) chunk travel, the first ones;
+    they land packed in sender order within S * cap rows and come back in place; the rest stay unfilled."""
+    sizes = np.array([[2, 0, 5], [1, 4, 0], [0, 3, 2]], np.int32)
+    cap, s_count = 2, 3
+    plans = [expert_parallel.exchange_plans(jnp.asarray(sizes), jnp.int32(me), cap) for me in range(s_count)]
+    rows = [np.array([(s, j, r) for j in range(s_count) for r in range(sizes[s, j])], np.int32) for s in range(3)]
+    recv = _simulate_ragged_all_to_all(rows, [np.full((s_count * cap, 3), -1, np.int32)] * 3, [p[0] for p in plans])
+    for j in range(s_count):
+        want = np.array([(s, j, r) for s in range(s_count) for r in range(min(sizes[s, j], cap))], np.int32)
+        np.testing.assert_array_equal(recv[j][:len(want)], want)
+        assert np.all(recv[j][len(want):] == -1)
+    back = _simulate_ragged_all_to_all(recv, [np.full_like(r, -1) for r in rows], [p[1] for p in plans])
+    for s in range(s_count):
+        kept = np.array([r[2] < cap for r in rows[s]])
+        np.testing.assert_array_equal(back[s][kept], rows[s][kept])
+        assert np.all(back[s][~kept] == -1)
+    assert [int(p[0].send_sizes.sum()) for p in plans] == [4, 3, 4]
+    assert expert_parallel.pair_capacity(40, 8, None) == 40 and expert_parallel.pair_capacity(40, 8, 1.25) == 7
+    assert expert_parallel.pair_capacity(40, 8, 100.0) == 40  # never more than every row
+
+
+@pytest.mark.parametrize("factor", [None, 0.5, 1.0])
+def test_capacity_factor_drops_the_rows_past_the_capacity_and_counts_them(factor):
+    """On one shard a factor f keeps the first ceil(f * R) of the R routed rows in expert order (stable in token
+    order): the output equals the naive loop with the dropped (token, choice) pairs' gates zeroed, and the backend
+    reports how many it dropped."""
+    n, d, f, e, k = 10, 8, 6, 4, 2
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    gates = rng.uniform(0.5, 1.0, size=(n, k)).astype(np.float32)
+    w = moe_backends.ExpertWeights(*(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+                                     for s in [(e, d, f), (e, d, f), (e, f, d)]))
+    ctx = moe_backends.MoeContext(Policy(), 4, "blocked", ("expert",), capacity_factor=factor)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
+    fn = jax.shard_map(functools.partial(moe_backends.BACKENDS["ep_a2a"].fn, ctx=ctx), mesh=mesh,
+                       in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
+    y, dropped = fn(x, routing.Routing(jnp.asarray(idx), jnp.asarray(gates)), w)
+    keep = n * k if factor is None else min(n * k, int(np.ceil(factor * n * k)))
+    order = np.argsort(idx.reshape(-1), kind="stable")  # rows in expert order, ties in token order
+    kept_gates = gates.reshape(-1).copy()
+    kept_gates[order[keep:]] = 0.0
+    want = _naive(x, jnp.asarray(idx), jnp.asarray(kept_gates.reshape(n, k)), *w)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert int(dropped) == n * k - keep
 
 
 def _abstract(manual=(), **shape) -> AbstractMesh:

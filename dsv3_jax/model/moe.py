@@ -45,7 +45,8 @@ AUTO_BLOCKS_PER_STEP = {"cpu": 8}
 
 
 def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int, block: int, pol: Policy,
-           platform: str, chunk_tokens: int = 0, blocks_per_step: int | None = None) -> tuple[str, MoeContext, bool]:
+           platform: str, chunk_tokens: int = 0, blocks_per_step: int | None = None,
+           capacity_factor: float | None = None) -> tuple[str, MoeContext, bool]:
     """(backend name, context, whether to run inside shard_map) for `impl.moe_impl` on this mesh.
 
     `auto` is expert-parallel whenever the experts are split (ragged all-to-all on TPU/GPU, the dense exchange
@@ -85,7 +86,7 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     # of their devices sends its own slice of them, so no row is exchanged twice
     split = tuple(a for a in ep_axes if a not in batch_axes and mesh.shape[a] > 1)
     return impl, dataclasses.replace(ctx, expert_axes=ep_axes, token_split_axes=split,
-                                     chunk_tokens=chunk_tokens), True
+                                     chunk_tokens=chunk_tokens, capacity_factor=capacity_factor), True
 
 
 class MoE(nnx.Module):
@@ -105,8 +106,9 @@ class MoE(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array, decoding: bool = False) -> tuple[jax.Array, dict]:
         """Returns the layer output and aux {expert_counts (E,), balance_loss (), expert_affinity (E,): the sum of the
-        normalised affinities s_i / sum_j s_j, for the batch-level aux loss} over valid tokens, all over the whole
-        global batch (psum'd once across the shards under expert parallelism). `decoding` (on the cache): a handful
+        normalised affinities s_i / sum_j s_j, for the batch-level aux loss} over valid tokens, and dropped_rows ():
+        routed rows (of any token) past `impl.moe_capacity_factor`, all over the whole global batch (psum'd once
+        across the shards under expert parallelism). `decoding` (on the cache): a handful
         of tokens and no mesh take the `decode` backend instead of the training dispatch (`decodes`)."""
         cfg = self.cfg
         mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
@@ -116,7 +118,7 @@ class MoE(nnx.Module):
             name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
                                         cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy,
                                         jax.default_backend(), self.impl.moe_ep_chunk_tokens,
-                                        self.impl.moe_blocks_per_step)
+                                        self.impl.moe_blocks_per_step, self.impl.moe_capacity_factor)
         weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
         routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
         args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)
@@ -133,12 +135,13 @@ class MoE(nnx.Module):
                 w_in, w_out = P(e, None, f), P(e, f, None)
                 routed = jax.shard_map(routed, mesh=mesh, axis_names=set(free),
                                        in_specs=(P(b), P(b), P(), P(), ExpertWeights(w_in, w_in, w_out)),
-                                       out_specs=(P(b), P(), P(), P()))
-        y_btd, counts, balance, affinity = routed(*args)
+                                       out_specs=(P(b), P(), P(), P(), P()))
+        y_btd, counts, balance, affinity, dropped = routed(*args)
         y_btd = y_btd.astype(x_btd.dtype)
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)
-        return y_btd, {"expert_counts": counts, "balance_loss": balance, "expert_affinity": affinity}
+        return y_btd, {"expert_counts": counts, "balance_loss": balance, "expert_affinity": affinity,
+                       "dropped_rows": dropped}
 
 
 def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: ModelConfig, backend, ctx,
@@ -150,9 +153,11 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
     scores = router_scores(x_nd, router_de)  # (N, E) float32
     idx, gates = select_experts(scores, bias_e, cfg)
     if ctx.token_split_axes:
-        y_nd = split_tokens(backend, x_nd, Routing(idx, gates), weights, ctx)
+        y_nd, dropped = split_tokens(backend, x_nd, Routing(idx, gates), weights, ctx)
+    elif ctx.expert_axes:
+        y_nd, dropped = backend(x_nd, Routing(idx, gates), weights, ctx)
     else:
-        y_nd = backend(x_nd, Routing(idx, gates), weights, ctx)
+        y_nd, dropped = backend(x_nd, Routing(idx, gates), weights, ctx), jnp.zeros((), jnp.int32)
     if ctx.ffn_axes:  # each device computed its slice of every expert's hidden width: partial sums
         y_nd = jax.lax.psum(y_nd, ctx.ffn_axes)
     counts = expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts)
@@ -160,8 +165,9 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
                                             cfg.num_experts_per_tok)
     affinity = ((scores / scores.sum(-1, keepdims=True)) * valid_bt.reshape(-1, 1)).sum(0)  # (E,)
     if reduce_axes:
-        counts, bal_sum, n_seq, affinity = jax.lax.psum((counts, bal_sum, n_seq, affinity), reduce_axes)
-    return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0), affinity
+        counts, bal_sum, n_seq, affinity, dropped = jax.lax.psum((counts, bal_sum, n_seq, affinity, dropped),
+                                                                 reduce_axes)
+    return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0), affinity, dropped
 
 
 # The decode path: a handful of tokens on the latent cache (`MoE(..., decoding=True)`). Same routing, same aux; the

@@ -36,7 +36,7 @@ from dsv3_jax.kernels.precision import einsum as policy_einsum
 from dsv3_jax.kernels.shapes import cdiv, group_of_rows
 from dsv3_jax.kernels.varying import like
 from dsv3_jax.model.routing import Routing
-from dsv3_jax.parallel.expert_parallel import all_to_all_exchange, exchange_plans, ragged_exchange
+from dsv3_jax.parallel.expert_parallel import all_to_all_exchange, exchange_plans, pair_capacity, ragged_exchange
 
 
 class ExpertWeights(NamedTuple):
@@ -50,8 +50,8 @@ class MoeContext:
     """What a backend needs besides data: the precision policy, the blocked form's block size, and for the
     expert-parallel backends the local grouped matmul, the mesh axes (experts split over `expert_axes`, the
     expert hidden width F over `ffn_axes`, whose partial outputs are psum'd) and how many tokens one exchange
-    carries at most (`chunk_tokens`, 0 = all of this device's tokens at once). `blocks_per_step`: see
-    `block_matmul`."""
+    carries at most (`chunk_tokens`, 0 = all of this device's tokens at once) and how many rows may go to one
+    peer (`capacity_factor`). `blocks_per_step`: see `block_matmul`."""
 
     policy: Policy = Policy()
     block: int = 32
@@ -60,6 +60,7 @@ class MoeContext:
     ffn_axes: tuple[str, ...] = ()
     token_split_axes: tuple[str, ...] = ()  # expert axes over which the tokens are replicated (`split_tokens`)
     chunk_tokens: int = 0
+    capacity_factor: float | None = None  # rows per peer per exchange (expert_parallel.pair_capacity); None: all
     blocks_per_step: int = 0  # the blocked form loops over the used blocks this many at a time; 0: one matmul
 
 
@@ -194,25 +195,27 @@ def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: Mo
 
 
 def _expert_parallel_backend(exchange):
-    def one_shot(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    def one_shot(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> tuple[jax.Array, jax.Array]:
         axes, (n, k), d = ctx.expert_axes, routing.idx_nk.shape, x_nd.shape[1]
         s, e_l = jax.lax.axis_size(axes), w.w_gate.shape[0]
         r = n * k
+        cap = pair_capacity(r, s, ctx.capacity_factor)  # rows per peer: receive buffers hold S * cap rows
         order, sorted_e, sizes_e = sort_rows(routing.idx_nk, s * e_l)
         send_j = sizes_e.reshape(s, e_l).sum(1)
-        forward, back = exchange_plans(jax.lax.all_gather(send_j, axes), jax.lax.axis_index(axes))
+        forward, back = exchange_plans(jax.lax.all_gather(send_j, axes), jax.lax.axis_index(axes),
+                                       None if cap == r else cap)
         # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows.
         # Under bf16 the rows travel as the expert matmuls would read them (bf16: half the bytes of float32, the
         # same result); fp8 and fp32 keep the activation dtype (fp8 quantizes per 1x128 tile on arrival)
         x_nd = x_nd.astype(ctx.policy.compute_dtype) if ctx.policy.precision == "bf16" else x_nd
-        x_md = exchange(x_nd[order // k], jnp.zeros((s * r, d), x_nd.dtype), forward, axes, r)
-        local_m = exchange(sorted_e % e_l, jnp.full((s * r,), e_l, jnp.int32), forward, axes, r)
+        x_md = exchange(x_nd[order // k], jnp.zeros((s * cap, d), x_nd.dtype), forward, axes, cap)
+        local_m = exchange(sorted_e % e_l, jnp.full((s * cap,), e_l, jnp.int32), forward, axes, cap)
         order_m, _, sizes_m = sort_rows(local_m, e_l + 1)  # unfilled slots (id E_l) sort last, past every group
         y_md = LOCAL_FFN[ctx.local](x_md[order_m], sizes_m[:e_l], w, ctx)[jnp.argsort(order_m)]
-        y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, r)
-        return _unsort_combine(y_rd, order, routing, ctx.policy)
+        y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, cap)  # dropped rows stay 0
+        return _unsort_combine(y_rd, order, routing, ctx.policy), r - forward.send_sizes.sum()
 
-    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+    def backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> tuple[jax.Array, jax.Array]:
         if 0 < ctx.chunk_tokens < x_nd.shape[0]:
             return in_token_chunks(one_shot, x_nd, routing, w, ctx)
         return one_shot(x_nd, routing, w, ctx)
@@ -220,7 +223,8 @@ def _expert_parallel_backend(exchange):
     return backend
 
 
-def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights,
+                    ctx: MoeContext) -> tuple[jax.Array, jax.Array]:
     """`fn` (a backend) over C chunks of at most `ctx.chunk_tokens` tokens, one after another: every buffer of
     the exchange (S*R/C receive rows instead of S*R) is live for one chunk only, and each chunk is rematerialised,
     so the backward keeps only the chunk inputs. Dropless and exact: a token's output depends on its own routed
@@ -235,11 +239,12 @@ def in_token_chunks(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx
     # weights made varying like the tokens before the loop: the psum of their gradient then runs once, not per chunk
     w = ExpertWeights(*(like(a, x_nd) for a in w))
     body = jax.checkpoint(lambda xs: fn(xs[0], Routing(xs[1], xs[2]), w, ctx), prevent_cse=False)
-    y_cnd = jax.lax.map(body, (split(x_nd), split(routing.idx_nk), split(routing.gates_nk)))
-    return y_cnd.reshape(c * size, -1)[:n]
+    y_cnd, dropped_c = jax.lax.map(body, (split(x_nd), split(routing.idx_nk), split(routing.gates_nk)))
+    return y_cnd.reshape(c * size, -1)[:n], dropped_c.sum()
 
 
-def split_tokens(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
+def split_tokens(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights,
+                 ctx: MoeContext) -> tuple[jax.Array, jax.Array]:
     """`fn` (an expert-parallel backend) on this device's 1/T of the N tokens that the T devices of
     `ctx.token_split_axes` share, the T results gathered back: each routed row is exchanged and computed once,
     not T times. Padding tokens (when T does not divide N) have zero gates and are cut off."""
@@ -251,12 +256,12 @@ def split_tokens(fn, x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: M
         a = jnp.pad(a, ((0, size * jax.lax.axis_size(axes) - n),) + ((0, 0),) * (a.ndim - 1))
         return jax.lax.dynamic_slice_in_dim(a, start, size)
 
-    y = fn(mine(x_nd), Routing(mine(routing.idx_nk), mine(routing.gates_nk)), w, ctx)
-    return jax.lax.all_gather(y, axes, tiled=True, to="invarying")[:n]
+    y, dropped = fn(mine(x_nd), Routing(mine(routing.idx_nk), mine(routing.gates_nk)), w, ctx)
+    return jax.lax.all_gather(y, axes, tiled=True, to="invarying")[:n], jax.lax.psum(dropped, axes)
 
 
 class Backend(NamedTuple):
-    fn: Callable  # (x_nd, Routing, ExpertWeights, MoeContext) -> y_nd
+    fn: Callable  # (x_nd, Routing, ExpertWeights, MoeContext) -> y_nd; expert-parallel: (y_nd, rows dropped)
     expert_parallel: bool  # runs inside shard_map on this device's tokens and experts
 
 

@@ -33,7 +33,8 @@ _REMAT_POLICIES = {
 class ModelOutput(NamedTuple):
     logits: jax.Array  # (B, T, V)
     mtp_logits: jax.Array | None  # (M, B, T, V); depth k is valid at positions t < T - k
-    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), expert_affinity (L_moe, E), mtp_expert_counts (M, E),
+    aux: dict  # expert_counts (L_moe, E), balance_loss (L_moe,), expert_affinity (L_moe, E), dropped_rows (L_moe,),
+    #            mtp_expert_counts (M, E),
     #            mtp_balance_loss, mtp_expert_affinity, router_counts (the counts in the structure of the RouterBias
     #            state)
     hidden: jax.Array  # (B, T, D) last hidden state before the final norm
@@ -197,10 +198,10 @@ class Transformer(nnx.Module):
             new_cache[name] = layer_cache
             hidden_states.append(hs)
             if name == "moe":
-                aux = {k: layer_aux[k] for k in ("expert_counts", "balance_loss", "expert_affinity")}
+                aux = {k: layer_aux[k] for k in ("expert_counts", "balance_loss", "expert_affinity", "dropped_rows")}
         if not aux:
             aux = {"expert_counts": jnp.zeros((0, cfg.n_routed_experts)), "balance_loss": jnp.zeros((0,)),
-                   "expert_affinity": jnp.zeros((0, cfg.n_routed_experts))}
+                   "expert_affinity": jnp.zeros((0, cfg.n_routed_experts)), "dropped_rows": jnp.zeros((0,), jnp.int32)}
         hidden = x
         logits = self.head(self.norm(x))
 

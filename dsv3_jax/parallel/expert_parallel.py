@@ -9,6 +9,7 @@ including XLA:CPU, which lacks the ragged collective), dropless and exact but mo
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -32,13 +33,22 @@ def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
-def exchange_plans(sizes_sj: jax.Array, me: jax.Array) -> tuple[ExchangePlan, ExchangePlan]:
+def exchange_plans(sizes_sj: jax.Array, me: jax.Array, cap: int | None = None) -> tuple[ExchangePlan, ExchangePlan]:
     """Offsets of the dispatch and the return exchange for device `me`, from sizes_sj[s, j] = rows device s sends
-    to device j (every device's send sizes). Received rows are packed in sender order from row 0."""
-    send, recv = sizes_sj[me], sizes_sj[:, me]
-    forward = ExchangePlan(_exclusive_cumsum(send), send, _exclusive_cumsum(sizes_sj, 0)[me], recv)
+    to device j (every device's send sizes). Received rows are packed in sender order from row 0. With `cap`, only
+    the first `cap` rows of each chunk travel (the rest are dropped; every device derives the same plan from the
+    same matrix); the senders' layout, and where results land back in it, stay those of the full chunks."""
+    kept_sj = sizes_sj if cap is None else jnp.minimum(sizes_sj, cap)
+    send, recv = kept_sj[me], kept_sj[:, me]
+    forward = ExchangePlan(_exclusive_cumsum(sizes_sj[me]), send, _exclusive_cumsum(kept_sj, 0)[me], recv)
     back = ExchangePlan(_exclusive_cumsum(recv), recv, _exclusive_cumsum(sizes_sj, 1)[:, me], send)
     return forward, back
+
+
+def pair_capacity(rows: int, shards: int, factor: float | None) -> int:
+    """Rows one device may send one peer per exchange: `rows` (all of them: dropless) or `factor` times the
+    balanced share rows / shards, rounded up."""
+    return rows if factor is None else min(rows, max(1, math.ceil(factor * rows / shards)))
 
 
 def ragged_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ...], capacity: int):

@@ -93,6 +93,9 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         "dead_experts": (aux["counts"] == 0).sum(), "bias_mean": all_bias.mean(), "bias_std": all_bias.std(),
         "tokens": n_tok, "routed_tokens": aux["counts"].sum(-1),  # (L_moe,) = valid tokens x K when counted once
         "aux_balance_loss": aux["aux_balance"],
+        # routed rows past impl.moe_capacity_factor (zero output), of all rows the MoE layers routed (padding too)
+        "moe_dropped_fraction": aux["dropped"].sum() / max(aux["dropped"].size * batch["tokens"][:, :-1].size
+                                                           * cfg.model.num_experts_per_tok, 1),
         # (L_moe, E) each: load c_i / mean(c) and the router bias after the update, for plots (metrics.layer_matrix)
         "expert_load": aux["counts"] / jnp.maximum(aux["counts"].mean(-1, keepdims=True), 1e-9),
         "router_bias": nnx.merge(graphdef, params, bias).main_router_bias(),
@@ -126,7 +129,7 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
             if tcfg.balance == "aux_loss" else jnp.zeros((), jnp.float32)
         total = ce + losses.mtp_loss(mtp_ce, lam) + (bal + aux_bal) / shards
         return total, {"ce": ce, "mtp_ce": mtp_ce, "balance": bal, "aux_balance": aux_bal,
-                       "counts": out.aux["expert_counts"],
+                       "counts": out.aux["expert_counts"], "dropped": out.aux["dropped_rows"],
                        "mtp_counts": mtp_counts, "router_counts": out.aux["router_counts"]}
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
