@@ -94,8 +94,8 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
         "tokens": n_tok, "routed_tokens": aux["counts"].sum(-1),  # (L_moe,) = valid tokens x K when counted once
         "aux_balance_loss": aux["aux_balance"],
         # routed rows past impl.moe_capacity_factor (zero output), of all rows the MoE layers routed (padding too)
-        "moe_dropped_fraction": aux["dropped"].sum() / max(aux["dropped"].size * batch["tokens"][:, :-1].size
-                                                           * cfg.model.num_experts_per_tok, 1),
+        "moe_dropped_fraction": aux["dropped"].sum() / float(max(aux["dropped"].size * batch["tokens"][:, :-1].size
+                                                                 * cfg.model.num_experts_per_tok, 1)),
         # (L_moe, E) each: load c_i / mean(c) and the router bias after the update, for plots (metrics.layer_matrix)
         "expert_load": aux["counts"] / jnp.maximum(aux["counts"].mean(-1, keepdims=True), 1e-9),
         "router_bias": nnx.merge(graphdef, params, bias).main_router_bias(),
