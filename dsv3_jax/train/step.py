@@ -73,7 +73,7 @@ def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTrans
     # (B, ...) -> (m, B/m, ...) taking rows i, i+m, ...: each micro-batch keeps the batch sharding of dim 0
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
     sums = functools.partial(_accumulate, graphdef=graphdef, cfg=cfg)
-    region = data_parallel_region(cfg)
+    region = data_parallel_region(cfg, micro["tokens"].shape[1])
     if region is None:
         total, aux, grads = sums(state.params, state.bias, micro, n_tok, n_mtp, lam)
     else:
@@ -146,10 +146,11 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
     return total, aux, grads
 
 
-def data_parallel_region(cfg: Config):
+def data_parallel_region(cfg: Config, rows: int):
     """`impl.grad_reduce: step` under a mesh whose batch axes split the batch: a wrapper that runs `_accumulate`
     inside a shard_map over the batch axes (parallel/data_parallel.py) and reduces its gradients once. None when
-    there is nothing to reduce, under `impl.grad_reduce: micro_batch` (GSPMD reduces the gradients of every
+    there is nothing to reduce, when a micro-batch's `rows` do not split evenly over the batch axes (GSPMD pads
+    them), under `impl.grad_reduce: micro_batch` (GSPMD reduces the gradients of every
     micro-batch, and gathers the weights for each: less memory), or when an explicitly named local MoE backend
     must see every expert (its weights cannot stay on their expert shards). Also None under a `tensor` axis: the
     MoE layer's own shard_map over it would nest inside the region, which jax 0.10 cannot lower under autodiff
@@ -161,7 +162,7 @@ def data_parallel_region(cfg: Config):
     shards = mesh_size(mesh, manual)
     local_moe = cfg.impl.moe_impl != "auto" and not BACKENDS[cfg.impl.moe_impl].expert_parallel
     others = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
-    if shards == 1 or others or (local_moe and logical_size(mesh, "experts") > 1):
+    if shards == 1 or rows % shards or others or (local_moe and logical_size(mesh, "experts") > 1):
         return None
     _, abs_params, _ = split_abstract(cfg)
     logical = nnx.to_pure_dict(jax.tree.map(param_axes, abs_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
