@@ -262,8 +262,8 @@ def test_every_backend_matches_a_naive_loop(name):
 
 @pytest.mark.parametrize("precision, rows", [("bf16", "bf16"), ("fp32", "f32"), ("fp8", "f32")])
 def test_dispatched_rows_travel_in_the_dtype_the_expert_matmuls_read(precision, rows):
-    """Under bf16 the routed rows are exchanged as bf16 (half the bytes), not as the float32 residual stream; the
-    bf16 output equals the naive loop at bf16's tolerance."""
+    """Under bf16 the routed rows and the expert outputs are exchanged as bf16 (half the bytes), not as the float32
+    residual stream; the bf16 output equals the naive loop at bf16's tolerance."""
     n, d, f, e, k = 16, 12, 10, 4, 2
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -276,9 +276,10 @@ def test_dispatched_rows_travel_in_the_dtype_the_expert_matmuls_read(precision, 
     fn = jax.shard_map(functools.partial(moe_backends.BACKENDS["ep_a2a"].fn, ctx=ctx), mesh=mesh,
                        in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
     jaxpr = str(jax.make_jaxpr(fn)(x, routing.Routing(idx, gates), w))
-    # the first exchange of (rows, D) is the dispatch; the return carries the FFN's output dtype (policy.dtype)
-    dispatch = next(ln for ln in jaxpr.splitlines() if "all_to_all[" in ln and f",{d}]" in ln)
-    assert dispatch.split(":")[1].startswith(rows + "["), dispatch
+    # the exchanges of (rows, D): the dispatch first, then the return of the expert outputs (bf16 both ways)
+    exchanges = [ln for ln in jaxpr.splitlines() if "all_to_all[" in ln and f",{d}]" in ln]
+    assert len(exchanges) == 2, exchanges
+    assert all(ln.split(":")[1].startswith(rows + "[") for ln in exchanges), exchanges
     if precision == "bf16":
         np.testing.assert_allclose(fn(x, routing.Routing(idx, gates), w)[0], _naive(x, idx, gates, *w), rtol=0.05,
                                    atol=0.05)

@@ -205,13 +205,15 @@ def _expert_parallel_backend(exchange):
         forward, back = exchange_plans(jax.lax.all_gather(send_j, axes), jax.lax.axis_index(axes),
                                        None if cap == r else cap)
         # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows.
-        # Under bf16 the rows travel as the expert matmuls would read them (bf16: half the bytes of float32, the
-        # same result); fp8 and fp32 keep the activation dtype (fp8 quantizes per 1x128 tile on arrival)
-        x_nd = x_nd.astype(ctx.policy.compute_dtype) if ctx.policy.precision == "bf16" else x_nd
+        # Under bf16 the rows travel both ways in bf16, as the expert matmuls read them and as DeepSeek combines
+        # (half the bytes of float32); fp8 and fp32 keep the activation dtype (fp8 quantizes 1x128 tiles on arrival)
+        bf16 = ctx.policy.precision == "bf16"
+        x_nd = x_nd.astype(ctx.policy.compute_dtype) if bf16 else x_nd
         x_md = exchange(x_nd[order // k], jnp.zeros((s * cap, d), x_nd.dtype), forward, axes, cap)
         local_m = exchange(sorted_e % e_l, jnp.full((s * cap,), e_l, jnp.int32), forward, axes, cap)
         order_m, _, sizes_m = sort_rows(local_m, e_l + 1)  # unfilled slots (id E_l) sort last, past every group
         y_md = LOCAL_FFN[ctx.local](x_md[order_m], sizes_m[:e_l], w, ctx)[jnp.argsort(order_m)]
+        y_md = y_md.astype(ctx.policy.compute_dtype) if bf16 else y_md
         y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, cap)  # dropped rows stay 0
         return _unsort_combine(y_rd, order, routing, ctx.policy), r - forward.send_sizes.sum()
 
