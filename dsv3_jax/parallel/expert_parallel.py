@@ -45,6 +45,16 @@ def exchange_plans(sizes_sj: jax.Array, me: jax.Array, cap: int | None = None) -
     return forward, back
 
 
+DENSE_EXCHANGE = "ep_dense_exchange"
+
+
+def expected_fill(shards: int, factor: float | None) -> float:
+    """The fraction of a dense exchange buffer (`shards` x `pair_capacity` rows) that balanced routing fills: each
+    peer gets rows / shards, out of `pair_capacity` slots. Dropless: 1 / shards; capacity factor f: 1 / f (a
+    buffer is full when f <= 1)."""
+    return 1 / shards if factor is None else 1 / min(max(factor, 1.0), shards)
+
+
 def pair_capacity(rows: int, shards: int, factor: float | None) -> int:
     """Rows one device may send one peer per exchange: `rows` (all of them: dropless) or `factor` times the
     balanced share rows / shards, rounded up."""
@@ -60,7 +70,13 @@ def ragged_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ...], 
 
 def all_to_all_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ...], capacity: int):
     """`ragged_exchange`'s result from a dense `jax.lax.all_to_all` of `capacity` rows per peer: each chunk is
-    padded to capacity, exchanged, and written at the offset its sender chose. Exact for chunks <= capacity."""
+    padded to capacity, exchanged, and written at the offset its sender chose. Exact for chunks <= capacity.
+    Named `DENSE_EXCHANGE` in the HLO: the planner counts these collectives at the ragged exchange's bytes."""
+    with jax.named_scope(DENSE_EXCHANGE):
+        return _dense_exchange(operand, output, plan, axes, capacity)
+
+
+def _dense_exchange(operand, output, plan: ExchangePlan, axes: tuple[str, ...], capacity: int):
     s, c = plan.send_sizes.shape[0], jnp.arange(capacity)
     tail = (1,) * (operand.ndim - 1)
     rows = plan.input_offsets[:, None] + c  # (S, C)

@@ -75,15 +75,15 @@ def peak_flops(hw: Hardware, precision: str) -> float:
 
 def roofline(hw: Hardware, precision: str, flops: float, hbm_traffic: float, intra_link_bytes: float,
              inter_link_bytes: float) -> dict:
-    """Step time per device = max(compute, HBM traffic, collectives), each at its peak rate; names the bound.
-
-    Collective time adds the intra- and inter-domain bytes at their own rates and assumes no overlap with each
-    other (an upper bound for them) but full overlap with compute (the max): the usual optimistic roofline.
-    """
+    """Step time per device from compute, HBM traffic and collectives, each at its peak rate, two ways: `step_s`
+    = their max (perfect overlap: the optimistic roofline; names the bound) and `serial_step_s` = their sum (no
+    overlap at all). A real step lands between the two. Collective time adds the intra- and inter-domain bytes at
+    their own rates (no overlap between the two links)."""
     times = {
         "compute": flops / peak_flops(hw, precision),
         "memory": hbm_traffic / hw.hbm_bw,
         "collectives": intra_link_bytes / hw.link_bw + inter_link_bytes / hw.net_bw,
     }
     bound = max(times, key=times.get)
-    return {"step_s": times[bound], "bound": bound, **{f"{k}_s": v for k, v in times.items()}}
+    return {"step_s": times[bound], "serial_step_s": sum(times.values()), "bound": bound,
+            **{f"{k}_s": v for k, v in times.items()}}

@@ -8,6 +8,8 @@ instruction (fusions count as one instruction), XLA's "bytes accessed" conventio
 inside loops: a slice (`dynamic-slice`, `slice`, `gather`) reads only what it returns and an in-place update
 (`dynamic-update-slice`, `scatter`) writes only its update, also when either sits inside a fusion. Without it a
 scanned layer that slices its weights out of the stacked (L, ...) array would be charged the whole stack per layer.
+Collectives count at the dtype that would travel on an accelerator (`wire_fraction`: XLA:CPU widens bf16 ones to
+f32) and split into bytes inside and across scale-up domains (`inter_node_fraction`).
 """
 
 from __future__ import annotations
@@ -226,21 +228,96 @@ def _collective_size(ins: Instr, kind: str) -> float:
     return sum(nbytes(p) for p in parts[len(parts) // 2:])
 
 
-def analyze(text: str, n_devices: int, node: int | None = None) -> dict:
+def group_axes(groups: np.ndarray, device_ids: np.ndarray | None, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes a collective's groups span: those along which the first group's device coordinates vary
+    (`device_ids`: the mesh's device id grid, axis order `names`)."""
+    if device_ids is None or groups.shape[1] <= 1:
+        return ()
+    where = {int(d): np.unravel_index(i, device_ids.shape) for i, d in enumerate(device_ids.reshape(-1))}
+    coords = np.asarray([where[int(d)] for d in groups[0] if int(d) in where])
+    return tuple(n for k, n in enumerate(names) if len(coords) and len(set(coords[:, k])) > 1)
+
+
+def summarize(ops: list[dict]) -> dict[str, dict]:
+    """Per-kind totals (count, result bytes, bytes sent, bytes sent across nodes) of `collective_ops` entries."""
+    keys = ("count", "bytes", "link_bytes", "inter_node_link_bytes")
+    out: dict[str, dict] = {}
+    for op in ops:
+        c = out.setdefault(op["kind"], dict.fromkeys(keys, 0))
+        c["count"] += op["times"]
+        for k in keys[1:]:
+            c[k] += op[k]
+    return out
+
+
+def by_axes(ops: list[dict]) -> dict[str, dict]:
+    """Bytes sent per step grouped by the mesh axes the collective spans ("fsdp+expert": one group over both)."""
+    out: dict[str, dict] = {}
+    for op in ops:
+        c = out.setdefault("+".join(op["axes"]) or "-", {"link_bytes": 0.0, "inter_node_link_bytes": 0.0})
+        c["link_bytes"] += op["link_bytes"]
+        c["inter_node_link_bytes"] += op["inter_node_link_bytes"]
+    return out
+
+
+def inter_node_fraction(kind: str, groups: np.ndarray, node: int | None) -> float:
+    """The part of a collective's bytes that crosses scale-up domains of `node` devices: an all-to-all sends each
+    peer its own share, so only the shares of peers in other domains cross; a ring collective (gather, reduce)
+    whose group spans domains runs at the slower link's pace, so all of it counts."""
+    if node is None or groups.shape[1] <= 1:
+        return 0.0
+    domain = groups // node
+    if "all-to-all" not in kind:
+        return float((domain != domain[:, :1]).any())
+    off = (domain[:, :, None] != domain[:, None, :]).sum(-1)  # (groups, members): peers in other domains
+    return float(off.mean() / (groups.shape[1] - 1))
+
+
+def _root_convert_source(name: str, instrs: dict[str, Instr], comps: dict[str, list[Instr]]) -> str | None:
+    """The dtype a value was converted from, when it is a `convert` (or a fusion whose root is one)."""
+    ins = instrs.get(name)
+    if ins is None:
+        return None
+    if ins.op == "fusion":
+        fused = re.search(r"\bcalls=%([\w.\-]+)", ins.attrs)
+        body = comps.get(fused.group(1), []) if fused else []
+        ins, instrs = next((i for i in body if i.root), None), {i.name: i for i in body}
+    while ins is not None and ins.op in ("bitcast", "copy", "reshape", "transpose") and ins.operands:
+        ins = instrs.get(ins.operands[0])  # layout-only ops between the convert and the collective
+    if ins is None or ins.op != "convert" or ins.operands[0] not in instrs:
+        return None
+    src = arrays(instrs[ins.operands[0]].shape)
+    return src[0][0] if src else None
+
+
+def wire_fraction(ins: Instr, instrs: dict[str, Instr], comps: dict[str, list[Instr]]) -> float:
+    """XLA:CPU runs bf16 (and fp8) collectives in f32, converting around them; on an accelerator they move the
+    narrow type. The fraction of the compiled bytes that would travel: narrow / wide when every operand is a
+    convert from a narrower type, else 1."""
+    wide = [_DTYPE_BYTES.get(dt, 4) for dt, _ in arrays(ins.shape)]
+    narrow = [_root_convert_source(o, instrs, comps) for o in ins.operands]
+    if not wide or not narrow or None in narrow:
+        return 1.0
+    return min(1.0, max(_DTYPE_BYTES.get(dt, 4) for dt in narrow) / max(wide))
+
+
+def analyze(text: str, n_devices: int, node: int | None = None, device_ids: np.ndarray | None = None,
+            axis_names: tuple[str, ...] = ()) -> dict:
     """Per-device counts for one execution of the compiled program in `text` (its `as_text()`).
 
     `node`: devices per scale-up domain; a collective whose group spans two domains is counted as inter-node.
+    `device_ids`, `axis_names`: the mesh, to name the axes each collective spans.
     """
     comps, entry = parse(text)
     mult, inner = multipliers(comps, entry)
     flops = traffic = 0.0
-    collectives: dict[str, dict] = {}
-    largest = []
+    ops = []
     for cname, instrs in comps.items():
         times = mult.get(cname, 0)
         if not times:
             continue
         shapes = {i.name: i.shape for i in instrs}
+        by_name = {i.name: i for i in instrs}
         for ins in instrs:
             if ins.op == "dot":
                 lhs = arrays(shapes.get(ins.operands[0], ""))
@@ -254,19 +331,17 @@ def analyze(text: str, n_devices: int, node: int | None = None) -> dict:
             if kind not in COLLECTIVES or ins.op.endswith("-done"):
                 continue
             groups = replica_groups(ins.attrs, n_devices)
-            size = _collective_size(ins, kind)
+            size = _collective_size(ins, kind) * wire_fraction(ins, by_name, comps)
             sent = link_bytes(kind, size, groups.shape[1])
-            crosses = node is not None and bool((groups // node != (groups // node)[:, :1]).any())
-            keys = ("count", "bytes", "link_bytes", "inter_node_link_bytes")
-            c = collectives.setdefault(kind, dict.fromkeys(keys, 0))
-            c["count"] += times
-            c["bytes"] += times * size
-            c["link_bytes"] += times * sent
-            c["inter_node_link_bytes"] += times * sent * crosses
+            crosses = inter_node_fraction(kind, groups, node)
             where = re.search(r'op_name="([^"]*)"', ins.attrs)
-            largest.append({"kind": kind, "shape": re.sub(r"\{[^}]*\}", "", ins.shape), "group": int(groups.shape[1]),
-                            "times": times, "bytes": times * size, "op_name": where.group(1) if where else ""})
-    largest.sort(key=lambda d: -d["bytes"])
+            ops.append({"kind": kind, "shape": re.sub(r"\{[^}]*\}", "", ins.shape), "group": int(groups.shape[1]),
+                        "axes": group_axes(groups, device_ids, axis_names), "times": times, "bytes": times * size,
+                        "link_bytes": times * sent, "inter_node_link_bytes": times * sent * crosses,
+                        "op_name": where.group(1) if where else ""})
+    ops.sort(key=lambda d: -d["bytes"])
     loops = [int(t) for t in _TRIP.findall(text)]
-    return {"dot_flops": flops, "hbm_traffic": traffic, "collectives": collectives, "largest_collectives": largest[:8],
-            "collective_ops": largest, "loop_trip_counts": loops}
+    unknown = sum(1 for instrs in comps.values() for i in instrs if i.op == "while" and not _TRIP.search(i.attrs))
+    return {"loops_of_unknown_length": unknown, "dot_flops": flops, "hbm_traffic": traffic,
+            "collectives": summarize(ops), "largest_collectives": ops[:8],
+            "collective_ops": ops, "loop_trip_counts": loops}
