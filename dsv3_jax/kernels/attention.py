@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.errors import ConfigError
+from dsv3_jax.kernels.platform import platform
 from dsv3_jax.kernels.precision import Policy
 from dsv3_jax.kernels.shapes import round_up
 from dsv3_jax.kernels.varying import like
@@ -304,10 +305,6 @@ BACKENDS: dict[str, Backend] = {
 
 
 NAMES = ("auto", *BACKENDS)
-
-
-def platform() -> str:
-    return jax.default_backend()
 
 
 def check_available(name: str, plat: str | None = None) -> None:

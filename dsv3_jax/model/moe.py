@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.errors import ConfigError
+from dsv3_jax.kernels.platform import platform
 from dsv3_jax.kernels.precision import Policy, policy
 from dsv3_jax.model.layers import MLP, param
 from dsv3_jax.model.moe_backends import BACKENDS, ExpertWeights, MoeContext, split_tokens
@@ -117,7 +118,7 @@ class MoE(nnx.Module):
         else:
             name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
                                         cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy,
-                                        jax.default_backend(), self.impl.moe_ep_chunk_tokens,
+                                        platform(), self.impl.moe_ep_chunk_tokens,
                                         self.impl.moe_blocks_per_step, self.impl.moe_capacity_factor)
         weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
         routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
