@@ -6,28 +6,23 @@
 
 Text prompts start with the tokenizer's bos id (as in training); --prompt-ids are used verbatim. Several --prompt /
 --prompt-ids flags make one batch. A single prompt streams its text as it is generated; a batch prints each
-completion at the end. Bad input prints `error: <one line>` and exits with status 2.
+completion at the end. Bad input prints `error: <one line>` and exits with status 2; Ctrl-C prints one line and
+exits with status 130. A run dir whose newest checkpoint fails to restore is sampled from the one before it (the
+broken one is set aside, with one warning line). Prompt plus --max-new-tokens must fit the model's context
+(max_position_embeddings).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise CLIError(message)
+from dsv3_jax.errors import ArgumentParser, UsageError, one_line, run_command
 
 
 def parse_args(argv):
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="our run/step dir, or an HF dir with config.json")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
@@ -51,7 +46,7 @@ def parse_ids(text: str, what: str) -> list[int]:
     try:
         return [int(s) for s in parts]
     except ValueError:
-        raise CLIError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 def load(path_str: str, dtype: str, tokenizer_spec: str | None):
@@ -63,7 +58,7 @@ def load(path_str: str, dtype: str, tokenizer_spec: str | None):
 
     path = pathlib.Path(path_str)
     if not path.is_dir():
-        raise CLIError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
+        raise UsageError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
     try:
         ours = (path / "checkpoints").is_dir() or (path / "state").is_dir()  # a run dir or one of its step dirs
         if (path / "config.json").is_file() and not ours:
@@ -74,13 +69,11 @@ def load(path_str: str, dtype: str, tokenizer_spec: str | None):
             model, cfg = checkpoint.load_model(path)
             spec, defaults = cfg.data.tokenizer, cfg.sample
     except Exception as e:  # noqa: BLE001  (any failure to read the directory is a bad checkpoint, one line)
-        raise CLIError(f"cannot load checkpoint {path}: {one_line(e)}") from None
+        from dsv3_jax.errors import Error
+
+        reason = one_line(e) if isinstance(e, (Error, OSError)) else f"{type(e).__name__}: {one_line(e)[:300]}"
+        raise UsageError(f"cannot load checkpoint {path}: {reason}") from None
     return model, make_tokenizer(tokenizer_spec or spec), defaults
-
-
-def one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 class Streamer:
@@ -101,10 +94,10 @@ class Streamer:
 def run(args) -> int:
     prompts = [("text", t) for t in args.prompt] + [("ids", parse_ids(s, "--prompt-ids")) for s in args.prompt_ids]
     if not prompts:
-        raise CLIError("give at least one --prompt or --prompt-ids")
+        raise UsageError("give at least one --prompt or --prompt-ids")
     for i, (_, p) in enumerate(prompts):
         if len(p) == 0:
-            raise CLIError(f"prompt {i} is empty")
+            raise UsageError(f"prompt {i} is empty")
 
     from dsv3_jax.infer import sampling
 
@@ -161,20 +154,13 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from dsv3_jax.hostmem import reuse_freed_memory
+    def body():
+        from dsv3_jax.hostmem import reuse_freed_memory
 
-    reuse_freed_memory()  # before JAX starts its CPU client
-    try:
-        return run(parse_args(argv))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        from dsv3_jax.errors import ConfigError, DataError, GenerateError
+        reuse_freed_memory()  # before JAX starts its CPU client
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
 
-        if not isinstance(e, (CLIError, GenerateError, ConfigError, DataError)):
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,15 @@
     python train.py --config configs/tiny.yaml train.steps=50 train.run_dir=runs/tiny
     python train.py --config small impl.remat=full mesh.fsdp=2 train.micro_batches=4
 
-Resumes from the newest checkpoint in train.run_dir. Multi-host: pass --coordinator HOST:PORT --num-processes N
---process-id I (or DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID); on TPU pods and SLURM nothing is needed.
-Bad input (config, data, shapes) prints `error: <reason>` and exits with status 2 before any checkpoint is touched.
+Resumes from the newest checkpoint in train.run_dir that restores (one that does not is set aside). A mesh with
+more devices than this machine has fails; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N fakes N devices:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python train.py --config tiny mesh.fsdp=2
+
+Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I (or DSV3_COORDINATOR /
+DSV3_NUM_PROCESSES / DSV3_PROCESS_ID); on TPU pods and SLURM nothing is needed. Bad input (config, data, shapes)
+prints `error: <reason>` and exits with status 2 before any checkpoint is touched; Ctrl-C prints one line and exits
+with status 130 (during training, after saving a checkpoint of the step in progress).
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3_jax.errors import ConfigError, print_error
+from dsv3_jax.errors import ArgumentParser, run_command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__)
     p.add_argument("--config", default="small", help="preset name (tiny, small, ...) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
     p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-process runs")
@@ -28,29 +34,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _usage_errors() -> tuple[type[Exception], ...]:
-    """The exception types that mean bad input (printed as one line), not a bug."""
-    from dsv3_jax.errors import DataError, GenerateError, HFError
-
-    return ConfigError, DataError, HFError, GenerateError, FileNotFoundError
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     from dsv3_jax.hostmem import reuse_freed_memory
 
     reuse_freed_memory()  # before JAX starts its CPU client
-    try:
-        from dsv3_jax.parallel import distributed
+    from dsv3_jax.parallel import distributed
 
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        from dsv3_jax.presets import load_config
-        from dsv3_jax.train.loop import train
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.train.loop import train
 
-        cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except _usage_errors() as e:
-        return print_error(e)
+    train(load_config(args.config, args.overrides))
     return 0
 
 

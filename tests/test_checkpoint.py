@@ -80,18 +80,41 @@ def test_round_trip_and_fallback_past_a_broken_checkpoint(tmp_path, capfd):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(small_state(2))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ck.close()
-    # break step 2: its array files are truncated; restore reports one line and falls back to step 1
+    # break step 2: its array files are truncated; restore reports one line, sets step 2 aside and uses step 1
     for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and f.suffix != ".json" and "METADATA" not in f.name:
             f.write_bytes(b"broken")
     ck = checkpoint.Checkpointer(tmp_path, every=1, keep=3)
     capfd.readouterr()
     step, state, data_state = ck.restore_latest(abstract(small_state(0)))
-    err = [ln for ln in capfd.readouterr().err.splitlines() if "warning" in ln]
+    err = capfd.readouterr().err
+    warnings = [ln for ln in err.splitlines() if "warning" in ln]
     assert step == 1 and data_state == {"epoch": 0, "next": 1}
-    assert len(err) == 1 and "checkpoint step 2" in err[0] and "trying step 1" in err[0]
+    assert len(warnings) == 1 and "checkpoint step 2" in warnings[0] and "using step 1" in warnings[0], err
+    assert "set aside as 2.unrestorable-" in warnings[0] and "Future exception" not in err
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(small_state(1)["params"]["w"]))
     ck.close()
+    # set aside once: the broken step is never the newest again, so the next restore is silent
+    assert checkpoint.existing_steps(tmp_path) == [1]
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints").glob("2.unrestorable-*")] == ["2.unrestorable"]
+    ck = checkpoint.Checkpointer(tmp_path, every=1, keep=3)
+    assert ck.restore_latest(abstract(small_state(0)))[0] == 1 and "warning" not in capfd.readouterr().err
+    ck.close()
+
+
+def test_nothing_is_set_aside_when_no_checkpoint_restores(tmp_path, capfd):
+    """When every step fails (say the code's state no longer matches), moving them would hide the problem and
+    let the next run start from scratch: all stay in place and the error is one line."""
+    ck = checkpoint.Checkpointer(tmp_path, every=1, keep=3, async_save=False)
+    for step in (1, 2):
+        ck.save(step, small_state(step), {"next": step}, load_config("tiny"))
+    ck.close()
+    other = {**abstract(small_state(0)), "params": {"w": jax.ShapeDtypeStruct((5, 5), jnp.float32)}}
+    with pytest.raises(ConfigError, match=r"no checkpoint in .* could be restored \(steps \[1, 2\]; step 2: ") as e:
+        checkpoint.Checkpointer(tmp_path, every=1, keep=3).restore_latest(other)
+    assert "\n" not in str(e.value) and "<bound method" not in str(e.value)
+    assert checkpoint.existing_steps(tmp_path) == [1, 2]
+    assert not list((tmp_path / "checkpoints").glob("*.unrestorable-*"))
 
 
 def _train(args: list[str], e: dict, script: list[str] | None = None) -> subprocess.CompletedProcess:

@@ -298,7 +298,9 @@ def test_text_jsonl_parquet_arrayrecord(tmp_path):
     assert docs("notes.data") == [("notes.data", (tmp_path / "notes.data").read_text())]  # auto: unknown -> text
     assert docs("notes.data", "jsonl") == [("notes.data#1", "as jsonl")]
     assert len(docs("*")) == 3 + 3 + 3 + 3 + 3 + 1
-    assert len(docs("*", "text")) == 8  # format overrides the suffix: every file is one text document
+    assert docs("d.jsonl", "text") == [("d.jsonl", (tmp_path / "d.jsonl").read_text())]  # format beats the suffix
+    with pytest.raises(DataError, match=r"d\.parquet: binary data"):  # read as text, a binary file is refused
+        docs("*", "text")
     assert [t for _, t in docs("*.jsonl")] == [t for _, t in docs("*.parquet")]
 
     # End to end: the packed rows of a one-file corpus decode back to its documents.

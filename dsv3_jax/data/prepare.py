@@ -27,11 +27,12 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
 import time
 
 import numpy as np
 
-from dsv3_jax.data import sources
+from dsv3_jax.data import atomic, sources
 from dsv3_jax.data.tokenizer import identity, make_tokenizer
 from dsv3_jax.errors import DataError
 
@@ -81,10 +82,11 @@ def _encode(tok, texts: list[str]) -> list[np.ndarray]:
 
 
 def _save(path: pathlib.Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic.write_with(path, write)
 
 
 def make_shard(out: str, index: int, unit: list[sources.Piece], tokenizer: str, text_field: str,
@@ -109,9 +111,7 @@ def make_shard(out: str, index: int, unit: list[sources.Piece], tokenizer: str, 
         record[split] = {"documents": len(texts), "tokens": len(stream), "bytes": int(nbytes.sum()),
                          "max_token": int(max((a.max() for a in encoded if len(a)), default=-1))}
     record["files"] = {k: p.stat().st_size for k, p in files.items()}
-    tmp = files["train.tokens"].parent / f".{index:05d}.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, files["train.tokens"].parent / f"{index:05d}.json")
+    atomic.write_text(files["train.tokens"].parent / f"{index:05d}.json", json.dumps(record))
     return record
 
 
@@ -248,9 +248,7 @@ def write_manifest(out: pathlib.Path, opts: dict, records: list[dict]) -> dict:
                          "pieces": pieces}
     used = sorted({p[0] for s in SPLITS for p in splits[s]["pieces"]})
     manifest = {**opts, "shards": {str(i): by_index[i]["files"] for i in used}, "splits": splits}
-    tmp = out / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic.write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -259,11 +257,34 @@ def _context():
     return multiprocessing.get_context("spawn")
 
 
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them: one `interrupted` line, not a traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _check_out(out: pathlib.Path) -> None:
+    """--out must be a directory or a path that can become one."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DataError(f"--out {out}: {p} is a file, not a directory")
+            return
+
+
+def _remove_temporaries(out: pathlib.Path) -> None:
+    """The hidden temporaries of writes that an interrupted run (or its killed workers) left unfinished."""
+    for d in (out, out / "shards"):
+        if d.is_dir():
+            for tmp in d.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def prepare(source: str, tokenizer: str, out: str | pathlib.Path, fmt: str = "auto", text_field: str = "text",
             eval_fraction: float = 0.02, max_documents: int | None = None, processes: int = 1,
             shard_mb: float = 16, log=None) -> dict:
     """Tokenise `source` into shards under `out` (resuming a partial run); returns the manifest."""
     out = pathlib.Path(out).expanduser()
+    _check_out(out)
     opts, files = options(source, tokenizer, fmt, text_field, eval_fraction, max_documents, shard_mb)
     if processes <= 0:
         raise DataError(f"--processes must be positive, got {processes}")
@@ -277,15 +298,18 @@ def prepare(source: str, tokenizer: str, out: str | pathlib.Path, fmt: str = "au
     units = _units(sources.pieces(files, int(shard_mb * 2**20)), int(shard_mb * 2**20))
     if fresh:  # prepare.json first: a concurrent run (another process, same cache dir) then finds it
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".prepare.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(opts, indent=1) + "\n")
-        os.replace(tmp, out / "prepare.json")
+        atomic.write_text(out / "prepare.json", json.dumps(opts, indent=1) + "\n")
     (out / "shards").mkdir(exist_ok=True)
     try:
         records = _run(out, opts, tokenizer, units, processes, log)
+        if not sum(r["documents"] for r in records):
+            raise DataError(f"data.source {source!r} holds no non-empty documents (nothing to train on)")
     except DataError:
         if fresh:  # bad input: leave nothing behind (a resumed directory keeps its finished shards)
             shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException:  # Ctrl-C, a crash: finished shards stay (a rerun resumes), unfinished writes go
+        _remove_temporaries(out)
         raise
     return write_manifest(out, opts, records)
 
@@ -297,7 +321,7 @@ def _run(out: pathlib.Path, opts: dict, tokenizer: str, units: list, processes: 
              opts["dtype"]) for i, u in enumerate(units)]
     records, pending, seen, nxt = {}, {}, 0, 0
     t0, done_bytes = time.perf_counter(), 0
-    with (_context().Pool(processes) if processes > 1 else contextlib.nullcontext()) as pool:
+    with (_context().Pool(processes, _ignore_sigint) if processes > 1 else contextlib.nullcontext()) as pool:
         for i in range(len(units)):
             while nxt < len(units) and (limit is None or seen < limit) and len(pending) < max(2 * processes, 1):
                 rec = finished_shard(out, nxt)

@@ -135,6 +135,19 @@ def pieces(files: list[tuple[str, str, str]], piece_bytes: int) -> list[Piece]:
     return out
 
 
+def as_text(raw: bytes, where: str) -> str:
+    """UTF-8 bytes as text; bytes that cannot be text (NUL bytes, or more than 1% that are not UTF-8) are a one-line
+    DataError naming `where`, so a glob that also matches binary files fails instead of training on noise."""
+    if b"\0" in raw:
+        raise DataError(f"{where}: binary data (NUL bytes), not text; narrow data.source to text files")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if bad > max(8, len(raw) // 100):
+        raise DataError(f"{where}: not UTF-8 text ({bad} of {len(raw)} bytes do not decode); narrow data.source "
+                        "to text files")
+    return text
+
+
 def _field(record: dict, field: str, where: str) -> str | None:
     if field not in record:
         raise DataError(f"{where}: no field {field!r} (data.text_field); keys: {sorted(record)[:10]}")
@@ -199,7 +212,7 @@ def _read_arrayrecord(p: Piece, field: str) -> Iterator[tuple[int, str | None]]:
     finally:
         reader.close()
     for i, raw in enumerate(records, p.first):
-        text = raw.decode("utf-8", errors="replace")
+        text = as_text(raw, f"{p.path}: record {i}")
         if text.lstrip().startswith("{"):
             try:
                 record = json.loads(text)
@@ -213,7 +226,8 @@ def _read_arrayrecord(p: Piece, field: str) -> Iterator[tuple[int, str | None]]:
 def read_piece(p: Piece, field: str) -> Iterator[tuple[str, str]]:
     """The non-empty (key, text) documents of one piece, in order."""
     if p.fmt == "text":
-        text = pathlib.Path(p.path).read_text(encoding="utf-8", errors="replace")
+        # universal newlines, as open() in text mode reads them
+        text = as_text(pathlib.Path(p.path).read_bytes(), p.path).replace("\r\n", "\n").replace("\r", "\n")
         if text:
             yield p.key, text
         return

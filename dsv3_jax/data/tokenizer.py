@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from dsv3_jax.data import sources
+from dsv3_jax.data import atomic, sources
 from dsv3_jax.errors import DataError
 
 
@@ -65,6 +65,21 @@ def _special_name(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _load(tokenizers, p: pathlib.Path):
+    """A tokenizers.Tokenizer from a file; a file that is not a tokenizer.json is one DataError saying so."""
+    try:
+        raw = json.loads(p.read_bytes())
+    except (ValueError, OSError) as e:
+        raise DataError(f"data.tokenizer: {p} is not a tokenizer.json (not JSON: {str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise DataError(f"data.tokenizer: {p} is not a tokenizer.json (no \"model\" entry; give the tokenizer.json "
+                        "that tokenizers / transformers save, or 'byte')")
+    try:
+        return tokenizers.Tokenizer.from_file(str(p))
+    except Exception as e:  # noqa: BLE001  (the library raises a bare Exception on parse errors)
+        raise DataError(f"data.tokenizer: {p} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
 class HFTokenizer(Tokenizer):
     """A local HF `tokenizer.json`. bos/eos come from a sibling `tokenizer_config.json` when it names them,
     else from the file's special tokens with a conventional name; a missing bos falls back to eos (GPT-2 style)."""
@@ -80,10 +95,7 @@ class HFTokenizer(Tokenizer):
             p = p / "tokenizer.json"
         if not p.is_file():
             raise DataError(f"data.tokenizer: file {str(p)!r} does not exist (use 'byte' or a tokenizer.json path)")
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(p))
-        except Exception as e:  # noqa: BLE001  (the library raises a bare Exception on parse errors)
-            raise DataError(f"data.tokenizer: cannot load {p}: {str(e).splitlines()[0]}") from None
+        self._tok = _load(tokenizers, p)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = self._find_specials(p)
         self.sha256 = hashlib.sha256(p.read_bytes()).hexdigest()
@@ -161,14 +173,34 @@ def train_bpe(source: str, vocab_size: int, out: str, fmt: str = "auto", text_fi
                 if max_documents is not None and n >= max_documents:
                     return
 
+    path = pathlib.Path(out).expanduser()
+    if path.is_dir():
+        raise DataError(f"--out {path} is a directory; name the tokenizer.json file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--out {path}: {parent} is a file, not a directory")
+            break
+    documents = 0
+
+    def counted():
+        nonlocal documents
+        for text in texts():
+            documents += 1
+            yield text
+
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
                                              show_progress=False)
-    tok.train_from_iterator(texts(), trainer)
-    path = pathlib.Path(out).expanduser()
+    tok.train_from_iterator(counted(), trainer)
+    if not documents:
+        raise DataError(f"--source {source!r} holds no non-empty documents to train a tokenizer on")
+    if tok.get_vocab_size(with_added_tokens=True) < vocab_size:
+        raise DataError(f"--source {source!r} yields only {tok.get_vocab_size(with_added_tokens=True)} tokens, fewer "
+                        f"than --vocab-size {vocab_size}: use more text or a smaller --vocab-size")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    atomic.write_with(path, lambda tmp: tok.save(str(tmp)))
     return HFTokenizer(str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsv3_jax.errors import HFError
 from dsv3_jax.kernels.fp8 import F32_TINY, FP8_BLOCK, FP8_MAX
 from dsv3_jax.kernels.shapes import cdiv
 
@@ -16,7 +17,7 @@ def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLO
     out_dim, in_dim = q.shape
     nb_out, nb_in = cdiv(out_dim, block), cdiv(in_dim, block)
     if scale_inv.shape != (nb_out, nb_in):
-        raise ValueError(f"weight_scale_inv has shape {scale_inv.shape}, expected {(nb_out, nb_in)} for weight "
+        raise HFError(f"weight_scale_inv has shape {scale_inv.shape}, expected {(nb_out, nb_in)} for weight "
                          f"{q.shape} with {block}x{block} blocks")
     scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:out_dim, :in_dim]
     return q.astype(np.float32) * scale

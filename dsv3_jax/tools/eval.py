@@ -18,22 +18,26 @@ import math
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from dsv3_jax.config import Config, DataConfig
-from dsv3_jax.errors import ConfigError, print_error
-from dsv3_jax.train.evaluate import batch_sums, split_sums
-from dsv3_jax.train.step import BATCH_KEYS
+from dsv3_jax.errors import ArgumentParser, ConfigError, run_command
 
 
-def evaluate_model(model, data_cfg: DataConfig, batch_size: int, batches: int, seed: int = 0) -> dict:
-    """Loss (nats/token), perplexity, bits per byte and accuracies over `batches` eval batches (0: the whole split)."""
+def evaluate_model(model, data_cfg, batch_size: int, batches: int, seed: int = 0) -> dict:
+    """Loss (nats/token), perplexity, bits per byte and accuracies over `batches` eval batches (0: the whole split)
+    of `data_cfg` (a DataConfig); rows longer than the model's context are refused, as training refuses them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     from dsv3_jax.data import pipeline
     from dsv3_jax.model.routing import RouterBias
+    from dsv3_jax.train.evaluate import batch_sums, bits_per_byte, split_sums
+    from dsv3_jax.train.step import BATCH_KEYS
+
+    limit = model.cfg.max_position_embeddings
+    if data_cfg.seq_len > limit:
+        raise ConfigError(f"data.seq_len {data_cfg.seq_len} (--seq-len) exceeds the model's context, "
+                          f"model.max_position_embeddings={limit}")
 
     graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
     step = jax.jit(lambda p, b, x: batch_sums(graphdef, p, b, x))
@@ -43,7 +47,7 @@ def evaluate_model(model, data_cfg: DataConfig, batch_size: int, batches: int, s
         raise ConfigError(f"data.source={data_cfg.source!r} has no eval batches of {batch_size} rows")
     bpt = pipeline.split_info(data_cfg, "eval").bytes_per_token
     loss = float(total["ce"]) / max(float(total["count"]), 1.0)
-    res = {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bpt,
+    res = {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte(loss, bpt),
            "accuracy": float(total["correct"]) / max(float(total["count"]), 1.0), "tokens": int(total["count"])}
     # MaxVio_global per MoE layer: the load violation of the counts accumulated over the whole held-out set
     counts = total["expert_counts"]
@@ -60,6 +64,7 @@ def evaluate_model(model, data_cfg: DataConfig, batch_size: int, batches: int, s
 def load(path_str: str, data_source: str | None, tokenizer: str | None, seq_len: int | None) -> tuple:
     """(model, Config) from our run/step dir (its own data config) or an HF dir (stdlib or --data, byte tokenizer
     unless the dir has tokenizer.json)."""
+    from dsv3_jax.config import Config, DataConfig
     from dsv3_jax.interop import hf
     from dsv3_jax.train import checkpoint
 
@@ -99,8 +104,12 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m dsv3_jax.tools.eval", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--checkpoint", required=True, help="our run/step dir, or an HF dir with config.json")
     p.add_argument("--data", help="data.source of the held-out text (default: the run's; stdlib for an HF dir)")
     p.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the run's / the HF dir's)")
@@ -108,16 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=4, help="eval batches (0: the whole eval split)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from dsv3_jax.errors import DataError, HFError
-
-    try:
-        if args.batches < 0 or args.batch_size <= 0:
-            raise ConfigError("--batches must be >= 0 and --batch-size positive")
-        model, cfg = load(args.checkpoint, args.data, args.tokenizer, args.seq_len)
-        res = evaluate_model(model, cfg.data, args.batch_size, args.batches)
-    except (ConfigError, DataError, HFError, FileNotFoundError) as e:
-        return print_error(e)
+    args = p.parse_args(argv)
+    if args.batches < 0 or args.batch_size <= 0:
+        raise ConfigError("--batches must be >= 0 and --batch-size positive")
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise ConfigError(f"--seq-len must be positive, got {args.seq_len}")
+    model, cfg = load(args.checkpoint, args.data, args.tokenizer, args.seq_len)
+    res = evaluate_model(model, cfg.data, args.batch_size, args.batches)
     print(json.dumps(res) if args.json else format_table(res))
     return 0
 

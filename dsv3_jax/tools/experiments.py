@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 
-from dsv3_jax.errors import ConfigError, DataError, HFError, MissingExtra, print_error, require
-from dsv3_jax.train import metrics
+from dsv3_jax.errors import ArgumentParser, ConfigError, require, run_command
 
 PRESET = "exp"
 
@@ -92,7 +91,7 @@ def run_one(preset: str, overrides: list[str], run_dir: pathlib.Path, eval_batch
     """Train one arm/seed (unless already finished), evaluate it, append the heldout record; returns it."""
     from dsv3_jax.presets import load_config
     from dsv3_jax.tools import eval as evaluation
-    from dsv3_jax.train import checkpoint
+    from dsv3_jax.train import checkpoint, metrics
     from dsv3_jax.train.loop import train
 
     if (run_dir / "metrics.jsonl").is_file():
@@ -142,6 +141,8 @@ def _stat(values: list[float], digits: int = 3) -> str:
 
 def train_maxvio(records: list[dict], tail: float = 0.25) -> float:
     """Mean per-batch MaxVio (mean over layers) over the last `tail` of the logged training steps."""
+    from dsv3_jax.train import metrics
+
     steps, values = metrics.series(records, "train", "maxvio_mean")
     if not len(steps):
         return math.nan
@@ -150,6 +151,8 @@ def train_maxvio(records: list[dict], tail: float = 0.25) -> float:
 
 def collect(kind: str, out: pathlib.Path) -> dict[str, list[tuple[int, list[dict], dict]]]:
     """{arm: [(seed, records, heldout record)]} of the finished runs under out/arm_runs, in ARMS order."""
+    from dsv3_jax.train import metrics
+
     run_dirs = [d for d in run_dirs_of(out) if arm_and_seed(d)[0] in dict(ARMS[kind])]
     if not run_dirs:
         raise FileNotFoundError(f"{out / 'arm_runs'} holds no {kind} runs")
@@ -209,13 +212,15 @@ def run_experiment(kind: str, out: pathlib.Path, seeds: int, quick: bool, preset
             run_one(preset, overrides + (QUICK if quick else []) + list(extra) + [f"train.seed={seed}"], run_dir,
                     eval_batches)
     wall = time.perf_counter() - t0
-    text = table(kind, out)
-    (out / "table.md").write_text(text + "\n")
+    from dsv3_jax.data import atomic
     from dsv3_jax.tools.plot import plot_runs
+
+    text = table(kind, out)
+    atomic.write_text(out / "table.md", text + "\n")
 
     dirs = [d for d in run_dirs_of(out) if arm_and_seed(d)[0] in dict(ARMS[kind])]
     plot_runs([str(d) for d in dirs], out / "plots", [d.name for d in dirs])
-    (out / "wall_time.json").write_text(json.dumps({"wall_s": wall, "runs": len(dirs)}) + "\n")
+    atomic.write_text(out / "wall_time.json", json.dumps({"wall_s": wall, "runs": len(dirs)}) + "\n")
     return text
 
 
@@ -228,8 +233,12 @@ def enable_compile_cache(path: str = "~/.cache/dsv3_jax/jax_compile") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m dsv3_jax.tools.experiments", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("kind", help="balance | mtp")
     p.add_argument("--out", required=True, help="directory for arm_runs/, table.md and plots/")
     p.add_argument("--seeds", type=int, default=2, help="seeds per arm (>= 2 for a spread)")
@@ -237,18 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per run")
     p.add_argument("--preset", default=PRESET, help="config preset (default: exp)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every arm")
-    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_intermixed_args(argv)
+    require("matplotlib", "plot")  # the plots come last: fail before the runs, not after them
+    if args.kind not in ARMS:
+        raise ConfigError(f"unknown experiment {args.kind!r}; choose one of {list(ARMS)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a directory")
     enable_compile_cache()
-    try:
-        require("matplotlib", "plot")  # the plots come last: fail before the runs, not after them
-        if args.kind not in ARMS:
-            raise ConfigError(f"unknown experiment {args.kind!r}; choose one of {list(ARMS)}")
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-        print(run_experiment(args.kind, pathlib.Path(args.out), args.seeds, args.quick, args.preset, args.overrides,
-                             args.eval_batches))
-    except (ConfigError, DataError, HFError, MissingExtra, FileNotFoundError) as e:
-        return print_error(e)
+    print(run_experiment(args.kind, pathlib.Path(args.out), args.seeds, args.quick, args.preset, args.overrides,
+                         args.eval_batches))
     return 0
 
 

@@ -5,23 +5,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
-from dsv3_jax.errors import ConfigError, print_error
-from dsv3_jax.model.params import count_params, human
-from dsv3_jax.presets import load_config
+from dsv3_jax.errors import UsageError, run_command
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Print the counts of a preset (with overrides) as JSON and one summary line; bad input: one line, status 2."""
-    if not argv:
-        print("usage: python -m dsv3_jax.tools.params PRESET [key=value ...]", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        return print_error(e)
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-"):
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__.strip())
+            return 0
+        raise UsageError("usage: python -m dsv3_jax.tools.params PRESET [key=value ...]")
+    import json
+
+    from dsv3_jax.model.params import count_params, human
+    from dsv3_jax.presets import load_config
+
+    cfg = load_config(argv[0], argv[1:])
     counts = count_params(cfg.model)
     print(json.dumps(counts, indent=2))
     print(f"{argv[0]}: {human(counts['total'])} total, {human(counts['activated'])} activated per token; "
@@ -31,4 +36,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -17,7 +17,8 @@ import sys
 
 import numpy as np
 
-from dsv3_jax.errors import MissingExtra, print_error, require
+from dsv3_jax.data import atomic
+from dsv3_jax.errors import ArgumentParser, DataError, MissingExtra, UsageError, print_error, require, run_command
 from dsv3_jax.train import metrics
 
 try:
@@ -34,7 +35,10 @@ def run_info(run_dir: str | pathlib.Path) -> tuple[list[dict], dict]:
     cfg_path = pathlib.Path(run_dir) / "run_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no run_config.json (not a training run dir)")
-    return records, json.loads(cfg_path.read_text())
+    try:
+        return records, json.loads(cfg_path.read_text())
+    except ValueError:
+        raise DataError(f"{cfg_path}: not JSON (a cut-off or edited run_config.json)") from None
 
 
 def load_history(records: list[dict], name: str, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,12 +72,14 @@ def plot_runs(run_dirs: list[str], out: str | pathlib.Path, labels: list[str] | 
     labels = labels or [pathlib.Path(d).name for d in run_dirs]
     runs = {label: run_info(d) for label, d in zip(labels, run_dirs)}
     out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
+        atomic.write_with(out / name, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
         plt.close(fig)
         written.append(out / name)
 
@@ -119,20 +125,21 @@ def plot_runs(run_dirs: list[str], out: str | pathlib.Path, labels: list[str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m dsv3_jax.tools.plot", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--labels", help="comma-separated labels, one per run (default: the run dir names)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
-    try:
-        if labels is not None and len(labels) != len(args.run_dirs):
-            raise ValueError(f"--labels has {len(labels)} names for {len(args.run_dirs)} run dirs")
-        for path in plot_runs(args.run_dirs, args.out, labels):
-            print(path)
-    except (FileNotFoundError, ValueError) as e:
-        return print_error(e)
+    if labels is not None and len(labels) != len(args.run_dirs):
+        raise UsageError(f"--labels has {len(labels)} names for {len(args.run_dirs)} run dirs")
+    for path in plot_runs(args.run_dirs, args.out, labels):
+        print(path)
     return 0
 
 

@@ -3,8 +3,10 @@
 Layout: `RUN_DIR/checkpoints/<step>/{state, data, config}`. `state` is the train state (step, params, router bias,
 optimizer state) as plain dicts of arrays; `data` holds one JSON iterator state per process (grain's handler);
 `config` is the full Config as JSON, so a step directory is self-contained. Saves are asynchronous and the manager
-keeps the last `keep` steps. Restoring walks back from the newest step: a checkpoint that fails to restore is
-reported in one line and the one before it is used. `load_model` rebuilds a Transformer from a run or step dir.
+keeps the last `keep` steps. Restoring is `restore_with_fallback`, for training, `load_model` (sampling,
+evaluation) alike: it walks back from the newest step, and once an older one restores, each newer one that failed is
+set aside (renamed `<step>.unrestorable-<time>`, never deleted, so it is never the newest again) with one warning line.
+`load_model` rebuilds a Transformer from a run or step dir.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -47,9 +51,73 @@ class _IteratorSnapshot:
         """Called by grain's restore; nothing to prefetch."""
 
 
-def _reason(e: Exception) -> str:
-    """An exception as `Type: first line` (at most 200 characters), for one-line reports."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+def _reason(e: BaseException) -> str:
+    """An exception as one short line (at most 200 characters) for reports: the innermost cause that says what
+    failed (orbax wraps TensorStore's `Error reading "<array>" ...` in a message that prints a bound method)."""
+    chain = []
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    for x in reversed(chain):
+        text = re.sub(r' in OCDBT database at local file "[^"]*"', "", " ".join(str(x).split()))
+        if text and "<bound method" not in text:
+            return f"{type(x).__name__}: {text[:200]}"
+    return type(chain[0]).__name__
+
+
+class _DropUnretrievedFutures(logging.Filter):
+    """When one array of a broken checkpoint fails to read, the reads of the others are abandoned and asyncio would
+    log each of their failures ("Future exception was never retrieved", a traceback each) when they are collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_ASYNCIO_FILTER = _DropUnretrievedFutures()
+
+
+def set_aside(step_dir: pathlib.Path) -> pathlib.Path | None:
+    """Rename a checkpoint step dir to `<step>.unrestorable-<time>` (process 0; never deleted). None when it was not
+    moved (another process's job, gone already, or a read-only directory)."""
+    dst = step_dir.with_name(f"{step_dir.name}.unrestorable-{int(time.time())}")
+    if jax.process_index() != 0 or not step_dir.exists():
+        return None
+    try:
+        step_dir.rename(dst)
+    except OSError:
+        return None
+    return dst
+
+
+T = TypeVar("T")
+
+
+def restore_with_fallback(ckpt_dir: pathlib.Path, steps: list[int], restore: Callable[[int], T],
+                          fallback: bool = True) -> tuple[int, T] | None:
+    """(step, restore(step)) for the newest of `steps` that restores; None when there are no steps. Once an older
+    step restores, each newer one that failed is set aside with one warning line. When none restores (or
+    `fallback` is off: a step dir named explicitly), nothing is moved and the error is one ConfigError line."""
+    logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
+    steps = sorted(steps, reverse=True)
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            restored = restore(step)
+        except Exception as e:  # noqa: BLE001  (any failure to read a checkpoint means: try the one before it)
+            if not fallback:
+                raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
+            failed.append((step, _reason(e)))
+            continue
+        for bad, reason in failed:
+            moved = set_aside(ckpt_dir / str(bad))
+            aside = f"set aside as {moved.name}" if moved else "left in place"
+            print(f"warning: checkpoint step {bad} in {ckpt_dir} failed to restore ({reason}); {aside}; using step "
+                  f"{step}", file=sys.stderr, flush=True)
+        return step, restored
+    if failed:
+        raise ConfigError(f"no checkpoint in {ckpt_dir} could be restored (steps {sorted(steps)}; step {failed[0][0]}: "
+                          f"{failed[0][1]}); fix or move them, or choose a new train.run_dir")
+    return None
 
 
 def _restore(manager, step: int, abstract_state: dict, **items) -> dict:
@@ -120,29 +188,24 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> None:
         """A step that exists but did not restore is renamed, never deleted, before a new save of that step."""
-        src = self.dir / str(step)
-        dst = self.dir / f"{step}.unrestorable-{int(time.time())}"
-        if jax.process_index() == 0 and src.exists():
-            src.rename(dst)
-            print(f"warning: moved unrestorable checkpoint {src} to {dst}", file=sys.stderr)
+        moved = set_aside(self.dir / str(step))
+        if moved:
+            print(f"warning: moved unrestorable checkpoint {self.dir / str(step)} to {moved}", file=sys.stderr)
         self.manager.reload()
 
     def restore_latest(self, abstract_state: dict) -> tuple[int, dict, Any] | None:
-        """(step, state, data_state) of the newest checkpoint that restores; None when there is none."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        for i, step in enumerate(steps):
-            try:
-                restored = _restore(self.manager, step, abstract_state,
-                                    data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()))
-                return step, restored["state"], restored["data"].state
-            except Exception as e:  # noqa: BLE001  (any failure means: fall back to the previous checkpoint)
-                nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
-                print(f"warning: checkpoint step {step} in {self.dir} failed to restore ({_reason(e)}); {nxt}",
-                      file=sys.stderr)
-        if steps:
-            raise ConfigError(f"no checkpoint in {self.dir} could be restored (steps {sorted(steps)}); "
-                              "fix or move them, or choose a new train.run_dir")
-        return None
+        """(step, state, data_state) of the newest checkpoint that restores (`restore_with_fallback`); None when
+        there is none."""
+        def restore(step):
+            return _restore(self.manager, step, abstract_state,
+                            data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()))
+
+        found = restore_with_fallback(self.dir, list(self.manager.all_steps()), restore)
+        self.manager.reload()  # steps set aside are gone from the manager's list
+        if found is None:
+            return None
+        step, restored = found
+        return step, restored["state"], restored["data"].state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -152,51 +215,66 @@ class Checkpointer:
         self.manager.close()
 
 
-def _resolve_step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int]:
-    """(checkpoints dir, step) for a run dir (newest step) or a step dir."""
+def _resolve_step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int, bool]:
+    """(checkpoints dir, step, whether it is a run dir's newest step) for a run dir or a step dir."""
     path = path.absolute()
     if (path / "state").is_dir() and path.name.isdigit():
-        return path.parent, int(path.name)
+        return path.parent, int(path.name), False
     steps = existing_steps(path)
     if steps:
-        return checkpoint_dir(path), steps[-1]
+        return checkpoint_dir(path), steps[-1], True
     if path.is_dir() and path.name == "checkpoints":
         return _resolve_step_dir(path.parent)
     raise ConfigError(f"{path} is neither a run dir with checkpoints nor a checkpoint step dir")
 
 
-def load_config_of(path: str | pathlib.Path) -> tuple[Config, pathlib.Path, int]:
-    """The Config saved with a checkpoint, its checkpoints dir and step."""
-    ckpt_dir, step = _resolve_step_dir(pathlib.Path(path))
+def _config_of(ckpt_dir: pathlib.Path, step: int) -> Config:
     files = [p for p in (ckpt_dir / str(step) / "config").glob("*") if p.is_file()]
     if not files:
         raise ConfigError(f"checkpoint {ckpt_dir / str(step)} has no saved config")
-    return from_dict(Config, upgrade(json.loads(files[0].read_text()))).validate(), ckpt_dir, step
+    try:
+        raw = json.loads(files[0].read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {ckpt_dir / str(step)}: unreadable config ({_reason(e)})") from None
+    return from_dict(Config, upgrade(raw)).validate()
+
+
+def load_config_of(path: str | pathlib.Path) -> tuple[Config, pathlib.Path, int]:
+    """The Config saved with a checkpoint, its checkpoints dir and step."""
+    ckpt_dir, step, _ = _resolve_step_dir(pathlib.Path(path))
+    return _config_of(ckpt_dir, step), ckpt_dir, step
 
 
 def load_model(path: str | pathlib.Path):
-    """(Transformer, Config) from a run dir (newest checkpoint) or a step dir: only the parameters and router bias
-    are read (a partial restore; the optimizer state, twice the parameters, is never loaded), onto the default
-    device."""
-    from flax import nnx
-
-    cfg, ckpt_dir, step = load_config_of(path)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    graphdef, abs_params, abs_bias = train_state.split_abstract(cfg)
-    abstract = {"params": nnx.to_pure_dict(abs_params), "bias": nnx.to_pure_dict(abs_bias)}
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=device, global_shape=x.shape, dtype=x.dtype),
-                                abstract)
+    """(Transformer, Config) from a run dir (its newest checkpoint that restores: `restore_with_fallback`) or a step
+    dir (that step): only the parameters and router bias are read (a partial restore; the optimizer state, twice the
+    parameters, is never loaded), onto the default device."""
+    ckpt_dir, newest, run_dir = _resolve_step_dir(pathlib.Path(path))
+    steps = [s for s in existing_steps(ckpt_dir.parent) if s <= newest] if run_dir else [newest]
     absl_log = logging.getLogger("absl")  # orbax announces read-only mode as warnings; reading is all we do
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
     manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
-        args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-        state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
+        _, (model, cfg) = restore_with_fallback(ckpt_dir, steps, lambda step: _read_model(manager, ckpt_dir, step),
+                                                fallback=run_dir)
     finally:
         manager.close()
         absl_log.setLevel(level)
+    return model, cfg
+
+
+def _read_model(manager, ckpt_dir: pathlib.Path, step: int):
+    """(Transformer, Config) of one step: its config, then its params and bias only."""
+    from flax import nnx
+
+    cfg = _config_of(ckpt_dir, step)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    graphdef, abs_params, abs_bias = train_state.split_abstract(cfg)
+    abstract = {"params": nnx.to_pure_dict(abs_params), "bias": nnx.to_pure_dict(abs_bias)}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=device, global_shape=x.shape, dtype=x.dtype),
+                                abstract)
+    args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg

@@ -6,6 +6,7 @@ The training loop sums (cross-entropy, targets) with `step.eval_step`; `python -
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -16,6 +17,12 @@ from dsv3_jax.config import DataConfig
 from dsv3_jax.data import pipeline
 from dsv3_jax.train import losses
 from dsv3_jax.train.step import forward
+
+
+def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
+    """Bits per UTF-8 byte of a loss in nats per predicted token: / ln 2 (nats -> bits), / bytes per predicted token
+    (`pipeline.SplitInfo.bytes_per_token`). The one conversion: the training loop and the eval tool both use it."""
+    return nats_per_token / math.log(2) / bytes_per_token
 
 
 def split_sums(fn: Callable[[dict], object], data_cfg: DataConfig, batch_size: int, batches: int, seed: int,

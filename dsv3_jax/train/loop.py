@@ -18,9 +18,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dsv3_jax.config import Config
-from dsv3_jax.data import pipeline
+from dsv3_jax.data import atomic, pipeline
 from dsv3_jax.data.tokenizer import make_tokenizer
-from dsv3_jax.errors import ConfigError
+from dsv3_jax.errors import ConfigError, interrupted
 from dsv3_jax.infer.sampling import generate
 from dsv3_jax.parallel.sharding import (
     logical_size,
@@ -31,7 +31,7 @@ from dsv3_jax.parallel.sharding import (
     use_rules,
 )
 from dsv3_jax.train import checkpoint, metrics
-from dsv3_jax.train.evaluate import split_sums
+from dsv3_jax.train.evaluate import bits_per_byte, split_sums
 from dsv3_jax.train.state import (
     TrainState,
     abstract_state,
@@ -73,14 +73,28 @@ def check_run_dir(cfg: Config) -> None:
                               f"{saved['model'].get(diff[0])!r} there, {now[diff[0]]!r} now); choose a new run_dir")
 
 
+def mesh_of(cfg: Config):
+    """The run's mesh; on CPU, a mesh larger than the devices there are names the flag that fakes more."""
+    try:
+        return make_mesh(cfg.mesh)
+    except ConfigError as e:
+        if jax.default_backend() != "cpu" or "device" not in str(e):
+            raise
+        raise ConfigError(f"{e} (this CPU process has {jax.device_count()} devices; "
+                          "XLA_FLAGS=--xla_force_host_platform_device_count=N fakes N)") from None
+
+
 class _StopSignal:
-    """Remembers SIGTERM/SIGINT so the loop can checkpoint after the current step and exit."""
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint after the current step and exit. A Ctrl-C that came
+    before the loop and was swallowed on its way up (errors.interrupted) stops the run before its first step."""
 
     def __init__(self):
         self.signum = None
         self.previous = {}
 
     def __enter__(self):
+        if interrupted():
+            raise KeyboardInterrupt
         for s in (signal.SIGTERM, signal.SIGINT):
             self.previous[s] = signal.signal(s, self._handle)
         return self
@@ -125,7 +139,7 @@ def _train(cfg: Config) -> dict:
     tcfg, b = cfg.train, cfg.train.global_batch_size
     lead = jax.process_index() == 0
     # Everything that can reject the input runs before the run dir is touched.
-    mesh = make_mesh(cfg.mesh)
+    mesh = mesh_of(cfg)
     check_run(cfg, mesh)
     train_it = pipeline.make_dataset(cfg.data, "train", b, jax.process_index(), jax.process_count(), seed=tcfg.seed,
                                      vocab_size=cfg.model.vocab_size)
@@ -152,11 +166,13 @@ def _train(cfg: Config) -> dict:
     writer = metrics.Writer(run_dir, tcfg.tensorboard)
     writer.truncate_after(start)
     if lead:
-        (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        atomic.write_text(run_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     tokens_per_step = b * cfg.data.seq_len
     flops_per_step = metrics.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    peak, peak_source = metrics.peak_flops(tcfg.peak_tflops, mesh.devices.reshape(-1))
+    # beside the data cache: ~/.cache/dsv3_jax/ by default
+    peak, peak_source = metrics.peak_flops(tcfg.peak_tflops, mesh.devices.reshape(-1),
+                                           pathlib.Path(cfg.data.cache_dir).expanduser().parent)
     if lead:
         print(f"model {cfg.model.hidden_size}d x {cfg.model.num_hidden_layers} layers, {len(jax.devices())} devices "
               f"{dict(mesh.shape)}, {tokens_per_step} tokens/step, peak {peak / 1e12:.3g} TFLOP/s ({peak_source})",
@@ -199,7 +215,7 @@ def _train(cfg: Config) -> dict:
                 last = values
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                 loss = evaluate(cfg, eval_fn, state, batch_sharding)
-                ev = {"loss": loss, "bits_per_byte": loss / math.log(2) / bytes_per_token}
+                ev = {"loss": loss, "bits_per_byte": bits_per_byte(loss, bytes_per_token)}
                 writer.write(step, "eval", ev)
                 last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
                 progress.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data import atomic
+from dsv3_jax.errors import DataError
 from dsv3_jax.model.params import count_params
 
 # Dense bf16 peak TFLOP/s per device, by substrings of `device.device_kind` (first match wins).
@@ -38,30 +41,65 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * active + attention
 
 
-def measured_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
-    """A quick float32 matmul benchmark for devices without a table entry (CPU)."""
+MATMUL_N, MATMUL_REPEATS = 1024, 15
+
+
+def measured_matmul_tflops(n: int = MATMUL_N, repeats: int = MATMUL_REPEATS) -> dict:
+    """A float32 matmul benchmark for devices without a table entry (CPU): the median TFLOP/s of `repeats` timed
+    runs after a warm-up, and the spread (lowest, highest); a best-of-few read 0.04-0.16 on one loaded machine."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    best = math.inf
+    rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e12)
+    return {"median": float(np.median(rates)), "low": min(rates), "high": max(rates), "repeats": repeats, "n": n}
 
 
-def peak_flops(configured_tflops: float | None, devices=None) -> tuple[float, str]:
-    """Total peak FLOP/s of the devices and where the number came from."""
+def cached_matmul_tflops(cache_dir: str | pathlib.Path | None) -> tuple[dict, bool]:
+    """The matmul measurement of this machine from `cache_dir/peak_<device kind>_<cores>.json`, measured and stored
+    there the first time (None: measured, not stored). Runs on one machine then divide by one number, so their MFU
+    compares; returns (measurement, whether it came from the cache)."""
+    device = jax.devices()[0]
+    name = f"peak_{device.platform}_{''.join(c if c.isalnum() else '-' for c in device.device_kind)}_{os.cpu_count()}"
+    path = None if cache_dir is None else pathlib.Path(cache_dir).expanduser() / f"{name}.json"
+    if path is not None and path.is_file():
+        try:
+            got = json.loads(path.read_text())
+            if got.get("median", 0) > 0 and got.get("n") == MATMUL_N:
+                return got, True
+        except (OSError, ValueError, AttributeError):
+            pass
+    got = {**measured_matmul_tflops(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, json.dumps(got) + "\n")
+        except OSError:
+            pass
+    return got, False
+
+
+def peak_flops(configured_tflops: float | None, devices=None, cache_dir: str | pathlib.Path | None = None
+               ) -> tuple[float, str]:
+    """Total peak FLOP/s of the devices and where the number came from (printed with it): `train.peak_tflops`, the
+    datasheet table, or on CPU a matmul measurement (median of repeats, cached per machine in `cache_dir`)."""
     devices = list(jax.devices() if devices is None else devices)
     if configured_tflops:
         return configured_tflops * 1e12 * len(devices), "train.peak_tflops"
     kind = devices[0].device_kind.lower()
     for key, tflops in PEAK_TFLOPS:
         if key in kind:
-            return tflops * 1e12 * len(devices), f"table ({devices[0].device_kind})"
+            return tflops * 1e12 * len(devices), f"datasheet table ({devices[0].device_kind})"
     if devices[0].platform == "cpu":  # the CPU devices of one process share its cores: one measurement for all
-        return measured_matmul_tflops() * 1e12 * jax.process_count(), "measured matmul"
+        m, cached = cached_matmul_tflops(cache_dir)
+        where = f"cached {m.get('measured', '')} in {cache_dir}" if cached else "measured now"
+        if cache_dir is not None and not cached:
+            where += f", cached in {cache_dir}"
+        return m["median"] * 1e12 * jax.process_count(), (
+            f"float32 matmul, median of {m['repeats']} runs {m['low']:.3g}-{m['high']:.3g} TFLOP/s, {where}")
     return math.nan, f"unknown device kind {devices[0].device_kind!r}"
 
 
@@ -108,6 +146,14 @@ class Progress:
             sys.stderr.flush()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a blank or cut-off one (a killed run's last write)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 class Writer:
     """Metrics to `metrics.jsonl` (one object per record, with `step` and `kind`) and TensorBoard, process 0 only."""
 
@@ -124,9 +170,8 @@ class Writer:
         """Drop records beyond `step` (a resumed run re-logs the steps after its checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= step]
+        atomic.write_text(self.path, "".join(ln + "\n" for ln in kept))
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -152,7 +197,19 @@ def read_records(run_dir: str | pathlib.Path) -> list[dict]:
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (not a training run dir, or nothing logged yet)")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(errors="replace").splitlines(), 1) if ln.strip()]
+    records = []
+    for i, ln in lines:
+        try:
+            record = json.loads(ln)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if i == lines[-1][0]:  # a run killed while writing its last line
+                continue
+            raise DataError(f"{path}:{i}: not a metrics record (a JSON object per line)")
+        records.append(record)
+    return records
 
 
 def series(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
