@@ -40,8 +40,8 @@ import json
 import math
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 
 from dsv3_jax.config import DataConfig
@@ -50,14 +50,14 @@ from dsv3_jax.data import sources
 from dsv3_jax.data.tokenizer import Tokenizer, identity, make_tokenizer
 from dsv3_jax.errors import DataError
 
+if TYPE_CHECKING:  # grain is imported where batches are made: runs fed other batches (benchmarks) need no grain
+    import grain
+
 __all__ = ["DataConfig", "DataError", "PackedRows", "ShardRows", "SplitInfo", "Tokenizer", "eval_mask",
            "make_dataset", "make_tokenizer", "open_corpus", "pack_documents", "read_documents", "split_info"]
 
 
 FORMATS = sources.FORMATS
-
-
-_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # rows are cheap: no reader threads
 
 
 def read_documents(cfg: DataConfig) -> list[tuple[str, str]]:
@@ -351,13 +351,16 @@ def make_dataset(data_cfg: DataConfig, split: str, batch_size: int, shard_index:
         if max_token >= vocab_size:
             raise DataError(f"token id {max_token} from data.tokenizer={data_cfg.tokenizer!r} is >= model "
                             f"vocab_size {vocab_size}")
+    import grain
+
     local = batch_size // shard_count
     if split == "train":
         ds = grain.MapDataset.source(rows).shuffle(seed=_mix_seed(data_cfg.shuffle_seed, seed)).repeat()
     else:
         ds = grain.MapDataset.source(rows.padded_to(math.ceil(rows.num_rows / batch_size) * batch_size))
     # Local batches of consecutive rows; process i takes every n-th, i.e. block i of each global batch.
-    ds = ds.batch(local, drop_remainder=True)[shard_index::shard_count].to_iter_dataset(_READ_OPTIONS)
+    ds = ds.batch(local, drop_remainder=True)[shard_index::shard_count].to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # rows are cheap: no reader threads
     if data_cfg.workers:
         from absl import flags
 

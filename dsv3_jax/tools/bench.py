@@ -8,12 +8,15 @@ FFN of the same activated FLOPs (forward + backward), (e) decode against transfo
 (`tools.bench_decode`), (f) the train step's compile time against
 depth. Every figure is a median after a warm-up; every ratio is computed from the figures it divides. Both sides
 train without MTP (transformers has no MTP training path), so the comparison is one model.
+
+`--suite accelerator --out DIR [--tiny]` runs the accelerator suite instead (`tools.bench_accelerator`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import tempfile
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import Config
-from dsv3_jax.errors import ConfigError, MissingExtra, print_error, require
+from dsv3_jax.errors import ConfigError, MissingExtra, print_error
 from dsv3_jax.hostmem import reuse_freed_memory
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools.timing import median_s, paired_medians_s, row
@@ -83,12 +86,24 @@ def matmul_vs_torch(m: int, k: int, n: int, repeats: int) -> tuple[float, float]
     return flops / ours_s, flops / torch_s
 
 
-def matmul_rows(cfg: Config, budget: Budget) -> list[dict]:
+def missing_reference() -> str | None:
+    """Why the reference columns (torch.mm, transformers) cannot run here, or None when they can."""
+    absent = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if not absent:
+        return None
+    return (f"{' and '.join(absent)} not installed (the [bench] extra: pip install -e '.[bench]' from a "
+            "checkout)")
+
+
+def matmul_rows(cfg: Config, budget: Budget, torch_missing: str | None = None) -> list[dict]:
     """(a): the peak, and jnp.dot against torch.mm at two of the train step's shapes: the dense FFN's input
-    projection (B*T, D) @ (D, F) and one block of the blocked MoE (block, D) @ (D, moe F)."""
+    projection (B*T, D) @ (D, F) and one block of the blocked MoE (block, D) @ (D, moe F); only the peak when
+    `torch_missing` says why torch cannot run."""
     m = cfg.model
     rows = [row(f"f32 matmul {budget.matmul_n}^3", matmul_gflops(budget.matmul_n, budget.matmul_repeats), None,
                 "GFLOP/s")]
+    if torch_missing:
+        return rows
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     for what, shape in (("dense FFN", (tokens, m.hidden_size, m.intermediate_size)),
                         ("MoE block", (cfg.impl.moe_block_size, m.hidden_size, m.moe_intermediate_size))):
@@ -230,9 +245,11 @@ SECTIONS = ("matmul", "train", "moe", "decode", "compile")
 
 
 def run(name: str = "bench", quick: bool = False, overrides: list[str] = (), log=None,
-        only: tuple[str, ...] = SECTIONS) -> dict:
+        only: tuple[str, ...] = SECTIONS, torch_missing: str | None = None) -> dict:
     """The sections in `only` (the matmul peak always: MFU needs it); returns {"config", "quick", "machine",
-    "sections": {name: [rows]}} (rows as `row`)."""
+    "sections": {name: [rows]}, "skipped": {what: why}} (rows as `row`). `torch_missing` (why torch or
+    transformers cannot run): the torch.mm rows, transformers' step and the decode section are skipped, each with
+    one line in `log`, and our step is timed alone."""
     from dsv3_jax.train.metrics import flops_per_token
 
     unknown = sorted(set(only) - set(SECTIONS))
@@ -241,27 +258,40 @@ def run(name: str = "bench", quick: bool = False, overrides: list[str] = (), log
     budget = QUICK if quick else FULL
     cfg = bench_config(name, list(overrides))
     say = log or (lambda s: None)
-    out = {"config": name, "quick": quick, "machine": _machine(), "sections": {}}
+    out = {"config": name, "quick": quick, "machine": _machine(), "sections": {}, "skipped": {}}
     sec = out["sections"]
 
-    sec["matmul"] = matmul_rows(cfg, budget)
+    def skip(what: str) -> None:
+        out["skipped"][what] = torch_missing
+        say(f"skipped {what}: {torch_missing}")
+
+    sec["matmul"] = matmul_rows(cfg, budget, torch_missing)
     gflops = sec["matmul"][0]["ours"]
+    if torch_missing:
+        skip("(a) jnp.dot against torch.mm")
     versus = ", ".join(f"{r['ratio']:.2f}x" for r in sec["matmul"][1:])
-    say(f"(a) matmul {gflops:.1f} GFLOP/s; at the step's shapes against torch.mm {versus}")
+    say(f"(a) matmul {gflops:.1f} GFLOP/s" + (f"; at the step's shapes against torch.mm {versus}" if versus else ""))
 
     if "train" in only:
         tokens = cfg.train.global_batch_size * cfg.data.seq_len
         ours_step, model = our_train(cfg)
-        ours_s, hf_s = paired_medians_s(ours_step, hf_train(cfg, model), budget.train_steps)
+        if torch_missing:
+            skip("(c) transformers' train step")
+            ours_s, hf_s = median_s(ours_step, budget.train_steps, warmup=2), None
+        else:
+            ours_s, hf_s = paired_medians_s(ours_step, hf_train(cfg, model), budget.train_steps)
         ours_rate = tokens / ours_s
         mfu = ours_rate * flops_per_token(cfg.model, cfg.data.seq_len) / (gflops * 1e9)
-        say(f"(b) ours {ours_rate:,.0f} tok/s, MFU {100 * mfu:.1f}%; (c) transformers {tokens / hf_s:,.0f} tok/s")
-        sec["train"] = [row("train tokens/s vs transformers", ours_rate, tokens / hf_s, "tok/s"),
-                        row("train step", ours_s * 1e3, hf_s * 1e3, "ms", higher_is_better=False),
+        say(f"(b) ours {ours_rate:,.0f} tok/s, MFU {100 * mfu:.1f}%" +
+            (f"; (c) transformers {tokens / hf_s:,.0f} tok/s" if hf_s else ""))
+        sec["train"] = [row("train tokens/s vs transformers", ours_rate, hf_s and tokens / hf_s, "tok/s"),
+                        row("train step", ours_s * 1e3, hf_s and hf_s * 1e3, "ms", higher_is_better=False),
                         row("MFU vs (a)", 100 * mfu, None, "%")]
     if "moe" in only:
         _moe_section(cfg, budget, sec, say)
-    if "decode" in only:
+    if "decode" in only and torch_missing:
+        skip("(e) decode against transformers' generate")
+    elif "decode" in only:
         sec["decode"] = _decode_rows(quick, cfg)
         say("(e) decode done")
     if "compile" in only:
@@ -302,23 +332,38 @@ def table(result: dict) -> str:
             ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
             lines.append(f"| {section} | {r['name']} | {_fmt(r['ours'])} | {_fmt(r.get('reference'))} | {ratio} | "
                          f"{r.get('unit', '')} |")
+    lines += [f"\nskipped {what}: {why}" for what, why in result.get("skipped", {}).items()]
     return "\n".join(lines)
 
 
+EPILOG = """torch and transformers (the [bench] extra) run the reference columns: (a)'s torch.mm rows, (c)
+transformers' train step and (e) decode against `generate`; without them each of those skips with one line and
+the rest runs. The accelerator suite (--suite accelerator) needs them only for its decode section."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    p.add_argument("--suite", choices=("cpu", "accelerator"), default="cpu",
+                   help="cpu: this project against transformers (default); accelerator: the GPU/TPU suite "
+                        "(tools.bench_accelerator), written to --out as JSON and Markdown")
+    p.add_argument("--out", default=None, help="accelerator suite: directory for accelerator.json and .md")
+    p.add_argument("--tiny", action="store_true", help="accelerator suite: test-sized shapes (runs on a CPU)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and depths (about 2 minutes)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--config", default="bench", help="preset name or YAML file (default: bench)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (accelerator "
+                                                "suite: of its sections)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.suite == "accelerator":
+        from dsv3_jax.tools import bench_accelerator
+
+        return bench_accelerator.main(args)
     reuse_freed_memory()  # both sides run in this process and see the same allocator
+    only = SECTIONS if args.only is None else tuple(x for x in args.only.split(",") if x)
     try:
-        require("torch", "bench")  # every section measures against torch or transformers
-        require("transformers", "bench")
         result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
-                     only=tuple(x for x in args.only.split(",") if x))
+                     only=only, torch_missing=missing_reference())
     except (ConfigError, MissingExtra) as e:
         return print_error(e)
     print(json.dumps(result) if args.json else table(result))

@@ -55,10 +55,11 @@ def ours_call(model, prompts, new: int, out: dict, speculative: str | None = Non
 
 
 def hf_call(hf_model, prompts, new: int, out: dict):
-    """A call of transformers' greedy generate (exactly `new` tokens per row); its new tokens in out["y"]."""
+    """A call of transformers' greedy generate (exactly `new` tokens per row) on the model's device; its new tokens
+    in out["y"] (the copy to the host ends the timed call, so a GPU's queue is drained)."""
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf_model.device)
 
     def call():
         with torch.no_grad():
@@ -74,19 +75,19 @@ def hf_cache_bytes_per_token(hf_model, prompt: list[int]) -> int:
     import torch
 
     with torch.no_grad():
-        cache = hf_model(torch.tensor([prompt]), use_cache=True).past_key_values
+        cache = hf_model(torch.tensor([prompt], device=hf_model.device), use_cache=True).past_key_values
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total // len(prompt)
 
 
-def load_hf(model, directory: str):
-    """Our model through `hf.save`, loaded by transformers (float32, eager attention)."""
+def load_hf(model, directory: str, device: str = "cpu"):
+    """Our model through `hf.save`, loaded by transformers (float32, eager attention) onto torch `device`."""
     from transformers import DeepseekV3ForCausalLM
 
     from dsv3_jax.interop import hf
 
     hf.save(model, directory)
-    return DeepseekV3ForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    return DeepseekV3ForCausalLM.from_pretrained(directory, attn_implementation="eager").to(device).eval()
 
 
 def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: str) -> list[dict]:
@@ -103,12 +104,13 @@ def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: s
 
 def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None = "runs/small", new_tokens: int = 128,
         batches: tuple[int, ...] = (1, 16), torch_threads: int | None = None,
-        attention_block_size: int | None = None) -> list[dict]:
+        attention_block_size: int | None = None, hf_device: str = "cpu") -> list[dict]:
     """The decode rows (see the module docstring). `cfg` replaces the bench config (tests); the speculative row
     uses `checkpoint` when it exists, else the bench model itself when it has an MTP module, else is left out.
     `torch_threads` sets transformers' intra-op threads (on a CPU shared with other jobs torch's default
     threading collapses: one thread decoded 10x faster on the loaded 2-core machine). `attention_block_size`
-    sets our model's impl field (decode reads caches longer than it in blocks, up to the filled part)."""
+    sets our model's impl field (decode reads caches longer than it in blocks, up to the filled part).
+    `hf_device`: torch's device for transformers ("cuda" on a GPU machine, where JAX decodes too)."""
     from dsv3_jax.config import ImplConfig
     from dsv3_jax.model.transformer import create
 
@@ -122,7 +124,7 @@ def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None =
     model = create(cfg, seed=0, impl=impl.validate())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model = load_hf(model, tmp)
+        hf_model = load_hf(model, tmp, hf_device)
         for b in batches:
             prompts = prompts_for(cfg, b)
             ours, ref = {}, {}
