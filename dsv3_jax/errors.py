@@ -80,22 +80,15 @@ class _Interrupts:
     """Remembers a SIGINT even when the KeyboardInterrupt it raises is swallowed, so the command still stops with
     status 130 instead of finishing as if nothing happened. Python swallows an exception raised inside a garbage
     collection callback (JAX registers one), a finalizer or a weakref callback, reporting "Exception ignored in ..."
-    with a traceback through sys.unraisablehook. `unraisable` drops that report and delivers the interrupt to the
-    main thread again a moment later (from another thread, so not inside the callback), where it stops the command."""
+    with a traceback through sys.unraisablehook; `_Unraisable` drops that report and `redeliver`s the interrupt to
+    the main thread a moment later (from another thread, so not inside the callback), where it stops the command."""
 
     def __init__(self):
         self.seen = self.active = False
-        self.previous_hook = sys.unraisablehook
 
     def handle(self, signum, frame):
         self.seen = True
         raise KeyboardInterrupt
-
-    def unraisable(self, info):
-        if self.seen and info.exc_type is KeyboardInterrupt:
-            self.redeliver()
-            return
-        self.previous_hook(info)
 
     def redeliver(self) -> None:
         def later():
@@ -107,6 +100,40 @@ class _Interrupts:
 
 
 _INTERRUPTS = _Interrupts()
+
+
+class _Unraisable:
+    """sys.unraisablehook, installed once and kept to the end of the process (objects are finalised up to its
+    exit): swallowed interrupts are re-delivered, reports that a layer declared noise (`quiet_unraisable`) dropped,
+    everything else goes to the hook that was there before."""
+
+    def __init__(self):
+        self.quiet: list[Callable] = []
+        self.previous = sys.unraisablehook
+
+    def __call__(self, info):
+        if _INTERRUPTS.seen and info.exc_type is KeyboardInterrupt:
+            _INTERRUPTS.redeliver()
+            return
+        if any(q(info) for q in self.quiet):
+            return
+        self.previous(info)
+
+
+_UNRAISABLE = _Unraisable()
+
+
+def _install_unraisable_hook() -> None:
+    if sys.unraisablehook is not _UNRAISABLE:
+        _UNRAISABLE.previous, sys.unraisablehook = sys.unraisablehook, _UNRAISABLE
+
+
+def quiet_unraisable(predicate: Callable) -> None:
+    """Drop the "Exception ignored in ..." reports for which `predicate(info)` holds (e.g. the asynchronous reads
+    that a failed checkpoint restore abandons, each reported with a traceback when it is collected)."""
+    if predicate not in _UNRAISABLE.quiet:
+        _UNRAISABLE.quiet.append(predicate)
+    _install_unraisable_hook()
 
 
 def interrupted() -> bool:
@@ -128,7 +155,7 @@ def run_command(main: Callable[[], int | None]) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _INTERRUPTS.handle) if main_thread else None
     _INTERRUPTS.seen, _INTERRUPTS.active = False, True
-    _INTERRUPTS.previous_hook, sys.unraisablehook = sys.unraisablehook, _INTERRUPTS.unraisable
+    _install_unraisable_hook()
     try:
         code = main()
     except KeyboardInterrupt:
@@ -140,7 +167,6 @@ def run_command(main: Callable[[], int | None]) -> int:
         code = None
     finally:
         _INTERRUPTS.active = False
-        sys.unraisablehook = _INTERRUPTS.previous_hook
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     if _INTERRUPTS.seen:

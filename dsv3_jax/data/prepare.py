@@ -303,7 +303,7 @@ def prepare(source: str, tokenizer: str, out: str | pathlib.Path, fmt: str = "au
     try:
         records = _run(out, opts, tokenizer, units, processes, log)
         if not sum(r["documents"] for r in records):
-            raise DataError(f"data.source {source!r} holds no non-empty documents (nothing to train on)")
+            raise DataError(f"data.source {source!r} holds no non-empty documents (no text to tokenise)")
     except DataError:
         if fresh:  # bad input: leave nothing behind (a resumed directory keeps its finished shards)
             shutil.rmtree(out, ignore_errors=True)

@@ -12,6 +12,7 @@ set aside (renamed `<step>.unrestorable-<time>`, never deleted, so it is never t
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import pathlib
@@ -21,12 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
 from dsv3_jax.config import Config, from_dict, upgrade
-from dsv3_jax.errors import ConfigError
+from dsv3_jax.errors import ConfigError, quiet_unraisable
 from dsv3_jax.train import state as train_state
 
 ITEMS = ("state", "data", "config")
@@ -60,6 +60,7 @@ def _reason(e: BaseException) -> str:
         e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     for x in reversed(chain):
         text = re.sub(r' in OCDBT database at local file "[^"]*"', "", " ".join(str(x).split()))
+        text = text.split(" See full TensorStore details")[0]
         if text and "<bound method" not in text:
             return f"{type(x).__name__}: {text[:200]}"
     return type(chain[0]).__name__
@@ -74,6 +75,15 @@ class _DropUnretrievedFutures(logging.Filter):
 
 
 _ASYNCIO_FILTER = _DropUnretrievedFutures()
+
+
+def _abandoned_read(info) -> bool:
+    """An "Exception ignored in ..." report about an asynchronous read that a failed restore abandoned: an orbax
+    coroutine collected unfinished, or a read finishing after its event loop was closed."""
+    code = getattr(info.object, "cr_code", None)
+    where = f"{getattr(code, 'co_filename', '')} {getattr(info.object, '__module__', '')}"
+    closed = info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value)
+    return closed or "orbax" in where or "tensorstore" in where
 
 
 def set_aside(step_dir: pathlib.Path) -> pathlib.Path | None:
@@ -104,6 +114,8 @@ def restore_with_fallback(ckpt_dir: pathlib.Path, steps: list[int], restore: Cal
         try:
             restored = restore(step)
         except Exception as e:  # noqa: BLE001  (any failure to read a checkpoint means: try the one before it)
+            quiet_unraisable(_abandoned_read)
+            gc.collect()  # the abandoned reads are finalised now, quietly, not one traceback each later
             if not fallback:
                 raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
             failed.append((step, _reason(e)))
@@ -179,6 +191,8 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             self._set_aside(step)
+        import grain  # here, not at the top: loading a model (sample, eval, benchmarks) needs no grain
+
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
@@ -196,6 +210,8 @@ class Checkpointer:
     def restore_latest(self, abstract_state: dict) -> tuple[int, dict, Any] | None:
         """(step, state, data_state) of the newest checkpoint that restores (`restore_with_fallback`); None when
         there is none."""
+        import grain
+
         def restore(step):
             return _restore(self.manager, step, abstract_state,
                             data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()))
