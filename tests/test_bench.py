@@ -101,9 +101,11 @@ def _check_rows(rows: list[dict]) -> None:
 
 def test_without_torch_and_grain_the_benchmarks_run_and_skip_the_torch_parts_with_one_line(tmp_path):
     """Issue 25 item 8 and issue 23: `bench --quick --only matmul` and the accelerator suite run without torch,
-    transformers and grain; each part that needs torch is skipped with one line naming the extra."""
+    transformers and grain (as do the training loop's and checkpoints' imports); each part that needs torch is
+    skipped with one line naming the extra."""
     out = tmp_path / "acc"
     r = _run_without_extras(
+        "import dsv3_jax.train.loop, dsv3_jax.train.checkpoint  # grain only where grain batches are made\n"
         "from dsv3_jax.tools import bench\n"
         "assert bench.main(['--quick', '--only', 'matmul', '--config', 'tiny', '--json']) == 0\n"
         f"sys.exit(bench.main(['--suite', 'accelerator', '--tiny', '--out', {str(out)!r}, '--only', "

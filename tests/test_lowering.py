@@ -208,4 +208,4 @@ def test_decode_programs_attend_over_the_latent_cache_in_bf16(lowered, plat):
         # no custom call on either platform, and the decode MoE gathers its experts (no ragged_dot)
         assert lowered_program["calls"] == {} and lowered_program["ragged_dot"] == 0, (program, lowered_program)
         assert lowered_program["dots"].get("bf16 bf16 f32", 0) > 0, (program, lowered_program["dots"])
-    assert case["loop"]["while"] >= 1 and case["prefill"]["while"] == 0
+    assert case["loop"]["while"] >= 1  # the decode steps run in one compiled loop
