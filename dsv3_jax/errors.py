@@ -109,15 +109,21 @@ class _Unraisable:
 
     def __init__(self):
         self.quiet: list[Callable] = []
-        self.previous = sys.unraisablehook
+        self.previous, self.previous_excepthook = sys.unraisablehook, sys.excepthook
 
     def __call__(self, info):
         if _INTERRUPTS.seen and info.exc_type is KeyboardInterrupt:
             _INTERRUPTS.redeliver()
             return
-        if any(q(info) for q in self.quiet):
+        if any(q(info.exc_type, info.exc_value, info.object) for q in self.quiet):
             return
         self.previous(info)
+
+    def excepthook(self, exc_type, exc_value, tb):
+        """sys.excepthook, which C++ threads' Python callbacks print their failures through: the same quieting."""
+        if any(q(exc_type, exc_value, None) for q in self.quiet):
+            return
+        self.previous_excepthook(exc_type, exc_value, tb)
 
 
 _UNRAISABLE = _Unraisable()
@@ -129,11 +135,14 @@ def _install_unraisable_hook() -> None:
 
 
 def quiet_unraisable(predicate: Callable) -> None:
-    """Drop the "Exception ignored in ..." reports for which `predicate(info)` holds (e.g. the asynchronous reads
-    that a failed checkpoint restore abandons, each reported with a traceback when it is collected)."""
+    """Drop the "Exception ignored in ..." reports and the tracebacks of callbacks in foreign threads for which
+    `predicate(exc_type, exc_value, obj)` holds (e.g. the asynchronous reads that a failed checkpoint restore
+    abandons, each reported with a traceback when it finishes or is collected)."""
     if predicate not in _UNRAISABLE.quiet:
         _UNRAISABLE.quiet.append(predicate)
     _install_unraisable_hook()
+    if sys.excepthook is not _UNRAISABLE.excepthook:
+        _UNRAISABLE.previous_excepthook, sys.excepthook = sys.excepthook, _UNRAISABLE.excepthook
 
 
 def interrupted() -> bool:
@@ -169,7 +178,8 @@ def run_command(main: Callable[[], int | None]) -> int:
         _INTERRUPTS.active = False
         if main_thread:
             signal.signal(signal.SIGINT, previous)
-    if _INTERRUPTS.seen:
+    was_interrupted, _INTERRUPTS.seen = _INTERRUPTS.seen, False  # a later library call must not see this one
+    if was_interrupted:
         print("interrupted (Ctrl-C); finished files are kept, unfinished ones were not written", file=sys.stderr,
               flush=True)
         return INTERRUPTED

@@ -199,7 +199,7 @@ def test_train_falls_back_past_a_broken_checkpoint(runs, tmp_path, tmp_path_fact
     assert r.returncode == 0, r.stderr[-3000:]
     # `in`, not startswith: under load another thread's partial stderr line can precede the warning
     warnings = [ln for ln in r.stderr.splitlines() if "warning: checkpoint step" in ln]
-    assert len(warnings) == 1 and f"step {STEPS}" in warnings[0] and f"trying step {KILL_AT}" in warnings[0], r.stderr
+    assert len(warnings) == 1 and f"step {STEPS}" in warnings[0] and f"using step {KILL_AT}" in warnings[0], r.stderr
     assert f"resumed from {c / 'checkpoints' / str(KILL_AT)}" in r.stderr
     assert any(p.name.startswith(f"{STEPS}.unrestorable-") for p in (c / "checkpoints").iterdir())
     assert _losses(c) == _losses(a)

@@ -19,6 +19,7 @@ import pathlib
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -77,12 +78,12 @@ class _DropUnretrievedFutures(logging.Filter):
 _ASYNCIO_FILTER = _DropUnretrievedFutures()
 
 
-def _abandoned_read(info) -> bool:
-    """An "Exception ignored in ..." report about an asynchronous read that a failed restore abandoned: an orbax
-    coroutine collected unfinished, or a read finishing after its event loop was closed."""
-    code = getattr(info.object, "cr_code", None)
-    where = f"{getattr(code, 'co_filename', '')} {getattr(info.object, '__module__', '')}"
-    closed = info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value)
+def _abandoned_read(exc_type, exc_value, obj) -> bool:
+    """A report about an asynchronous read that a failed restore abandoned: an orbax coroutine collected unfinished,
+    or a read finishing after its event loop was closed (TensorStore's callback thread prints that traceback)."""
+    code = getattr(obj, "cr_code", None)
+    where = f"{getattr(code, 'co_filename', '')} {getattr(obj, '__module__', '')}"
+    closed = exc_type is RuntimeError and "Event loop is closed" in str(exc_value)
     return closed or "orbax" in where or "tensorstore" in where
 
 
@@ -108,13 +109,14 @@ def restore_with_fallback(ckpt_dir: pathlib.Path, steps: list[int], restore: Cal
     step restores, each newer one that failed is set aside with one warning line. When none restores (or
     `fallback` is off: a step dir named explicitly), nothing is moved and the error is one ConfigError line."""
     logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
+    quiet_unraisable(_abandoned_read)  # before: reads abandoned by a failure report while it is still unwinding
+    warnings.filterwarnings("ignore", message=r"coroutine '_read_array.*' was never awaited", category=RuntimeWarning)
     steps = sorted(steps, reverse=True)
     failed: list[tuple[int, str]] = []
     for step in steps:
         try:
             restored = restore(step)
         except Exception as e:  # noqa: BLE001  (any failure to read a checkpoint means: try the one before it)
-            quiet_unraisable(_abandoned_read)
             gc.collect()  # the abandoned reads are finalised now, quietly, not one traceback each later
             if not fallback:
                 raise ConfigError(f"checkpoint {ckpt_dir / str(step)} failed to restore ({_reason(e)})") from None
