@@ -146,6 +146,10 @@ class ImplConfig:
     grad_reduce: str = "step"  # step: micro-batch gradients summed per device, reduced once per step (weights
     # gathered once per step, routed experts stay on their shards); micro_batch: reduced (and weights gathered) in
     # every micro-batch by GSPMD, less memory (train/step.py data_parallel_region)
+    gather_weights: str = "step"  # under grad_reduce step, the weights other than the routed experts: step =
+    # gathered whole once per step and kept for every micro-batch (least traffic, a whole copy per device); layer =
+    # kept on their shards over the batch axes (mesh.rules; e.g. the intra-node axis) and gathered layer by layer
+    # as each runs, their gradients reduce-scattered back per micro-batch (parallel/data_parallel.py)
     attention: str = "auto"  # auto or a name in kernels.attention.BACKENDS
     attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
 
@@ -156,6 +160,8 @@ class ImplConfig:
                 raise ConfigError(f"impl.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         if self.grad_reduce not in ("step", "micro_batch"):
             raise ConfigError(f"impl.grad_reduce must be step or micro_batch, got {self.grad_reduce!r}")
+        if self.gather_weights not in ("step", "layer"):
+            raise ConfigError(f"impl.gather_weights must be step or layer, got {self.gather_weights!r}")
         if self.moe_block_size <= 0:
             raise ConfigError(f"impl.moe_block_size must be positive, got {self.moe_block_size}")
         if self.moe_blocks_per_step is not None and self.moe_blocks_per_step < 0:

@@ -42,6 +42,10 @@ def test_entry_spec_keeps_only_the_expert_shards_of_routed_expert_weights():
     assert data_parallel.entry_spec(P("expert", "fsdp", None), expert_w, MANUAL) == P("expert", None, None)
     # every other weight enters whole (gathered once per step); the tensor axis is not the region's
     assert data_parallel.entry_spec(P("fsdp", "tensor"), ("embed", "mlp"), MANUAL) == P(None, None)
+    # impl.gather_weights=layer: they keep their shards over `expert` (inside a node), gathered as they are used
+    assert data_parallel.entry_spec(P(("expert", "fsdp"), "tensor"), ("embed", "mlp"), MANUAL, per_layer=True) == \
+        P("expert", None)
+    assert data_parallel.entry_spec(P("fsdp", "tensor"), ("embed", "mlp"), MANUAL, per_layer=True) == P(None, None)
     # the gradient leaves on the parameter's own shards over the region's axes
     assert data_parallel.exit_spec(P(("fsdp", "expert"), "data", "tensor"), MANUAL) == P(("fsdp", "expert"), "data",
                                                                                          None)
@@ -54,7 +58,8 @@ def test_grad_reduce_names_its_choices_in_a_one_line_error():
 
 
 STEP_SCRIPT = textwrap.dedent(r"""
-    import json, re, traceback
+    import json
+    from tests.checks import outcome
     import jax, numpy as np
     from jax.sharding import NamedSharding
     from dsv3_jax.presets import load_config
@@ -73,6 +78,11 @@ STEP_SCRIPT = textwrap.dedent(r"""
     SPLIT = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2",
              "mesh.rules={experts: [fsdp, expert, tensor]}"]
     DEFAULT = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"]
+    # the other weights sharded over expert x fsdp, kept on their `expert` shards (the intra-node axis) in the
+    # region and gathered layer by layer
+    LAYER = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "impl.gather_weights=layer",
+             "mesh.rules={experts: [fsdp, expert], embed: [expert, fsdp], q_lora: [expert, fsdp], "
+             "kv_lora: [expert, fsdp]}"]
 
     rng = np.random.default_rng(0)
 
@@ -109,10 +119,11 @@ STEP_SCRIPT = textwrap.dedent(r"""
         return sorted((o["kind"], o["shape"], o["times"]) for o in ops), sum(o["bytes"] for o in ops)
 
     def expert_gathers(text):
-        pairs = ([D, F], [F, D])
+        def has_expert_dims(dims):
+            return any(list(dims[i:i + 2]) in ([D, F], [F, D]) for i in range(len(dims) - 1))
+
         return [o["shape"] for o in hlo.analyze(text, 8)["collective_ops"] if o["kind"] == "all-gather"
-                and any([dims[i:i + 2] in pairs for _, dims in [(0, list(d)) for _, d in hlo.arrays(o["shape"])]
-                         for i in range(len(dims) - 1)])]
+                and any(has_expert_dims(d) for _, d in hlo.arrays(o["shape"]))]
 
     def check_equal(ref, got):
         (ref_metrics, ref_bias), (metrics, bias) = ref, got
@@ -138,18 +149,24 @@ STEP_SCRIPT = textwrap.dedent(r"""
         # the default layout under micro_batch gathers each expert weight's `embed` shards over fsdp: seen
         assert expert_gathers(texts["micro_batch", 2]), "the measurement finds no expert gather anywhere"
 
+    def check_layer(texts):
+        ids, names = np.arange(8).reshape(1, 2, 4, 1), ("data", "fsdp", "expert", "tensor")
+        big = {m: [o for o in hlo.analyze(texts["layer", m], 8, None, ids, names)["collective_ops"]
+                   if o["kind"] in ("all-gather", "reduce-scatter", "all-reduce") and o["bytes"] / o["times"] >= 1024]
+               for m in (2, 8)}
+        # in the micro-batch loop (times >= m): weight gathers and gradient reduce-scatters over `expert` only
+        looped = [o for o in big[8] if o["times"] >= 8]
+        assert looped and all(o["axes"] == ("expert",) for o in looped), [(o["axes"], o["shape"]) for o in looped]
+        assert {o["kind"] for o in looped} >= {"all-gather", "reduce-scatter"}, looped
+        # across `fsdp` (the other nodes): once per step, the same at 2 and 8 micro-batches
+        across = {m: sorted((o["kind"], o["shape"], o["times"]) for o in big[m] if "fsdp" in o["axes"]) for m in (2, 8)}
+        assert across[2] and across[2] == across[8] and all(t == 1 for _, _, t in across[8]), across
+
     def check_capacity(dropless):
         assert all(float(m["moe_dropped_fraction"]) == 0 for m in dropless[0]), "drops without a capacity factor"
         frac = [float(m["moe_dropped_fraction"]) for m in two_steps([*RESIDENT, "impl.moe_capacity_factor=0.5"])[0]]
         # half the balanced share per peer: at least half the rows cannot fit; the layer still trains
         assert all(0.5 <= f < 1 for f in frac), frac
-
-    def outcome(check, *args):
-        try:
-            check(*args)
-            return "ok"
-        except Exception:
-            return traceback.format_exc()[-3000:]
 
     results = {}
     ref = two_steps(["mesh.data=1"], devices=jax.devices()[:1])
@@ -157,10 +174,13 @@ STEP_SCRIPT = textwrap.dedent(r"""
     results["resident"] = outcome(check_equal, ref, resident)
     results["capacity"] = outcome(check_capacity, resident)
     results["token-split"] = outcome(check_equal, ref, two_steps(SPLIT))
+    results["layer"] = outcome(check_equal, ref, two_steps(LAYER))
     texts = {("step", m): build(RESIDENT, m)[0].as_text() for m in (2, 8)}
     texts.update({("micro_batch", m): build([*DEFAULT, "impl.grad_reduce=micro_batch"], m)[0].as_text()
                   for m in (2, 8)})
+    texts.update({("layer", m): build(LAYER, m)[0].as_text() for m in (2, 8)})
     results["collectives"] = outcome(check_collectives, texts)
+    results["layer-collectives"] = outcome(check_layer, texts)
     results["gathers"] = outcome(check_gathers, texts)
     print("DP_RESULTS", json.dumps(results))
 """)
@@ -176,12 +196,13 @@ def region_steps() -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["resident", "token-split"])
+@pytest.mark.parametrize("layout", ["resident", "token-split", "layer"])
 def test_two_optimizer_steps_equal_the_single_device_steps(region_steps, layout):
     """Two AdamW steps (micro_batches 2, MTP, packed documents, a padded row) vs one device, within 1e-6: losses,
     grad norm, expert loads, router bias. resident: fsdp=2 x expert=4 with the experts over both axes (one expert per
     device, the data-parallel region); token-split: fsdp=2 x expert=2 x tensor=2 with the experts over all three, the
-    tokens each tensor pair shares split between them before the exchange."""
+    tokens each tensor pair shares split between them before the exchange; layer: resident, the other weights on
+    their `expert` shards, gathered layer by layer (impl.gather_weights=layer)."""
     assert region_steps[layout] == "ok", region_steps[layout]
 
 
@@ -203,3 +224,11 @@ def test_capacity_factor_drops_rows_and_the_step_reports_the_fraction(region_ste
 def test_no_all_gather_of_routed_expert_weights(region_steps):
     """No all-gather whose result holds an expert weight's (embed, expert_mlp) plane, at micro_batches 2 and 8."""
     assert region_steps["gathers"] == "ok", region_steps["gathers"]
+
+
+@pytest.mark.slow
+def test_layer_gathers_stay_on_the_intra_node_axis(region_steps):
+    """impl.gather_weights=layer with the other weights sharded over expert x fsdp: every weight gather and
+    gradient reduce-scatter inside the micro-batch loop runs over `expert`; what crosses `fsdp` runs once per step,
+    the same ops at micro_batches 2 and 8."""
+    assert region_steps["layer-collectives"] == "ok", region_steps["layer-collectives"]

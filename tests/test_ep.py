@@ -38,7 +38,8 @@ MESHES = {"data=8": ("data=8", ()), "data=2,expert=4": ("data=2,expert=4", ()), 
 HLO_MESH = "data=2,expert=4"
 
 STEP_SCRIPT = textwrap.dedent(r"""
-    import json, re, sys, traceback
+    import json, re, sys
+    from tests.checks import outcome
     import jax, jax.numpy as jnp, numpy as np, optax
     from dsv3_jax.train import loop
     from dsv3_jax.train.state import init_state
@@ -103,13 +104,6 @@ STEP_SCRIPT = textwrap.dedent(r"""
         assert len(moved) >= 4, ("token rows do not move by all-to-all", [t for t, op in ops if op == "all-to-all"])
         w = state.params["moe_layers"]["mlp"]["w_gate"]
         assert w.sharding.shard_shape(w.shape)[1] == e // ep, w.sharding
-
-    def outcome(check, *args):
-        try:
-            check(*args)
-            return "ok"
-        except Exception:
-            return traceback.format_exc()[-3000:]
 
     refs, results = {}, {}
     for name, (shape_text, overrides) in cases.items():

@@ -22,6 +22,7 @@ from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.rope import rope_cos_sin
 from dsv3_jax.model.routing import RouterBias
+from dsv3_jax.parallel.data_parallel import gather_params
 from dsv3_jax.parallel.sharding import constrain, state_shardings
 
 _REMAT_POLICIES = {
@@ -102,6 +103,7 @@ def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, impl: Im
 
     def body(x, layer):
         layer_state, layer_cache = layer
+        layer_state = gather_params(layer_state)  # this layer's weights whole, in a data-parallel region
         x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, *consts, cache=layer_cache)
         return x, (aux, layer_cache, x if keep_hidden else None)
 

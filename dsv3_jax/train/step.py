@@ -23,7 +23,7 @@ from dsv3_jax.kernels.varying import sum_over_devices, varying, varying_axes
 from dsv3_jax.model.moe_backends import BACKENDS
 from dsv3_jax.model.routing import max_violation, update_bias
 from dsv3_jax.parallel import data_parallel
-from dsv3_jax.parallel.sharding import constrain, logical_size, mesh_axes, mesh_size, param_axes, state_specs
+from dsv3_jax.parallel.sharding import constrain, dims_axes, logical_size, mesh_axes, mesh_size, param_axes, state_specs
 from dsv3_jax.train import losses
 from dsv3_jax.train.state import TrainState, learning_rate, split_abstract
 
@@ -53,6 +53,9 @@ def update_router_bias(bias: dict, counts: dict, gamma: jax.Array) -> dict:
 def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
     """The model on the input columns [:, :-1] of a packed batch; MTP counts only positions with a target."""
     model = nnx.merge(graphdef, params, bias)
+    # in a data-parallel region under impl.gather_weights=layer: the top-level weights whole (the layer scan
+    # gathers its own slices); elsewhere nothing is tagged and this is the identity
+    nnx.update(model, data_parallel.gather_params(nnx.state(model, nnx.Param), stacked=False))
     depth = len(model.mtp)
     mtp_valid = losses.mtp_target_mask(batch["segment_ids"], depth) if mtp and depth else None
     return model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
@@ -164,17 +167,26 @@ def data_parallel_region(cfg: Config, rows: int):
     others = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
     if shards == 1 or rows % shards or others or (local_moe and logical_size(mesh, "experts") > 1):
         return None
-    _, abs_params, _ = split_abstract(cfg)
+    graphdef, abs_params, abs_bias = split_abstract(cfg)
+    per_layer = cfg.impl.gather_weights == "layer"
     logical = nnx.to_pure_dict(jax.tree.map(param_axes, abs_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     specs = nnx.to_pure_dict(state_specs(abs_params, mesh))
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    entry = jax.tree.map(lambda s, ax: data_parallel.entry_spec(s, ax, manual), specs, logical, is_leaf=is_spec)
+    entry = jax.tree.map(lambda s, ax: data_parallel.entry_spec(s, ax, manual, per_layer), specs, logical,
+                         is_leaf=is_spec)
+    if per_layer:  # a graphdef whose weights carry the axes to gather them over (data_parallel.gather_params)
+        tagged = nnx.merge(graphdef, nnx.to_pure_dict(abs_params), nnx.to_pure_dict(abs_bias))
+        weights = nnx.state(tagged, nnx.Param)  # the model's own Variables: tagging them tags its graphdef
+        jax.tree.map(lambda v, s: _tag(v, data_parallel.entry_spec(s.get_value(), param_axes(v), manual, True)),
+                     weights, state_specs(weights, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+        graphdef = nnx.graphdef(tagged)
     leave = jax.tree.map(lambda s: data_parallel.exit_spec(s, manual), specs, is_leaf=is_spec)
     rows = PartitionSpec(None, manual)
 
     def wrap(sums):
         def region(params, bias, micro, n_tok, n_mtp, lam):
-            total, aux, grads = sums(params, bias, micro, n_tok, n_mtp, lam, shards=shards, manual=manual)
+            total, aux, grads = sums(params, bias, micro, n_tok, n_mtp, lam, shards=shards, manual=manual,
+                                     **({"graphdef": graphdef} if per_layer else {}))
             grads = jax.tree.map(lambda g, s, e: data_parallel.reduce_gradient(g, s, e, manual), grads, specs,
                                  entry, is_leaf=is_spec)
             total, aux = jax.tree.map(sum_over_devices, (total, aux))
@@ -186,6 +198,12 @@ def data_parallel_region(cfg: Config, rows: int):
                              out_specs=(PartitionSpec(), PartitionSpec(), leave))
 
     return wrap
+
+
+def _tag(v: nnx.Variable, entry: PartitionSpec) -> None:
+    """Mark a weight that enters the region on shards (not a resident expert) with the axes to gather it over."""
+    if not data_parallel.resident(param_axes(v)) and any(dims_axes(entry)):
+        v.set_metadata(data_parallel.GATHER, tuple(dims_axes(entry)))
 
 
 def jit_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, abstract: TrainState,
