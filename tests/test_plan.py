@@ -296,6 +296,7 @@ def test_search_ranks_compiled_meshes():
 
 def test_hardware_lookup_and_roofline_bound():
     assert hardware.get("tpu-v5p").name == "TPU v5p" and hardware.get("h100").name == "H100"
+    assert hardware.get("Ironwood").name == hardware.get("tpu7x").name == "TPU7x"
     with pytest.raises(ConfigError, match="known: H100"):
         hardware.get("A100")
     h = hardware.TABLE["H800"]

@@ -50,14 +50,21 @@ TABLE: dict[str, Hardware] = {h.name: h for h in (
     # Google Cloud TPU docs, "TPU v6e" system architecture table: 918 TFLOPs bf16 (int8 1,836 TOPs, no fp8),
     # 32 GB HBM at 1,638 GBps, bidirectional ICI 800 GBps per chip, 256 chips per pod (2D torus).
     Hardware("TPU v6e", 918 * T, None, 32 * G, 1638 * G, 400 * G, 400 * G, 256),
+    # Google Cloud TPU docs, "TPU7x (Ironwood)" table: 2,307 TFLOPs bf16, 4,614 fp8, 192 GiB HBM, 9,216 chips per
+    # pod; Google's Ironwood announcement (April 2025): 7.37 TB/s HBM, bidirectional ICI 1.2 TB/s per chip. DCN per
+    # chip not published: v5p's 50 Gbps (only slices past one pod reach it).
+    Hardware("TPU7x", 2307 * T, 4614 * T, 192 * 2**30, 7370 * G, 600 * G, 6.25 * G, 9216),
 )}
+
+ALIASES = {"ironwood": "TPU7x", "v7x": "TPU7x"}
 
 
 def get(name: str) -> Hardware:
-    """A table entry by name (case and spaces ignored: `h100`, `tpu-v5p`, `v6e`)."""
+    """A table entry by name (case and spaces ignored: `h100`, `tpu-v5p`, `v6e`, `ironwood`)."""
     def key(s: str) -> str:
         return s.lower().replace(" ", "").replace("-", "").replace("_", "").removeprefix("tpu")
 
+    name = ALIASES.get(key(name), name)
     for h in TABLE.values():
         if key(h.name) == key(name):
             return h
