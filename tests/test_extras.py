@@ -45,11 +45,11 @@ print("ok")
 
 @pytest.mark.parametrize("module,argv,extra", [
     ("dsv3_jax.tools.plot", ["runs/a", "--out", "plots"], "plot"),
-    ("dsv3_jax.tools.bench", ["--quick"], "bench"),
     ("dsv3_jax.tools.bench_decode", ["--quick"], "bench"),
     ("dsv3_jax.tools.experiments", ["mtp", "--out", "/nonexistent/exp"], "plot"),
 ])
 def test_a_tool_without_its_extra_says_so_in_one_line(module, argv, extra):
+    """(tools.bench runs without torch, skipping its torch columns: tests/test_bench.py)"""
     r = _without_extras(f"import runpy; sys.argv = ['{module}', *{argv!r}]; "
                         f"runpy.run_module('{module}', run_name='__main__', alter_sys=True)")
     lines = r.stderr.strip().splitlines()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from dsv3_jax.errors import ConfigError, MissingExtra, print_error
 from dsv3_jax.hostmem import reuse_freed_memory
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools.timing import median_s, paired_medians_s, row
+from dsv3_jax.tools.train_call import missing_reference, our_train, synthetic_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +86,6 @@ def matmul_vs_torch(m: int, k: int, n: int, repeats: int) -> tuple[float, float]
     return flops / ours_s, flops / torch_s
 
 
-def missing_reference() -> str | None:
-    """Why the reference columns (torch.mm, transformers) cannot run here, or None when they can."""
-    absent = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-    if not absent:
-        return None
-    return (f"{' and '.join(absent)} not installed (the [bench] extra: pip install -e '.[bench]' from a "
-            "checkout)")
-
-
 def matmul_rows(cfg: Config, budget: Budget, torch_missing: str | None = None) -> list[dict]:
     """(a): the peak, and jnp.dot against torch.mm at two of the train step's shapes: the dense FFN's input
     projection (B*T, D) @ (D, F) and one block of the blocked MoE (block, D) @ (D, moe F); only the peak when
@@ -110,41 +101,6 @@ def matmul_rows(cfg: Config, budget: Budget, torch_missing: str | None = None) -
         ours, ref = matmul_vs_torch(*shape, budget.matmul_repeats)
         rows.append(row(f"f32 matmul {'x'.join(map(str, shape))} ({what}) vs torch.mm", ours, ref, "GFLOP/s"))
     return rows
-
-
-def synthetic_batch(cfg: Config, seed: int = 0) -> dict:
-    """A (B, T+1) packed batch of random bytes, one document per row (what both trainers see)."""
-    b, t = cfg.train.global_batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(2, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
-    return {"tokens": tokens, "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(np.arange(t + 1, dtype=np.int32), (b, t + 1)).copy()}
-
-
-def our_train(cfg: Config):
-    """(a blocking call of the trainer's jitted train step on one device, the initial model)."""
-    from flax import nnx
-
-    from dsv3_jax.parallel.sharding import make_mesh, rules_for, use_rules
-    from dsv3_jax.train import state as train_state
-    from dsv3_jax.train.step import jit_train_step
-
-    rules = rules_for(cfg.mesh)
-    with use_rules(rules):
-        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        state, graphdef, tx = train_state.init_state(cfg, mesh)
-        model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.bias))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        step = jit_train_step(cfg, graphdef, tx, mesh, abstract, donate=False)
-    batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(cfg).items()})
-    holder = [state]
-
-    def one():
-        with use_rules(rules), jax.set_mesh(mesh):
-            holder[0], m = step(holder[0], batch)
-            jax.block_until_ready(m)
-
-    return one, model
 
 
 def hf_train(cfg: Config, model):

@@ -124,7 +124,7 @@ def train_rows(s: Sizes, peak_tflops: float, log) -> list[dict]:
     from dsv3_jax.kernels import attention as ops
     from dsv3_jax.kernels.platform import platform
     from dsv3_jax.model.moe import local_impl
-    from dsv3_jax.tools.bench import our_train
+    from dsv3_jax.tools.train_call import our_train
     from dsv3_jax.train.metrics import flops_per_token
 
     rows, rates = [], {}
@@ -358,7 +358,7 @@ def _machine() -> dict:
 def run(out_dir: str | pathlib.Path, tiny: bool = False, only: tuple[str, ...] = SECTIONS, log=None) -> dict:
     """The sections in `only` (peak always: MFU needs it); writes DIR/accelerator.json and .md after each section and
     returns the result {"date", "tiny", "machine", "sections": {name: rows}, "skipped": {section: why}}."""
-    from dsv3_jax.tools.bench import missing_reference
+    from dsv3_jax.tools.train_call import missing_reference
 
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
