@@ -27,7 +27,6 @@ import datetime
 import gc
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.errors import ConfigError, print_error
 from dsv3_jax.presets import load_config
-from dsv3_jax.tools.timing import row
+from dsv3_jax.tools.timing import median_s, row
 
 SECTIONS = ("peak", "train", "moe", "attention", "fp8", "decode")
 
@@ -88,17 +87,6 @@ TARGETS = {  # issue 23's targets, checked on the rows they name
 }
 
 
-def _median_s(fn, repeats: int) -> float:
-    """Median seconds of fn() (which blocks) after one warm-up call (the compile)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _compiled(fn, *args):
     """(compiled program, peak bytes: arguments + outputs + temporaries from XLA's memory analysis, or None)."""
     exe = jax.jit(fn).lower(*args).compile()
@@ -115,7 +103,7 @@ def peak_rows(s: Sizes) -> list[dict]:
     n = s.matmul_n
     a, b = _random(0, (n, n)), _random(1, (n, n))
     dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    sec = _median_s(lambda: dot(a, b).block_until_ready(), max(s.repeats, 5))
+    sec = median_s(lambda: dot(a, b).block_until_ready(), max(s.repeats, 5))
     return [row(f"bf16 matmul {n}^3 (the MFU peak)", 2 * n**3 / sec / 1e12, None, "TFLOP/s")]
 
 
@@ -135,7 +123,7 @@ def train_rows(s: Sizes, peak_tflops: float, log) -> list[dict]:
         one, _ = our_train(cfg)
         one()
         first_s = time.perf_counter() - t0
-        step_s = _median_s(one, s.repeats)
+        step_s = median_s(one, s.repeats)
         del one
         gc.collect()
         rate = tokens / step_s
@@ -179,7 +167,7 @@ def moe_rows(s: Sizes, log) -> list[dict]:
             xr, w.w_up[0], preferred_element_type=jnp.float32)
         return jnp.dot(h.astype(x.dtype), w.w_down[0], preferred_element_type=jnp.float32).sum()
 
-    ref_s = _median_s(grad_of(dense), s.repeats)
+    ref_s = median_s(grad_of(dense), s.repeats)
     rows = [row("MoE dense reference (plain matmuls over the routed rows)", useful / ref_s / 1e12, None, "TFLOP/s",
                 ms=ref_s * 1e3)]
     for name in ("ragged_dot", "blocked"):
@@ -189,7 +177,7 @@ def moe_rows(s: Sizes, log) -> list[dict]:
             return BACKENDS[name].fn(x, Routing(idx, gates), w, ctx).astype(jnp.float32).sum()
 
         try:
-            sec = _median_s(grad_of(loss), s.repeats)
+            sec = median_s(grad_of(loss), s.repeats)
             rows.append(row(f"MoE {name}", useful / sec / 1e12, useful / ref_s / 1e12, "TFLOP/s", ms=sec * 1e3))
         except Exception as err:  # noqa: BLE001  (out of memory: a row with the reason)
             rows.append(_failed(f"MoE {name}", err))
@@ -252,7 +240,7 @@ def _attention_at(s: Sizes, t: int, log) -> list[dict]:
 
         try:
             exe, peak = _compiled(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args)
-            sec = _median_s(lambda exe=exe: jax.block_until_ready(exe(*args)), s.repeats)
+            sec = median_s(lambda exe=exe: jax.block_until_ready(exe(*args)), s.repeats)
         except Exception as err:  # noqa: BLE001
             rows.append(_failed(label, err))
             continue
@@ -275,8 +263,8 @@ def fp8_rows(s: Sizes, log) -> list[dict]:
     for mm, kk, nn in s.fp8_shapes:
         args = (_random(0, (1, mm, kk)), _random(1, (1, kk, nn)) * 0.02)
         flops = 2 * mm * kk * nn
-        ref_s = _median_s(lambda args=args: bf16(*args).block_until_ready(), s.repeats)
-        sec = _median_s(lambda args=args: fp8(*args).block_until_ready(), s.repeats)
+        ref_s = median_s(lambda args=args: bf16(*args).block_until_ready(), s.repeats)
+        sec = median_s(lambda args=args: fp8(*args).block_until_ready(), s.repeats)
         rows.append(row(f"fp8 GEMM {mm}x{kk}x{nn}", flops / sec / 1e12, flops / ref_s / 1e12, "TFLOP/s"))
         log(f"fp8 {mm}x{kk}x{nn}: {rows[-1]['ours']:.2f} vs bf16 {rows[-1]['reference']:.2f} TFLOP/s")
     return rows
