@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from dsv3_jax.config import Config, MeshConfig
-from dsv3_jax.errors import ConfigError, print_error
+from dsv3_jax.errors import ArgumentParser, ConfigError, run_command
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools import hardware, traffic
 
@@ -35,8 +35,8 @@ GIB = 2**30
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dsv3_jax.tools.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(prog="python -m dsv3_jax.tools.plan", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default="small", help="preset name or YAML file")
     p.add_argument("--devices", type=int, required=True, help="number of devices to plan for (faked on CPU)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mesh.expert=8")
@@ -398,19 +398,21 @@ def run(args: argparse.Namespace, hw: hardware.Hardware | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command on the one error path (errors.run_command): bad input is one `error:` line and status 2,
+    Ctrl-C (also during compilation) one line and status 130."""
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # input errors before jax starts
-        if args.devices <= 0:
-            raise ConfigError(f"--devices must be positive, got {args.devices}")
-        if not args.search:
-            check_mesh(cfg, args.devices)
-        hw = hardware.get(args.hardware) if args.hardware else None
-        use_fake_devices(args.devices)
-        return run(args, hw)
-    except ConfigError as e:
-        return print_error(e)
+    cfg = load_config(args.config, args.overrides)  # input errors before jax starts
+    if args.devices <= 0:
+        raise ConfigError(f"--devices must be positive, got {args.devices}")
+    if not args.search:
+        check_mesh(cfg, args.devices)
+    hw = hardware.get(args.hardware) if args.hardware else None
+    use_fake_devices(args.devices)
+    return run(args, hw)
 
 
 if __name__ == "__main__":
