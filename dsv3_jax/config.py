@@ -281,6 +281,8 @@ class TrainConfig:
     progress: bool = True  # the \r progress line on process 0 (only when stderr is a terminal)
     async_checkpoint: bool = True
     moments_dtype: str = "float32"  # float32 | bfloat16 : the AdamW moments (master weights stay float32)
+    init_from: str | None = None  # a run or step dir whose params and router bias start this run (a new stage:
+    # longer context, new rope scaling); shapes must match; fresh optimizer at step 0; ignored once run_dir resumes
 
     def validate(self) -> TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batches", "log_every", "checkpoint_every",
