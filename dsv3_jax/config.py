@@ -152,6 +152,8 @@ class ImplConfig:
     # as each runs, their gradients reduce-scattered back per micro-batch (parallel/data_parallel.py)
     attention: str = "auto"  # auto or a name in kernels.attention.BACKENDS
     attention_block_size: int = 512  # queries and keys per block of the blocked backend; decode's cache blocks
+    vocab_chunk: int = 0  # training: the head's cross-entropy over this many vocabulary columns at a time, never the
+    # whole (tokens, V) logits (kernels/chunked_ce.py); 0 = whole logits. Eval and sampling keep whole logits
 
     def validate(self) -> ImplConfig:
         for name, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("precision", PRECISIONS),
@@ -170,6 +172,8 @@ class ImplConfig:
             raise ConfigError(f"impl.moe_capacity_factor must be positive or null, got {self.moe_capacity_factor}")
         if self.moe_ep_chunk_tokens < 0:
             raise ConfigError(f"impl.moe_ep_chunk_tokens must be >= 0, got {self.moe_ep_chunk_tokens}")
+        if self.vocab_chunk < 0:
+            raise ConfigError(f"impl.vocab_chunk must be >= 0, got {self.vocab_chunk}")
         if self.attention_block_size <= 0:
             raise ConfigError(f"impl.attention_block_size must be positive, got {self.attention_block_size}")
         return self
