@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.errors import ConfigError, print_error
 from dsv3_jax.presets import load_config
-from dsv3_jax.tools.bench import our_train
+from dsv3_jax.tools.train_call import our_train
 from dsv3_jax.train.metrics import flops_per_token, peak_flops
 
 

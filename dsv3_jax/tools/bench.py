@@ -14,23 +14,18 @@ train without MTP (transformers has no MTP training path), so the comparison is 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from dsv3_jax.config import Config
-from dsv3_jax.errors import ConfigError, MissingExtra, print_error
-from dsv3_jax.hostmem import reuse_freed_memory
-from dsv3_jax.presets import load_config
+from dsv3_jax.errors import ArgumentParser, ConfigError, run_command
 from dsv3_jax.tools.timing import median_s, paired_medians_s, row
-from dsv3_jax.tools.train_call import missing_reference, our_train, synthetic_batch
+
+# jax, numpy and the model load inside the functions that use them: `python -m dsv3_jax.tools.bench` imports this
+# module before `main` installs the error path, and an import of jax interrupted by Ctrl-C would be a traceback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +47,9 @@ QUICK = Budget(matmul_n=1024, matmul_repeats=5, train_steps=3, moe_repeats=5, de
 
 def matmul_gflops(n: int, repeats: int) -> float:
     """float32 GFLOP/s of an n x n @ n x n jnp.dot (median)."""
+    import jax
+    import jax.numpy as jnp
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
@@ -63,6 +61,9 @@ def matmul_vs_torch(m: int, k: int, n: int, repeats: int) -> tuple[float, float]
     and torch.mm (what transformers' step runs), timed alternately. Each timed call makes enough products for
     about 0.2 GFLOP (in one compiled loop for jnp), so dispatch costs drop out at small shapes. The ratio bounds
     what the train step can reach against transformers at equal FLOPs: matmuls are most of both steps."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
     import torch
 
     rng = np.random.default_rng(0)
@@ -110,6 +111,7 @@ def hf_train(cfg: Config, model):
     from transformers import DeepseekV3ForCausalLM
 
     from dsv3_jax.interop import hf
+    from dsv3_jax.tools.train_call import synthetic_batch
 
     with tempfile.TemporaryDirectory() as d:
         hf.save(model, d)
@@ -134,6 +136,8 @@ def hf_train(cfg: Config, model):
 def moe_vs_dense(cfg: Config, repeats: int) -> tuple[float, float]:
     """(MoE layer seconds, dense FFN seconds), forward + backward on B*T tokens. The dense FFN's hidden width is
     (K + shared) * moe_intermediate_size: the expert FLOPs a token activates (the router's D x E is extra)."""
+    import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from dsv3_jax.kernels.precision import policy
@@ -173,6 +177,9 @@ def _decode_rows(quick: bool, cfg: Config) -> list[dict]:
 
 def compile_seconds(cfg: Config, layers: int) -> float:
     """Seconds to lower and compile the train step of `cfg` with `layers` layers (the dense prefix kept)."""
+    import jax
+    import jax.numpy as jnp
+
     from dsv3_jax.config import apply_overrides
     from dsv3_jax.parallel.sharding import make_mesh, rules_for, use_rules
     from dsv3_jax.train import state as train_state
@@ -194,6 +201,8 @@ def compile_seconds(cfg: Config, layers: int) -> float:
 
 def bench_config(name: str, overrides: list[str] = ()) -> Config:
     """The preset with MTP off (both sides train the same model) and one data-parallel device."""
+    from dsv3_jax.presets import load_config
+
     return load_config(name, ["model.num_nextn_predict_layers=0", "mesh.data=1", *overrides])
 
 
@@ -206,6 +215,7 @@ def run(name: str = "bench", quick: bool = False, overrides: list[str] = (), log
     "sections": {name: [rows]}, "skipped": {what: why}} (rows as `row`). `torch_missing` (why torch or
     transformers cannot run): the torch.mm rows, transformers' step and the decode section are skipped, each with
     one line in `log`, and our step is timed alone."""
+    from dsv3_jax.tools.train_call import our_train
     from dsv3_jax.train.metrics import flops_per_token
 
     unknown = sorted(set(only) - set(SECTIONS))
@@ -269,6 +279,8 @@ def _machine() -> dict:
     import os
     import platform
 
+    import jax
+
     return {"backend": jax.default_backend(), "devices": len(jax.devices()), "cpu_cores": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "load_average_1min": os.getloadavg()[0]}  # other jobs on the cores skew every figure
@@ -298,7 +310,13 @@ the rest runs. The accelerator suite (--suite accelerator) needs them only for i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    """The command on the one error path (errors.run_command): bad input is one `error:` line and status 2,
+    Ctrl-C (also during a compile or a timed loop) one line and status 130."""
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m dsv3_jax.tools.bench", description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--suite", choices=("cpu", "accelerator"), default="cpu",
                    help="cpu: this project against transformers (default); accelerator: the GPU/TPU suite "
                         "(tools.bench_accelerator), written to --out as JSON and Markdown")
@@ -310,18 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (accelerator "
                                                 "suite: of its sections)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     if args.suite == "accelerator":
         from dsv3_jax.tools import bench_accelerator
 
         return bench_accelerator.main(args)
+    from dsv3_jax.hostmem import reuse_freed_memory
+    from dsv3_jax.tools.train_call import missing_reference
+
     reuse_freed_memory()  # both sides run in this process and see the same allocator
     only = SECTIONS if args.only is None else tuple(x for x in args.only.split(",") if x)
-    try:
-        result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
-                     only=only, torch_missing=missing_reference())
-    except (ConfigError, MissingExtra) as e:
-        return print_error(e)
+    result = run(args.config, args.quick, args.overrides, log=lambda s: print(s, file=sys.stderr, flush=True),
+                 only=only, torch_missing=missing_reference())
     print(json.dumps(result) if args.json else table(result))
     return 0
 

@@ -15,7 +15,6 @@ prefill included.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -24,7 +23,7 @@ import tempfile
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.errors import MissingExtra, print_error, require
+from dsv3_jax.errors import ArgumentParser, require, run_command
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools.timing import paired_medians_s, row
 
@@ -163,7 +162,13 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command on the one error path (errors.run_command): bad input is one `error:` line and status 2,
+    Ctrl-C (also during a compile or a timed call) one line and status 130."""
+    return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m dsv3_jax.tools.bench_decode", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the median of two timed calls per figure instead of five")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--checkpoint", default="runs/small", help="trained run for the speculative row")
@@ -184,11 +189,8 @@ def main(argv=None) -> int:
     from dsv3_jax.hostmem import reuse_freed_memory
 
     reuse_freed_memory()  # before JAX starts its CPU client; both sides see the same allocator
-    try:
-        require("torch", "bench")
-        require("transformers", "bench")
-    except MissingExtra as e:
-        return print_error(e)
+    require("torch", "bench")
+    require("transformers", "bench")
     rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads, new_tokens=args.new_tokens,
                batches=batches, attention_block_size=args.attention_block_size)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
