@@ -13,6 +13,13 @@ there is no Python dispatch per token; parameters, router bias and cache are exp
 Streaming: the compiled loop runs in chunks of `chunk_size` tokens and `on_tokens` is called on the host between
 chunks (one device sync per chunk, not per token). Without `on_tokens` the whole budget runs in one compiled call.
 
+Under a mesh (`generate(..., mesh=)`) both programs are compiled with the mesh and `DECODE_RULES` current: the
+rows and their latent caches split over the batch axes (attention runs data-parallel on each device's rows, its
+weights replicated, or split over heads by `tensor`), the routed experts over `expert` (the MoE layer's
+expert-parallel dispatch exchanges the rows' tokens), and the batch padded to a multiple of the batch axes with
+copies of the first prompt (same routing, so no extra expert reads; their tokens are dropped). FP8 weights kept by
+`hf.load(keep_fp8=True)` enter both programs as E4M3 (`kernels.fp8_weights`).
+
 Speculative decoding (`speculative="mtp"`): the depth-1 MTP module drafts token p+1 from the main model's pre-norm
 hidden state at p-1 and the embedding of the accepted token at p; the main model verifies [accepted, draft] at
 positions [p, p+1] in one 2-token forward on the cache, and the draft is accepted iff it equals the token the main
@@ -37,9 +44,18 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import GenerateError
+from dsv3_jax.kernels.fp8_weights import Fp8Weight
 from dsv3_jax.kernels.shapes import round_up
+from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.routing import RouterBias
 from dsv3_jax.model.transformer import block_consts, unstacked
+from dsv3_jax.parallel.sharding import RULES, constrain, logical_size, use_rules
+
+# The logical-axis table for decoding: as training's, but no weight split over the data-parallel axes (`embed`,
+# `q_lora`, `kv_lora` replicated): a decode step reads every weight once per token, and gathering FSDP shards
+# would move the whole non-expert model over the interconnect on every step. Experts stay split over `expert`,
+# heads / FFN widths / vocabulary over `tensor`, rows (and their caches) over the batch axes.
+DECODE_RULES = {**RULES, "embed": None, "q_lora": None, "kv_lora": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +129,16 @@ def prefill(model, ids_bt: jax.Array, lens_b: jax.Array, slots: int):
     b, t = ids_bt.shape
     pos_bt, cache = _not_constant((jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
                                    model.init_cache(b, slots)))
+    cache = split_rows(cache)
     mtp_cache = cache.pop("mtp", [])
     seg_bt = (pos_bt < lens_b[:, None]).astype(jnp.int32)  # 0 marks padding (kept out of the expert counts)
     out = model(ids_bt, positions=pos_bt, segment_ids=seg_bt, cache=cache, mtp=False)
     return out.logits, out.hidden, out.cache, mtp_cache
+
+
+def split_rows(cache):
+    """Every cache array (B, S, .) split over the batch axes (a no-op without a mesh): each device holds its rows."""
+    return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), cache)
 
 
 def decode_step(model, ids_bt: jax.Array, pos_bt: jax.Array, cache: dict):
@@ -165,8 +187,9 @@ def _emit(c: Carry, first_b, second_b, emit2_b, stop_ids, budget):
                       pos_b=c.pos_b + n_new)
 
 
-def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_b, stop_ids, key):
-    """Prefill, first token per row and (speculative) the first draft; returns the initial Carry."""
+def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_b, stop_ids, key, live_b=None):
+    """Prefill, first token per row and (speculative) the first draft; returns the initial Carry. Rows where
+    `live_b` (B,) is False (batch padding) start done."""
     model = nnx.merge(graphdef, *state)
     b = ids_bt.shape[0]
     rows = jnp.arange(b)
@@ -185,8 +208,9 @@ def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_
     else:
         mtp_cache = []
     zero = jnp.zeros((), jnp.int32)
-    c = Carry(cache, mtp_cache, first_b, last_b, draft_b, jnp.zeros((b, budget), jnp.int32),
-              jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), key, zero, zero, zero)
+    done_b = jnp.zeros((b,), bool) if live_b is None else ~live_b
+    c = Carry(split_rows(cache), split_rows(mtp_cache), first_b, last_b, draft_b, jnp.zeros((b, budget), jnp.int32),
+              jnp.zeros((b,), jnp.int32), done_b, key, zero, zero, zero)
     return _emit(c, first_b, first_b, jnp.zeros((b,), bool), stop_ids, budget)
 
 
@@ -229,6 +253,7 @@ def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_ids, n_step
     the width of the output buffer."""
     step = _speculative_step if speculative else _plain_step
     n = carry.out_bu.shape[1]
+    fp8 = any(x.dtype == jnp.float8_e4m3fn for x in jax.tree.leaves(state))
 
     def cond(ci):
         c, i = ci
@@ -236,7 +261,10 @@ def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_ids, n_step
 
     def body(ci):
         c, i = ci
-        return step(nnx.merge(graphdef, *state), c, rule, stop_ids, n), i + 1
+        # FP8 weights pass a barrier with the loop state: their dequantisation then depends on the step, and XLA
+        # cannot hoist it out of the loop (which would keep a dequantised copy of every weight resident)
+        st, c = jax.lax.optimization_barrier((state, c)) if fp8 else (state, c)
+        return step(nnx.merge(graphdef, *st), c, rule, stop_ids, n), i + 1
 
     return jax.lax.while_loop(cond, body, (carry, jnp.zeros((), jnp.int32)))[0]
 
@@ -265,16 +293,24 @@ class Programs:
         self.max_programs = max_programs
         self._view: tuple | None = None  # (the model's state leaves, graphdef, state) of the last model decoded
 
-    def compiled(self, fn, static: tuple, args: tuple, donate: tuple = ()):
-        """fn(*static, *args) compiled once per (static values, argument shapes); returns (executable, seconds).
-        A `_Hashed` static value keys by its stored hash and is passed to fn unwrapped."""
+    def compiled(self, fn, static: tuple, args: tuple, donate: tuple = (), mesh=None, rules: dict | None = None):
+        """fn(*static, *args) compiled once per (static values, argument shapes, mesh); returns (executable,
+        seconds). A `_Hashed` static value keys by its stored hash and is passed to fn unwrapped. With a `mesh`,
+        fn is traced with it and `rules` current (the layers' sharding constraints and MoE dispatch read them)."""
         leaves, treedef = jax.tree.flatten(args)
-        key = (fn, static, treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else type(x)) for x in leaves))
+        rules_key = None if mesh is None else tuple(sorted((k, str(v)) for k, v in (rules or RULES).items()))
+        key = (fn, static, treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else type(x)) for x in leaves),
+               mesh, rules_key)
         if key in self.executables:
             return self.executables[key], 0.0
         t0 = time.perf_counter()
         values = tuple(v.value if isinstance(v, _Hashed) else v for v in static)
-        exe = jax.jit(functools.partial(fn, *values), donate_argnums=donate).lower(*args).compile()
+        jitted = jax.jit(functools.partial(fn, *values), donate_argnums=donate)
+        if mesh is None:
+            exe = jitted.lower(*args).compile()
+        else:
+            with jax.set_mesh(mesh), use_rules(rules or RULES):
+                exe = jitted.lower(*args).compile()
         if len(self.executables) > self.max_programs:
             self.executables.clear()
         self.executables[key] = exe
@@ -287,7 +323,11 @@ class Programs:
         leaves = jax.tree.leaves(nnx.state(model))
         if self._view and len(self._view[0]) == len(leaves) and all(a is b for a, b in zip(self._view[0], leaves)):
             return self._view[1], self._view[2]
-        graphdef, *state = nnx.split(unstacked(model), nnx.Param, RouterBias, ...)
+        view = unstacked(model)
+        for mla in [m for _, m in nnx.iter_graph(view) if isinstance(m, MLA)]:
+            if isinstance(mla.kv_b_proj.weight.get_value(), Fp8Weight):  # absorbed per step from the FP8 weight
+                mla.w_kb_hnc, mla.w_vb_hcv = nnx.data(None), nnx.data(None)
+        graphdef, *state = nnx.split(view, nnx.Param, RouterBias, ...)
         self._view = (leaves, _Hashed(graphdef), tuple(state))
         return self._view[1], self._view[2]
 
@@ -328,14 +368,21 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
              speculative: str | None = None, on_tokens: Callable[[list[list[int]]], None] | None = None,
-             chunk_size: int = 16, programs: Programs = PROGRAMS) -> GenerateResult:
+             chunk_size: int = 16, programs: Programs = PROGRAMS, mesh=None,
+             rules: dict | None = None) -> GenerateResult:
     """Generate up to `max_new_tokens` per prompt (lists of token ids, any lengths). `on_tokens(new)` receives
-    each row's tokens emitted since its previous call, once after prefill and then every `chunk_size` steps."""
+    each row's tokens emitted since its previous call, once after prefill and then every `chunk_size` steps.
+    `mesh`: decode sharded over it (the model's parameters placed on it, e.g. by `hf.load(mesh=)`), with `rules`
+    (default `DECODE_RULES`)."""
     cfg: ModelConfig = model.cfg
     rule = SamplingRule(float(temperature), int(top_k), float(top_p))
     check_request(cfg, prompts, max_new_tokens, rule, stop_tokens, speculative, chunk_size)
 
-    b, spec = len(prompts), speculative == "mtp"
+    n_req, spec = len(prompts), speculative == "mtp"
+    rules = (rules or DECODE_RULES) if mesh is not None else None
+    rows = 1 if mesh is None else logical_size(mesh, "batch", rules)
+    prompts = list(prompts) + [prompts[0]] * (round_up(n_req, rows) - n_req)  # copies route like row 0
+    b = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     t = round_up(int(lens.max()), 16)  # bucketed so nearby prompt lengths share one compiled prefill
     ids = np.zeros((b, t), np.int32)
@@ -347,25 +394,27 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     stop = np.full((round_up(max(len(stop_ids), 1), 8),), -1, np.int32)  # -1 pads; bucketed to share compiles
     stop[: len(stop_ids)] = stop_ids
 
-    args = (state, ids, lens, stop, jax.random.key(seed))
-    prefill_exe, compile_s = programs.compiled(_prefill_fn, (graphdef, rule, spec, slots, max_new_tokens), args)
+    args = (state, ids, lens, stop, jax.random.key(seed), np.arange(b) < n_req)
+    prefill_exe, compile_s = programs.compiled(_prefill_fn, (graphdef, rule, spec, slots, max_new_tokens), args,
+                                               mesh=mesh, rules=rules)
     t0 = time.perf_counter()
     carry = jax.block_until_ready(prefill_exe(*args))
     prefill_s = time.perf_counter() - t0
 
-    seen = [0] * b
+    seen = [0] * n_req
 
     def stream(c: Carry) -> None:
         out, count = jax.device_get((c.out_bu, c.count_b))
-        new = [out[i, seen[i]: count[i]].tolist() for i in range(b)]
-        seen[:] = count.tolist()
+        new = [out[i, seen[i]: count[i]].tolist() for i in range(n_req)]
+        seen[:] = count[:n_req].tolist()
         on_tokens(new)
 
     if on_tokens is not None:
         stream(carry)
     n_steps = np.int32(chunk_size if on_tokens is not None else max_new_tokens)
     chunk_args = (state, carry, stop, n_steps)
-    chunk_exe, chunk_compile_s = programs.compiled(_chunk_fn, (graphdef, rule, spec), chunk_args, donate=(1,))
+    chunk_exe, chunk_compile_s = programs.compiled(_chunk_fn, (graphdef, rule, spec), chunk_args, donate=(1,),
+                                                   mesh=mesh, rules=rules)
     compile_s += chunk_compile_s
     t0 = time.perf_counter()
     while not bool(jax.device_get(carry.done_b).all()):
@@ -376,12 +425,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         (carry.out_bu, carry.count_b, jnp.isin(carry.tok_b, stop), carry.forwards, carry.drafts, carry.accepted))
     decode_s = time.perf_counter() - t0
 
-    tokens = [out[i, : count[i]].tolist() for i in range(b)]
-    new_tokens = int(count.sum())
+    tokens = [out[i, : count[i]].tolist() for i in range(n_req)]
+    new_tokens = int(count.sum())  # padding rows emit nothing
     timing = {"compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": new_tokens,
-              "prompt_tokens": int(lens.sum()), "decode_forwards": int(forwards),
+              "prompt_tokens": int(lens[:n_req].sum()), "decode_forwards": int(forwards),
               "tokens_per_s": new_tokens / max(prefill_s + decode_s, 1e-9),
-              "decode_tokens_per_s": (new_tokens - b) / max(decode_s, 1e-9)}
+              "decode_tokens_per_s": (new_tokens - n_req) / max(decode_s, 1e-9)}
     drafts, accepted = int(drafts), int(accepted)
-    return GenerateResult(tokens, ["stop" if s else "length" for s in done_stop], timing,
+    return GenerateResult(tokens, ["stop" if s else "length" for s in done_stop[:n_req]], timing,
                           accepted / drafts if spec and drafts else None, drafts, accepted)

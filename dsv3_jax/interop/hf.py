@@ -30,7 +30,7 @@ from dsv3_jax.interop.hf_config import from_hf_config, to_hf_config
 from dsv3_jax.interop.hf_format import F8_DTYPE, LAYER_KEY, SCALE_SUFFIX, Entry, entries, listing
 from dsv3_jax.interop.hf_sliced import fill_sharded
 from dsv3_jax.model.transformer import Transformer
-from dsv3_jax.parallel.sharding import state_shardings
+from dsv3_jax.parallel.sharding import MESH_AXES, state_shardings
 from dsv3_jax.presets import check_impl
 
 
@@ -176,13 +176,17 @@ class _Reader:
             raise HFError(f"{self.where[key]}: {key}: {e}") from None
 
 
-def load(path, dtype: str = "float32", mesh=None, stats: dict | None = None, **impl_overrides):
+def load(path, dtype: str = "float32", mesh=None, stats: dict | None = None, keep_fp8: bool = False,
+         rules: dict | None = None, **impl_overrides):
     """Transformer from an HF DeepSeek-V3 directory (config.json + safetensors), filled leaf by leaf from the
     tensors of the files (the host holds one parameter at a time). With a `mesh`, each parameter is placed
     directly in its logical-axis sharding and each process reads only the slices its devices hold
     (hf_sliced.py). `dtype` sets the
     parameter and activation dtypes; `impl_overrides` are further `impl` fields (precision, moe_impl, ...).
-    `stats`, when given, receives `bytes_read`: the tensor bytes this process read from the files."""
+    `stats`, when given, receives `bytes_read`: the tensor bytes this process read from the files.
+    `keep_fp8`: FP8 weights stay E4M3 with their block scales (`kernels.fp8_weights.Fp8Weight`, dequantised where
+    a matmul reads them), sliced per device like the rest (on one device without a mesh). `rules`: the
+    logical-axis table that places the parameters on the mesh (default: the current one)."""
     from flax import nnx
 
 
@@ -210,15 +214,23 @@ def load(path, dtype: str = "float32", mesh=None, stats: dict | None = None, **i
         _check_keys(root, cfg, reader, main, copies)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), impl)))
         leaves = dict(nnx.to_flat_state(state))
+        if mesh is None and keep_fp8:
+            mesh = single_device_mesh()
         if mesh is None:
             _fill(root, reader, leaves, main, copies)
         else:
-
-            shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh))}
-            fill_sharded(root, reader, leaves, main, copies, shardings)
+            shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh, rules))}
+            fill_sharded(root, reader, leaves, main, copies, shardings, keep_fp8)
         if stats is not None:
             stats["bytes_read"] = reader.bytes_read
     return nnx.merge(graphdef, state)
+
+
+def single_device_mesh():
+    """A mesh of this process's first device (every axis 1): where FP8 weights are kept without a mesh."""
+    import jax
+
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
 
 
 def _leaf_groups(leaves: dict, parts: dict) -> list[list[tuple]]:

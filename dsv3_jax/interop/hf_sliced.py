@@ -19,6 +19,7 @@ import numpy as np
 from dsv3_jax.errors import HFError
 from dsv3_jax.interop.hf_format import F8_DTYPE, SCALE_SUFFIX, listing, same, transpose
 from dsv3_jax.kernels.fp8 import FP8_BLOCK
+from dsv3_jax.kernels.fp8_weights import Fp8Weight, blocked_axes, compress_scale, scale_shape
 from dsv3_jax.kernels.shapes import cdiv
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -32,8 +33,9 @@ def _np_dtype(name: str):
     return np.dtype(_DTYPES.get(name) or extra[name])
 
 
-def read_slice(reader, key: str, ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """tensor[r0:r1, c0:c1, ...] read from the file's bytes (counted in reader.bytes_read); FP8 dequantised."""
+def read_slice(reader, key: str, ranges: tuple[tuple[int, int], ...], raw: bool = False) -> np.ndarray:
+    """tensor[r0:r1, c0:c1, ...] read from the file's bytes (counted in reader.bytes_read); FP8 dequantised unless
+    `raw` (then the E4M3 values as stored)."""
     file, info = reader.where[key], reader.info(key)
     shape = tuple(info["shape"])
     index = tuple(slice(a, b) for a, b in ranges)
@@ -47,7 +49,7 @@ def read_slice(reader, key: str, ranges: tuple[tuple[int, int], ...]) -> np.ndar
     except (OSError, ValueError, KeyError) as e:
         raise HFError(f"{file}: cannot read tensor {key} ({e})") from None
     reader.bytes_read += a.nbytes
-    if info["dtype"] != F8_DTYPE:
+    if info["dtype"] != F8_DTYPE or raw:
         return a
     if key + SCALE_SUFFIX not in reader.where or len(shape) != 2:
         raise HFError(f"{file}: FP8 tensor {key} has no {key + SCALE_SUFFIX}")
@@ -68,26 +70,28 @@ def _ranges(index: tuple, shape: tuple) -> tuple[tuple[int, int], ...]:
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-def _part(reader, entry, target, trailing) -> np.ndarray:
+def _part(reader, entry, target, trailing, raw: bool = False) -> np.ndarray:
     """Our target[index][trailing] from the HF tensor of `entry`. Identity and transpose maps read exactly the
     slice; other maps (head splits, rope row orders, fused experts) find the bounding box of the HF elements the
-    slice needs by pushing an index array through the same map, and read only that box."""
+    slice needs by pushing an index array through the same map, and read only that box. `raw`: FP8 as stored."""
     if target.to_ours is same:
-        return read_slice(reader, entry.key, trailing)
+        return read_slice(reader, entry.key, trailing, raw)
     if target.to_ours is transpose and len(trailing) == 2:
-        return read_slice(reader, entry.key, trailing[::-1]).T
+        return read_slice(reader, entry.key, trailing[::-1], raw).T
     crop = tuple(slice(a, b) for a, b in trailing)
     flat = target.to_ours(np.arange(math.prod(entry.shape), dtype=np.int64).reshape(entry.shape))[crop]
+    buf_dtype = _np_dtype(F8_DTYPE) if raw else np.float32
     if flat.size == 0:
-        return np.zeros(flat.shape, np.float32)
+        return np.zeros(flat.shape, buf_dtype)
     box = tuple((int(c.min()), int(c.max()) + 1) for c in np.unravel_index(flat.ravel(), entry.shape))
-    buf = np.zeros(entry.shape, np.float32)
-    buf[tuple(slice(a, b) for a, b in box)] = read_slice(reader, entry.key, box)
+    buf = np.zeros(entry.shape, buf_dtype)
+    buf[tuple(slice(a, b) for a, b in box)] = read_slice(reader, entry.key, box, raw)
     return target.to_ours(buf)[crop]
 
 
-def block(reader, path, shape, dtype, index, parts, shared) -> np.ndarray:
-    """The block `index` of our leaf `path` (a device's share), from the HF tensors that overlap it."""
+def block(reader, path, shape, dtype, index, parts, shared, raw: bool = False) -> np.ndarray:
+    """The block `index` of our leaf `path` (a device's share), from the HF tensors that overlap it (`raw`: the
+    E4M3 values of FP8 tensors, in a float8_e4m3fn block)."""
     import sys
 
     ranges = _ranges(index, shape)
@@ -97,7 +101,7 @@ def block(reader, path, shape, dtype, index, parts, shared) -> np.ndarray:
         if not all(a <= i < b for i, (a, b) in zip(t.index, ranges)):
             continue  # this HF tensor lies outside the block: never read
         dst = tuple(i - a for i, (a, _) in zip(t.index, ranges))
-        out[dst] = _part(reader, entry, t, ranges[lead:])
+        out[dst] = _part(reader, entry, t, ranges[lead:], raw)
     for entry in shared:
         if not np.array_equal(_part(reader, entry, entry.targets[0], ranges).astype(dtype), out):
             print(f"warning: {entry.key} differs from the shared {'/'.join(map(str, path))}; using the shared tensor",
@@ -105,8 +109,66 @@ def block(reader, path, shape, dtype, index, parts, shared) -> np.ndarray:
     return out
 
 
-def fill_sharded(root, reader, leaves: dict, main, copies, shardings: dict) -> None:
-    """Place every leaf in its sharding, each process building only its own devices' blocks."""
+def _is_fp8(reader, parts) -> bool:
+    """Whether every HF tensor of a leaf is an FP8 matrix (a leaf kept as an `Fp8Weight` with `keep_fp8`)."""
+    return bool(parts) and all(reader.info(e.key)["dtype"] == F8_DTYPE for e, _ in parts)
+
+
+def _block_ids(shape: tuple[int, int], to_ours) -> np.ndarray:
+    """Our layout of an [out, in] matrix's 128x128 block ids (which checkpoint scale each element takes)."""
+    nb_in = cdiv(shape[1], FP8_BLOCK)
+    rows = (np.arange(shape[0], dtype=np.int32) // FP8_BLOCK)[:, None]
+    return to_ours(rows * nb_in + np.arange(shape[1], dtype=np.int32)[None] // FP8_BLOCK)
+
+
+def _scale_part(reader, entry, target, blocked) -> np.ndarray:
+    """The scale of one FP8 tensor in our layout, kept per 128 elements along `blocked` (a transpose keeps the
+    checkpoint's block grid as it is)."""
+    s = reader.raw(entry.key + SCALE_SUFFIX).astype(np.float32)
+    if target.to_ours is transpose:
+        return s.T
+    full = np.repeat(np.repeat(s, FP8_BLOCK, 0), FP8_BLOCK, 1)[: entry.shape[0], : entry.shape[1]]
+    return compress_scale(target.to_ours(full), blocked)
+
+
+def fp8_leaf(reader, path, leaf, parts, sharding):
+    """An `Fp8Weight` for a leaf whose tensors are FP8: the E4M3 values sliced per device straight from the files
+    (as `block` does, without dequantising) and the scale in our layout (small: built whole on the host, then
+    placed with the values' sharding where its blocks line up with the values' shards, else replicated)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dsv3_jax.parallel.sharding import dims_axes, fit_spec
+
+    shape, lead = tuple(leaf.shape), len(parts[0][1].index)
+    entry0, t0 = parts[0]
+    if len(entry0.shape) != 2:
+        raise HFError(f"{reader.where[entry0.key]}: {entry0.key}: FP8 weights kept in memory need [out, in] "
+                      f"matrices, got shape {list(entry0.shape)}")
+    blocked = ((-2, -1) if t0.to_ours is transpose and len(shape) - lead == 2
+               else blocked_axes(_block_ids(entry0.shape, t0.to_ours), 0))
+    blocks = {}
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        key = _ranges(index, shape)
+        if key not in blocks:
+            blocks[key] = block(reader, path, shape, _np_dtype(F8_DTYPE), index, parts, (), raw=True)
+    q = jax.make_array_from_callback(shape, sharding, lambda i, b=blocks, n=shape: b[_ranges(i, n)])
+    del blocks
+    scale = np.empty(shape[:lead] + scale_shape(shape[lead:], blocked), np.float32)
+    for entry, t in parts:
+        scale[t.index] = _scale_part(reader, entry, t, blocked)
+    spec = []
+    for ax, axes in enumerate(dims_axes(PartitionSpec(*sharding.spec, *(None,) * (len(shape) - len(sharding.spec))))):
+        size = math.prod(sharding.mesh.shape[a] for a in axes)
+        aligned = (ax - len(shape)) not in blocked or shape[ax] % (FP8_BLOCK * size) == 0
+        spec.append((axes[0] if len(axes) == 1 else axes) if axes and aligned else None)
+    spec = fit_spec(PartitionSpec(*spec), scale.shape, sharding.mesh)
+    return Fp8Weight(q, jax.device_put(scale, NamedSharding(sharding.mesh, spec)), blocked, leaf.dtype)
+
+
+def fill_sharded(root, reader, leaves: dict, main, copies, shardings: dict, keep_fp8: bool = False) -> None:
+    """Place every leaf in its sharding, each process building only its own devices' blocks. `keep_fp8`: a leaf
+    whose tensors are all FP8 becomes an `Fp8Weight` (E4M3 values and block scales) instead of dequantised."""
     import jax
 
 
@@ -129,6 +191,9 @@ def fill_sharded(root, reader, leaves: dict, main, copies, shardings: dict) -> N
                       f"{listing('/'.join(map(str, p)) for p in unfilled)}")
     for path, leaf in leaves.items():
         shape, dtype, sharding = tuple(leaf.shape), np.dtype(leaf.dtype), shardings[path]
+        if keep_fp8 and _is_fp8(reader, parts[path]):
+            leaf.set_value(fp8_leaf(reader, path, leaf, parts[path], sharding))
+            continue
         blocks = {}
         for index in sharding.addressable_devices_indices_map(shape).values():
             key = _ranges(index, shape)
