@@ -3,6 +3,13 @@
 
   python sample.py --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
   python sample.py --checkpoint path/to/hf_dir --prompt-ids 0,72,105 --speculative mtp --json
+  python sample.py --checkpoint DeepSeek-V3 --mesh expert=8 --dtype bfloat16 --prompt "Hello"
+
+--mesh (data, fsdp, expert, tensor sizes as in training's `mesh` config; -1 takes the remaining devices, data is
+-1 unless given) decodes sharded: rows and their caches over the batch axes, routed experts over `expert`, heads
+and FFN widths over `tensor` (infer/sampling.py DECODE_RULES); an HF directory is loaded straight onto the mesh,
+each process reading its own slices. FP8 weights of an HF directory stay E4M3 with their block scales (`--fp8
+dequantise` loads them as --dtype instead).
 
 Text prompts start with the tokenizer's bos id (as in training); --prompt-ids are used verbatim. Several --prompt /
 --prompt-ids flags make one batch. A single prompt streams its text as it is generated; a batch prints each
@@ -38,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--no-bos", action="store_true", help="do not start text prompts with the bos id")
     p.add_argument("--chunk-size", type=int, default=16, help="decode steps per compiled call while streaming")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timing, acceptance)")
+    p.add_argument("--mesh", default=None, help="decode sharded on a mesh, e.g. expert=8 or expert=4,tensor=2")
+    p.add_argument("--fp8", choices=["keep", "dequantise"], default="keep",
+                   help="FP8 weights of an HF dir: kept E4M3 (default) or dequantised to --dtype")
     return p.parse_args(argv)
 
 
@@ -49,10 +59,31 @@ def parse_ids(text: str, what: str) -> list[int]:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
-def load(path_str: str, dtype: str, tokenizer_spec: str | None):
-    """(model, tokenizer, SampleConfig defaults) from either checkpoint format."""
+def parse_mesh(text: str):
+    """`expert=8,tensor=2` -> the MeshConfig training would build from the same sizes (data -1 unless given)."""
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.parallel.sharding import MESH_AXES
+
+    sizes = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in MESH_AXES:
+            raise UsageError(f"--mesh takes axis=size pairs over {', '.join(MESH_AXES)}, got {part!r}")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise UsageError(f"--mesh {name.strip()} must be an integer, got {value!r}") from None
+    if not sizes:
+        raise UsageError("--mesh needs at least one axis=size pair")
+    return MeshConfig(**sizes)
+
+
+def load(path_str: str, dtype: str, tokenizer_spec: str | None, mesh=None, keep_fp8: bool = True):
+    """(model, tokenizer, SampleConfig defaults) from either checkpoint format; on `mesh` when given (placed by the
+    decode rules)."""
     from dsv3_jax.config import SampleConfig
     from dsv3_jax.data.tokenizer import make_tokenizer
+    from dsv3_jax.infer import sampling
     from dsv3_jax.interop import hf
     from dsv3_jax.train import checkpoint
 
@@ -62,18 +93,32 @@ def load(path_str: str, dtype: str, tokenizer_spec: str | None):
     try:
         ours = (path / "checkpoints").is_dir() or (path / "state").is_dir()  # a run dir or one of its step dirs
         if (path / "config.json").is_file() and not ours:
-            model, spec, defaults = hf.load(path, dtype=dtype), "byte", SampleConfig()
+            model, spec, defaults = hf.load(path, dtype=dtype, mesh=mesh, keep_fp8=keep_fp8,
+                                            rules=sampling.DECODE_RULES), "byte", SampleConfig()
             if (path / "tokenizer.json").is_file():
                 spec = str(path / "tokenizer.json")
         else:
             model, cfg = checkpoint.load_model(path)
             spec, defaults = cfg.data.tokenizer, cfg.sample
+            if mesh is not None:
+                model = _placed(model, mesh, sampling.DECODE_RULES)
     except Exception as e:  # noqa: BLE001  (any failure to read the directory is a bad checkpoint, one line)
         from dsv3_jax.errors import Error
 
         reason = one_line(e) if isinstance(e, (Error, OSError)) else f"{type(e).__name__}: {one_line(e)[:300]}"
         raise UsageError(f"cannot load checkpoint {path}: {reason}") from None
     return model, make_tokenizer(tokenizer_spec or spec), defaults
+
+
+def _placed(model, mesh, rules):
+    """`model` with its parameters moved onto `mesh` in the shardings `rules` give them."""
+    import jax
+    from flax import nnx
+
+    from dsv3_jax.parallel.sharding import state_shardings
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
 class Streamer:
@@ -100,8 +145,10 @@ def run(args) -> int:
             raise UsageError(f"prompt {i} is empty")
 
     from dsv3_jax.infer import sampling
+    from dsv3_jax.parallel.sharding import make_mesh
 
-    model, tok, defaults = load(args.checkpoint, args.dtype, args.tokenizer)
+    mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
+    model, tok, defaults = load(args.checkpoint, args.dtype, args.tokenizer, mesh, args.fp8 == "keep")
     bos = [] if args.no_bos else [tok.bos_id]
     ids = [bos + tok.encode(p) if kind == "text" else p for kind, p in prompts]
 
@@ -131,14 +178,15 @@ def run(args) -> int:
         print(f"cache: {cache_bytes} bytes/token {cache_note}", file=sys.stderr)
         if streamer:
             print(tok.decode(ids[0]), end="", flush=True)
-    result = sampling.generate(model, ids, on_tokens=streamer, **settings)
+    result = sampling.generate(model, ids, on_tokens=streamer, mesh=mesh, **settings)
     texts = [tok.decode(t) for t in result.tokens]
     if args.json:
         rows = [{"prompt_ids": p, "tokens": t, "text": s, "finish_reason": f}
                 for p, t, s, f in zip(ids, result.tokens, texts, result.finish_reasons)]
         print(json.dumps({"results": rows, "cache_bytes_per_token": cache_bytes, "cache": cache_note,
                           "timing": result.timing, "acceptance": result.acceptance, "drafts": result.drafts,
-                          "accepted": result.accepted}))
+                          "accepted": result.accepted,
+                          "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}}))
         return 0
     if streamer:
         streamer([[]], final=True)

@@ -132,6 +132,9 @@ def _corrupt_shard(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     (["--prompt", "hi", "--stop-ids", "999"], "stop token id 999"),
     (["--prompt", "hi", "--speculative", "eagle"], "invalid choice"),
     ([], "give at least one --prompt"),
+    (["--prompt", "hi", "--mesh", "expert=x"], "--mesh expert must be an integer"),
+    (["--prompt", "hi", "--mesh", "pipeline=2"], "--mesh takes axis=size pairs"),
+    (["--prompt", "hi", "--mesh", "expert=8"], "fixed axes product 8"),  # one device here
 ])
 def test_bad_prompt_or_flag(hf_dir, capsys, argv, match):
     code, _out, err = run(["--checkpoint", hf_dir, *argv], capsys)
@@ -169,6 +172,27 @@ def test_process_exit_status_and_one_line(tmp_path):
                            "--prompt", "hi"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: checkpoint") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_fp8_dir_on_a_mesh_equals_unsharded_dequantised(tmp_path):
+    """`--mesh expert=8` on 8 fake devices, FP8 weights kept: the JSON tokens of a batch of 3 prompts are those of
+    generate on the dequantised model on one device."""
+    from dsv3_jax.interop import hf
+    from tests import xla_env
+
+    path = tmp_path / "fp8"
+    hf.save(create(load_config("tiny").model, seed=1), path, fp8=True)
+    prompts = [[0, 72, 105], [5, 9, 33, 2, 7, 11, 40, 1], [100]]
+    argv = [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(path), "--mesh", "expert=8", "--json",
+            "--max-new-tokens", NEW, "--stop-ids", ""]
+    argv += [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=xla_env.env(8), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["mesh"] == {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
+    got = [r["tokens"] for r in out["results"]]
+    assert got == sampling.generate(hf.load(path), prompts, int(NEW)).tokens
 
 
 @pytest.mark.slow
