@@ -124,6 +124,31 @@ def plot_runs(run_dirs: list[str], out: str | pathlib.Path, labels: list[str] | 
     return written
 
 
+def plot_position_buckets(rows: dict[str, list[dict]], path: str | pathlib.Path, title: str,
+                          mark: int | None = None) -> pathlib.Path:
+    """One line per evaluated condition: held-out loss against in-document position (the buckets of
+    `eval.evaluate_model(position_buckets=...)`, drawn as steps over each bucket's [lo, hi)); `mark` draws a
+    dashed line at a position (the trained context length)."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, buckets) in enumerate(rows.items()):
+        x = [b["lo"] for b in buckets] + [buckets[-1]["hi"]]
+        y = [b["loss"] for b in buckets]
+        ax.stairs(y, x, color=f"C{i % 10}", lw=1.8, label=label)
+    if mark is not None:
+        ax.axvline(mark, color="grey", ls="--", lw=0.8)
+    ax.set(title=title, xlabel="in-document position of the input token", ylabel="held-out loss (nats/token)",
+           xlim=(0, rows[next(iter(rows))][-1]["hi"]))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: _main(sys.argv[1:] if argv is None else argv))
 

@@ -6,7 +6,8 @@ optimizer state) as plain dicts of arrays; `data` holds one JSON iterator state 
 keeps the last `keep` steps. Restoring is `restore_with_fallback`, for training, `load_model` (sampling,
 evaluation) alike: it walks back from the newest step, and once an older one restores, each newer one that failed is
 set aside (renamed `<step>.unrestorable-<time>`, never deleted, so it is never the newest again) with one warning line.
-`load_model` rebuilds a Transformer from a run or step dir.
+`load_model` rebuilds a Transformer from a run or step dir; `read_params` reads another run's params and router bias
+into a new run's arrays (train.init_from: a context-extension stage), shapes checked first.
 """
 
 from __future__ import annotations
@@ -296,3 +297,53 @@ def _read_model(manager, ckpt_dir: pathlib.Path, step: int):
     args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
     state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     return nnx.merge(graphdef, state["params"], state["bias"]), cfg
+
+
+def shape_mismatch(there: dict, here: dict, what: str) -> str | None:
+    """One line naming the first array whose shape differs between two pytrees of arrays (or that only one has),
+    with how many differ; None when every path has the same shape."""
+    a = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(there)}
+    b = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(here)}
+    bad = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if not bad:
+        return None
+    k = bad[0]
+    return (f"{what}: {len(bad)} of {len(a.keys() | b.keys())} arrays differ, first {k}: "
+            f"{a.get(k, 'absent')} there, {b.get(k, 'absent')} here")
+
+
+def config_changes(src: Config, cfg: Config) -> list[str]:
+    """One `section.field: old -> new` line per model field (and data.seq_len) that differs between two configs."""
+    old, new = dataclasses.asdict(src), dataclasses.asdict(cfg)
+    keys = [("model", k) for k in new["model"]] + [("data", "seq_len")]
+    return [f"{s}.{k}: {old[s].get(k)!r} -> {new[s][k]!r}" for s, k in keys if old[s].get(k) != new[s][k]]
+
+
+def read_params(path: str | pathlib.Path, params: dict, bias: dict) -> tuple[dict, dict, Config]:
+    """(params, bias, the source's Config) read from a run dir (its newest step that restores) or a step dir into
+    the given abstract arrays (their shapes, dtypes and shardings): the arrays as saved, never re-initialised. The
+    source's shapes are checked first: a mismatch is one ConfigError line naming the first differing array. Only
+    params and bias are read (a partial restore: no optimizer state)."""
+    ckpt_dir, newest, run_dir = _resolve_step_dir(pathlib.Path(path))
+    steps = [s for s in existing_steps(ckpt_dir.parent) if s <= newest] if run_dir else [newest]
+    src = _config_of(ckpt_dir, newest)
+    _, src_params, src_bias = train_state.split_abstract(src)
+    from flax import nnx
+
+    there = {"params": nnx.to_pure_dict(src_params), "bias": nnx.to_pure_dict(src_bias)}
+    abstract = {"params": params, "bias": bias}
+    bad = shape_mismatch(there, abstract, f"train.init_from {path} (step {newest})")
+    if bad:
+        raise ConfigError(bad)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                                               dtype=x.dtype), abstract)
+    args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        _, state = restore_with_fallback(
+            ckpt_dir, steps, lambda step: manager.restore(step, args=ocp.args.Composite(state=args))["state"],
+            fallback=run_dir)
+    finally:
+        manager.close()
+    return state["params"], state["bias"], src

@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -128,6 +129,21 @@ def generate_sample(cfg: Config, graphdef, state: TrainState) -> str:
     return cfg.train.sample_prompt + tok.decode([t for t in out if t != tok.eos_id])
 
 
+def init_from(cfg: Config, abstract: TrainState, tx, mesh, lead: bool) -> TrainState:
+    """Step 0 of a new stage: the params and router bias of `train.init_from` as saved (shapes checked: a mismatch is
+    one error line), a fresh optimizer state; one line per model field (and data.seq_len) that differs from the source
+    run."""
+    params, bias, src = checkpoint.read_params(cfg.train.init_from, abstract.params, abstract.bias)
+    if lead:
+        changes = checkpoint.config_changes(src, cfg) or ["no model field changed"]
+        for line in changes:
+            print(f"init_from {cfg.train.init_from}: {line}", file=sys.stderr)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract.opt_state))(params)
+    step = jax.device_put(np.zeros((), np.int32), abstract.step.sharding)
+    return TrainState(step, params, bias, opt_state)
+
+
 def train(cfg: Config) -> dict:
     """Train `cfg` (resuming from the newest checkpoint in train.run_dir); returns the final metrics. The sharding
     rules (defaults with `mesh.rules` overrides) are current for the whole run."""
@@ -149,6 +165,9 @@ def _train(cfg: Config) -> dict:
     # A resume restores straight into the sharded abstract state: nothing is initialised first.
     abstract, graphdef, tx = abstract_state(cfg, mesh)
     run_dir = pathlib.Path(tcfg.run_dir)
+    seeded = None
+    if tcfg.init_from and not checkpoint.existing_steps(run_dir):
+        seeded = init_from(cfg, abstract, tx, mesh, lead)
     ckpt = checkpoint.Checkpointer(run_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints, tcfg.async_checkpoint)
     restored = ckpt.restore_latest(abstract._asdict())
     if restored is not None:
@@ -157,6 +176,8 @@ def _train(cfg: Config) -> dict:
         train_it.set_state(data_state)
         if lead:
             print(f"resumed from {ckpt.dir / str(start)}", file=sys.stderr)
+    elif seeded is not None:
+        state = seeded
     else:
         state, _, _ = init_state(cfg, mesh)
     batch_sharding = NamedSharding(mesh, logical_spec(("batch",)))
