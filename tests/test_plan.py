@@ -298,7 +298,7 @@ def test_hardware_lookup_and_roofline_bound():
     assert hardware.get("tpu-v5p").name == "TPU v5p" and hardware.get("h100").name == "H100"
     assert hardware.get("Ironwood").name == hardware.get("tpu7x").name == "TPU7x"
     with pytest.raises(ConfigError, match="known: H100"):
-        hardware.get("A100")
+        hardware.get("MI300X")
     h = hardware.TABLE["H800"]
     est = hardware.roofline(h, "bf16", flops=989.5e12, hbm_traffic=3350e9 / 2, intra_link_bytes=0.0,
                             inter_link_bytes=100e9)

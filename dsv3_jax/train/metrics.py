@@ -18,17 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import hardware
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import atomic
 from dsv3_jax.errors import DataError
 from dsv3_jax.model.params import count_params
-
-# Dense bf16 peak TFLOP/s per device, by substrings of `device.device_kind` (first match wins).
-PEAK_TFLOPS = (
-    ("h200", 989.0), ("h100", 989.0), ("h800", 989.0), ("gh200", 989.0), ("b200", 2250.0), ("a100", 312.0),
-    ("a800", 312.0), ("l40s", 362.0), ("a10g", 125.0), ("v100", 125.0), ("tpu v6", 918.0), ("tpu v5p", 459.0),
-    ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5", 459.0), ("tpu v4", 275.0), ("tpu v3", 123.0),
-)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -85,14 +79,15 @@ def cached_matmul_tflops(cache_dir: str | pathlib.Path | None) -> tuple[dict, bo
 def peak_flops(configured_tflops: float | None, devices=None, cache_dir: str | pathlib.Path | None = None
                ) -> tuple[float, str]:
     """Total peak FLOP/s of the devices and where the number came from (printed with it): `train.peak_tflops`, the
-    datasheet table, or on CPU a matmul measurement (median of repeats, cached per machine in `cache_dir`)."""
+    datasheet table (dsv3_jax/hardware.py, the planner's too: the bf16 dense peak of the row naming the device
+    kind), or on CPU a matmul measurement (median of repeats, cached per machine in `cache_dir`)."""
     devices = list(jax.devices() if devices is None else devices)
     if configured_tflops:
         return configured_tflops * 1e12 * len(devices), "train.peak_tflops"
-    kind = devices[0].device_kind.lower()
-    for key, tflops in PEAK_TFLOPS:
-        if key in kind:
-            return tflops * 1e12 * len(devices), f"datasheet table ({devices[0].device_kind})"
+    row = hardware.for_device_kind(devices[0].device_kind)
+    if row is not None:
+        return row.bf16_flops * len(devices), (f"datasheet table, {row.name} bf16 dense "
+                                               f"{row.bf16_flops / 1e12:g} TFLOP/s ({devices[0].device_kind})")
     if devices[0].platform == "cpu":  # the CPU devices of one process share its cores: one measurement for all
         m, cached = cached_matmul_tflops(cache_dir)
         where = f"cached {m.get('measured', '')} in {cache_dir}" if cached else "measured now"
