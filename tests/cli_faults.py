@@ -42,6 +42,8 @@ PREP = "python -m dsv3_jax.tools.prepare"
 EVAL = "python -m dsv3_jax.tools.eval --batch-size 2 --batches 1"
 SAMPLE = "python sample.py --max-new-tokens 4"
 TRAIN = "python train.py --config tiny train.steps=2 data.seq_len=32 train.run_dir=out"
+PLAN = "python -m dsv3_jax.tools.plan --config tiny"
+BENCH = "python -m dsv3_jax.tools.bench --quick"
 
 
 CASES = [
@@ -110,6 +112,27 @@ CASES = [
          r"unknown experiment 'balanse'", absent=("exp",)),
     Case("experiments: zero seeds", "python -m dsv3_jax.tools.experiments mtp --seeds 0 --out exp",
          r"--seeds must be >= 1", absent=("exp",)),
+    # plan, bench, bench_decode
+    Case("plan: unknown preset", "python -m dsv3_jax.tools.plan --config tinny --devices 2", r"unknown preset 'tinny'"),
+    Case("plan: unknown config key", f"{PLAN} --devices 2 model.hiden_size=8",
+         r"unknown config key 'model\.hiden_size'; did you mean model\.hidden_size"),
+    Case("plan: zero devices", f"{PLAN} --devices 0", r"--devices must be positive, got 0"),
+    Case("plan: --devices not a number", f"{PLAN} --devices two", r"argument --devices: invalid int value: 'two'"),
+    Case("plan: mesh larger than --devices", f"{PLAN} --devices 2 mesh.data=1 mesh.fsdp=4",
+         r"has 4 devices, --devices is 2"),
+    Case("plan: unknown hardware", f"{PLAN} --devices 2 --hardware H1000", r"unknown --hardware 'H1000'; did you "
+         r"mean H100\?"),
+    Case("plan: hardware listed only for MFU", f"{PLAN} --devices 2 --hardware L40S",
+         r"--hardware L40S: the table holds only its matmul peak"),
+    Case("bench: unknown preset", f"{BENCH} --config tinny", r"unknown preset 'tinny'"),
+    Case("bench: unknown config key", f"{BENCH} --config tiny model.hiden_size=8", r"model\.hiden_size"),
+    Case("bench: unknown section", f"{BENCH} --only train,bogus", r"unknown section\(s\) \['bogus'\]"),
+    Case("bench: accelerator suite without --out", "python -m dsv3_jax.tools.bench --suite accelerator",
+         r"--suite accelerator needs --out DIR"),
+    Case("bench_decode: --batches not integers", "python -m dsv3_jax.tools.bench_decode --batches 1,x",
+         r"--batches must be comma-separated integers, got '1,x'"),
+    Case("bench_decode: zero new tokens", "python -m dsv3_jax.tools.bench_decode --new-tokens 0",
+         r"--new-tokens and --batches must be positive"),
     # eval and sample without a model
     Case("eval: checkpoint dir missing", f"{EVAL} --checkpoint nope", r"--checkpoint nope does not exist"),
     Case("eval: a dir that is no checkpoint", f"{EVAL} --checkpoint adir", r"is neither a run dir"),

@@ -104,3 +104,22 @@ def test_ctrl_c_while_compiling_saves_the_step_and_stops(tmp_path):
     assert checkpoint.existing_steps(tmp_path / "run") == [1] and not no_temporaries(tmp_path)
     _, cfg = checkpoint.load_model(tmp_path / "run")
     assert cfg.train.steps == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_planner_compiles(tmp_path):
+    """plan of two sequence lengths, interrupted just after the first plan's JSON, while the second is lowered and
+    compiled: one line, status 130 (XLA's fd-2 output captured during the compile is not replayed as noise)."""
+    code, out = interrupt([sys.executable, "-m", "dsv3_jax.tools.plan", "--config", "tiny", "--devices", "1",
+                           "--seq-len", "32", "64", "--json"], tmp_path, after_s=0.3, after_line='"compile_s"')
+    assert_one_line(code, out, progress=("{",))
+    assert '"seq_len": 32' in out and '"seq_len": 64' not in out  # the second plan was stopped, not finished
+
+
+def test_ctrl_c_while_the_benchmark_compiles(tmp_path):
+    """bench's compile section (the train step lowered and compiled at two depths), interrupted 0.5 s after the
+    matmul line: one line, status 130, no table."""
+    code, out = interrupt([sys.executable, "-m", "dsv3_jax.tools.bench", "--quick", "--config", "tiny", "--only",
+                           "compile"], tmp_path, after_s=0.5, after_line="(a) matmul")
+    assert_one_line(code, out, progress=("(a) matmul",))
+    assert "| section |" not in out
