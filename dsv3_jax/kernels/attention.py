@@ -124,8 +124,19 @@ def online_softmax_step(m, denom, acc, s, pv: Callable, to_acc: Callable = lambd
     return m_new, denom * corr + p.sum(-1), acc * to_acc(corr) + pv(p)
 
 
+def _entangled(*xs):
+    """`xs` through one optimization barrier, so that no partial evaluation can tell the masks (from segment ids
+    and positions alone) apart from the scores (from q and k). A layer scan under autodiff traces its forward with
+    the layer-invariant inputs known and the rest unknown, to hoist loop-invariant residuals
+    (`jax._src.lax.control_flow.loops._scan_known_hoisting`): the block loops below would be split, their mask
+    halves run ahead for every (query block, key block) pair at once, (nq, nk, B, H, q, k) booleans and float32
+    -inf fills, O(T^2) memory. Through the barrier every output is unknown as soon as one input is."""
+    return jax.lax.optimization_barrier(xs)
+
+
 def _flash_fwd_impl(cfg: _Blocking, qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos):
     """Output (B, T, H, v) and the log-sum-exp (B, H, T) of every query row (-inf where nothing is visible)."""
+    qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos = _entangled(qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos)
     b, t, h, _ = qn.shape
     dv = v.shape[-1]
     nk = kn.shape[1] // cfg.bk
@@ -168,7 +179,7 @@ def _flash_fwd(cfg, qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos):
 def _flash_bwd(cfg, res, dout):
     """Recompute each needed (query block, key block) pair: key blocks outer (their dk, dv are scan outputs), query
     blocks inner; dq accumulates in the carry. Residuals are O(T): inputs, output and log-sum-exp."""
-    qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos, out, lse = res
+    qn, qr, kn, kr, v, q_seg, k_seg, q_pos, k_pos, out, lse, dout = _entangled(*res, dout)
     nq, nk = qn.shape[1] // cfg.bq, kn.shape[1] // cfg.bk
     delta_bht = jnp.moveaxis(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)  # rowsum(dO*O)
     lse_ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
