@@ -14,8 +14,9 @@ short stage's final learning rate (the report extends at its final 7.3e-6). Stag
    data.seq_len 2048; and, with --control, `plain`: the same extension training without YaRN.
 4. Every condition evaluated on the same held-out rows of 2,048 (eval.evaluate_positions).
 
-Writes OUT/table.md (eval.bucket_table), OUT/buckets.png (plot.plot_position_buckets) and OUT/results.json. A stage
-whose run dir already finished is resumed at its end (nothing retrained).
+Writes OUT/table.md (eval.bucket_table), OUT/buckets.png (plot.plot_position_buckets) and OUT/results.json (the
+fine buckets and each stage's wall seconds). A stage whose run dir already finished is resumed at its end (nothing
+retrained); `--replot` redraws the table and the plot from OUT/results.json alone.
 """
 
 from __future__ import annotations
@@ -84,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", action="store_true", help="also extend without YaRN (the same training)")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of rows of 2,048 per condition")
+    p.add_argument("--replot", action="store_true", help="only redraw table.md and buckets.png from results.json")
     a = p.parse_args(argv)
-    from dsv3_jax.tools import eval as evaluation
-    from dsv3_jax.tools.plot import plot_position_buckets
+    if a.replot:
+        write_outputs(a.out, json.loads((a.out / "results.json").read_text())["fine"])
+        return 0
+    from dsv3_jax.tools import eval as evaluation  # noqa: F401  (fails before the runs if the tools are missing)
+    from dsv3_jax.tools.plot import plot_position_buckets  # noqa: F401
 
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -114,16 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     for label, (run, fields) in conditions.items():
         print(f"[context_extension] eval: {label}", flush=True)
         fine[label] = evaluate(run, fields, a.eval_batch, a.eval_batches)
-    table = evaluation.bucket_table({k: merge(v, TABLE_EDGES) for k, v in fine.items()})
-    (a.out / "table.md").write_text(table + "\n")
-    plot_position_buckets(fine, a.out / "buckets.png", f"small: held-out loss by position, rows of {LONG}",
-                          mark=SHORT)
     walls["total"] = time.perf_counter() - t0
     (a.out / "results.json").write_text(json.dumps({"fine": fine, "wall_s": walls, "args": {
         k: str(v) for k, v in vars(a).items()}}, indent=1) + "\n")
-    print(table)
+    write_outputs(a.out, fine)
     print(json.dumps({"wall_s": walls}))
     return 0
+
+
+def write_outputs(out: pathlib.Path, fine: dict[str, list[dict]]) -> None:
+    """OUT/table.md (the coarse buckets) and OUT/buckets.png (the fine ones) of the evaluated conditions."""
+    from dsv3_jax.tools import eval as evaluation
+    from dsv3_jax.tools.plot import plot_position_buckets
+
+    table = evaluation.bucket_table({k: merge(v, TABLE_EDGES) for k, v in fine.items()})
+    (out / "table.md").write_text(table + "\n")
+    plot_position_buckets(fine, out / "buckets.png", f"small: held-out loss by position, rows of {LONG}", mark=SHORT)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -136,9 +136,9 @@ def plot_position_buckets(rows: dict[str, list[dict]], path: str | pathlib.Path,
     for i, (label, buckets) in enumerate(rows.items()):
         x = [b["lo"] for b in buckets] + [buckets[-1]["hi"]]
         y = [b["loss"] for b in buckets]
-        ax.stairs(y, x, color=f"C{i % 10}", lw=1.8, label=label)
+        ax.stairs(y, x, baseline=None, color=f"C{i % 10}", lw=1.8, label=label)
     if mark is not None:
-        ax.axvline(mark, color="grey", ls="--", lw=0.8)
+        ax.axvline(mark, color="grey", ls="--", lw=0.8, label=f"position {mark}")
     ax.set(title=title, xlabel="in-document position of the input token", ylabel="held-out loss (nats/token)",
            xlim=(0, rows[next(iter(rows))][-1]["hi"]))
     ax.legend(fontsize=8)
