@@ -83,6 +83,9 @@ STEP_SCRIPT = textwrap.dedent(r"""
     LAYER = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "impl.gather_weights=layer",
              "mesh.rules={experts: [fsdp, expert], embed: [expert, fsdp], q_lora: [expert, fsdp], "
              "kv_lora: [expert, fsdp]}"]
+    # and the vocabulary never whole: the head's cross-entropy over 100-column chunks (258 = 2 x 100 + 58), each
+    # chunk's columns gathered as used; the embedding looked up in its D shards
+    V, VOCAB_CHUNK = 258, ["impl.vocab_chunk=100"]
 
     rng = np.random.default_rng(0)
 
@@ -162,6 +165,14 @@ STEP_SCRIPT = textwrap.dedent(r"""
         across = {m: sorted((o["kind"], o["shape"], o["times"]) for o in big[m] if "fsdp" in o["axes"]) for m in (2, 8)}
         assert across[2] and across[2] == across[8] and all(t == 1 for _, _, t in across[8]), across
 
+    def vocab_gathers(text):  # all-gathers whose result holds the embedding or the head whole: (V, D) or (D, V)
+        return [o["shape"] for o in hlo.analyze(text, 8)["collective_ops"] if o["kind"] == "all-gather"
+                and any(sorted(d[-2:]) == [D, V] for _, d in hlo.arrays(o["shape"]))]
+
+    def check_vocab(texts):
+        assert vocab_gathers(texts["layer", 2]), "the measurement finds no gather of the embedding or the head"
+        assert not vocab_gathers(texts["layer-chunked", 2]), vocab_gathers(texts["layer-chunked", 2])
+
     def check_capacity(dropless):
         assert all(float(m["moe_dropped_fraction"]) == 0 for m in dropless[0]), "drops without a capacity factor"
         frac = [float(m["moe_dropped_fraction"]) for m in two_steps([*RESIDENT, "impl.moe_capacity_factor=0.5"])[0]]
@@ -175,13 +186,16 @@ STEP_SCRIPT = textwrap.dedent(r"""
     results["capacity"] = outcome(check_capacity, resident)
     results["token-split"] = outcome(check_equal, ref, two_steps(SPLIT))
     results["layer"] = outcome(check_equal, ref, two_steps(LAYER))
+    results["layer-chunked"] = outcome(check_equal, ref, two_steps([*LAYER, *VOCAB_CHUNK]))
     texts = {("step", m): build(RESIDENT, m)[0].as_text() for m in (2, 8)}
     texts.update({("micro_batch", m): build([*DEFAULT, "impl.grad_reduce=micro_batch"], m)[0].as_text()
                   for m in (2, 8)})
     texts.update({("layer", m): build(LAYER, m)[0].as_text() for m in (2, 8)})
+    texts["layer-chunked", 2] = build([*LAYER, *VOCAB_CHUNK], 2)[0].as_text()
     results["collectives"] = outcome(check_collectives, texts)
     results["layer-collectives"] = outcome(check_layer, texts)
     results["gathers"] = outcome(check_gathers, texts)
+    results["vocab-gathers"] = outcome(check_vocab, texts)
     print("DP_RESULTS", json.dumps(results))
 """)
 
@@ -196,13 +210,14 @@ def region_steps() -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["resident", "token-split", "layer"])
+@pytest.mark.parametrize("layout", ["resident", "token-split", "layer", "layer-chunked"])
 def test_two_optimizer_steps_equal_the_single_device_steps(region_steps, layout):
     """Two AdamW steps (micro_batches 2, MTP, packed documents, a padded row) vs one device, within 1e-6: losses,
     grad norm, expert loads, router bias. resident: fsdp=2 x expert=4 with the experts over both axes (one expert per
     device, the data-parallel region); token-split: fsdp=2 x expert=2 x tensor=2 with the experts over all three, the
     tokens each tensor pair shares split between them before the exchange; layer: resident, the other weights on
-    their `expert` shards, gathered layer by layer (impl.gather_weights=layer)."""
+    their `expert` shards, gathered layer by layer (impl.gather_weights=layer); layer-chunked: layer with
+    impl.vocab_chunk=100 (the head's cross-entropy over vocabulary chunks, the embedding looked up in its D shards)."""
     assert region_steps[layout] == "ok", region_steps[layout]
 
 
@@ -232,3 +247,11 @@ def test_layer_gathers_stay_on_the_intra_node_axis(region_steps):
     gradient reduce-scatter inside the micro-batch loop runs over `expert`; what crosses `fsdp` runs once per step,
     the same ops at micro_batches 2 and 8."""
     assert region_steps["layer-collectives"] == "ok", region_steps["layer-collectives"]
+
+
+@pytest.mark.slow
+def test_vocabulary_weights_are_never_gathered_whole_under_vocab_chunk(region_steps):
+    """The layer layout gathers the head whole in the micro-batch loop (an all-gather with a (48, 258) result);
+    with impl.vocab_chunk=100 no all-gather returns the head or the embedding whole: the head's columns come 100 at a
+    time, the table stays on its `expert` shards (only its fsdp shards are gathered, once, entering the region)."""
+    assert region_steps["vocab-gathers"] == "ok", region_steps["vocab-gathers"]

@@ -11,6 +11,8 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import precision
+from dsv3_jax.parallel.data_parallel import GATHER, gather
+from dsv3_jax.parallel.embedding import lookup_d_sharded
 from dsv3_jax.parallel.sharding import constrain
 
 
@@ -59,6 +61,12 @@ class Embed(nnx.Module):
         self.dtype = policy.out_dtype
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
+        axes = self.weight.get_metadata().get(GATHER)  # tagged on shards inside the train step's data-parallel region
+        if axes:
+            table = gather(self.weight.get_value(), (axes[0], ()))  # whole over V (the D shards stay)
+            if axes[1]:  # the table never whole: ids gathered, rows looked up in my D columns, sent back
+                return lookup_d_sharded(table, ids_bt, axes[1], self.dtype)
+            return jnp.take(table, ids_bt, axis=0).astype(self.dtype)
         # gather the table's D shards first (FSDP): a lookup into a D-sharded table would fetch every token's ids
         table = constrain(self.weight[...], ("vocab", None))
         return jnp.take(table, ids_bt, axis=0).astype(self.dtype)  # (B, T, D)

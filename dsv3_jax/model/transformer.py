@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ImplConfig, ModelConfig
+from dsv3_jax.kernels import precision
+from dsv3_jax.kernels.chunked_ce import chunked_cross_entropy
 from dsv3_jax.kernels.latent_attention import LatentCache
 from dsv3_jax.kernels.precision import policy
 from dsv3_jax.model.layers import MLP, Embed, Linear, RMSNorm
@@ -22,7 +24,7 @@ from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.rope import rope_cos_sin
 from dsv3_jax.model.routing import RouterBias
-from dsv3_jax.parallel.data_parallel import gather_params
+from dsv3_jax.parallel.data_parallel import GATHER, gather, gather_params
 from dsv3_jax.parallel.sharding import constrain, state_shardings
 
 _REMAT_POLICIES = {
@@ -41,6 +43,8 @@ class ModelOutput(NamedTuple):
     hidden: jax.Array  # (B, T, D) last hidden state before the final norm
     cache: Any = None  # updated latent caches when decoding
     hidden_states: jax.Array | None = None  # (L, B, T, D) output of every layer when requested
+    normed: jax.Array | None = None  # (B, T, D) after the final norm, in place of logits (return_logits=False)
+    mtp_normed: jax.Array | None = None  # (M, B, T, D) each MTP module's normed output, in place of mtp_logits
 
 
 class Block(nnx.Module):
@@ -173,13 +177,17 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None, *, mtp: bool = True,
-                 mtp_valid: jax.Array | None = None, return_hidden_states: bool = False) -> ModelOutput:
+                 mtp_valid: jax.Array | None = None, return_hidden_states: bool = False,
+                 return_logits: bool = True) -> ModelOutput:
         """input_ids (B, T). positions default to 0..T-1 and segment_ids to all-ones (one document per row;
         0 marks padding). With `cache` (see `init_cache`), new tokens are written at `positions`.
 
         mtp_valid (M, B, T): where depth k has a target (the train step passes `losses.mtp_target_mask`);
         only those positions enter the MTP expert counts and balance loss. By default a position counts when its
-        input token t+k exists in the same document (the model cannot see the target column itself)."""
+        input token t+k exists in the same document (the model cannot see the target column itself).
+
+        return_logits=False (training with `impl.vocab_chunk`): no logits; `normed` and `mtp_normed` carry the
+        head's inputs for `head_cross_entropy`."""
         cfg = self.cfg
         b, t = input_ids.shape
         if positions is None:
@@ -205,7 +213,8 @@ class Transformer(nnx.Module):
             aux = {"expert_counts": jnp.zeros((0, cfg.n_routed_experts)), "balance_loss": jnp.zeros((0,)),
                    "expert_affinity": jnp.zeros((0, cfg.n_routed_experts)), "dropped_rows": jnp.zeros((0,), jnp.int32)}
         hidden = x
-        logits = self.head(self.norm(x))
+        normed = self.norm(x)
+        logits = self.head_logits(normed) if return_logits else None
 
         mtp_logits = None
         if mtp and len(self.mtp):
@@ -216,20 +225,23 @@ class Transformer(nnx.Module):
             for k in range(1, len(self.mtp) + 1):
                 # token t+k at position t; the last k positions have no such token (fed 0, masked by mtp_valid)
                 shifted = jnp.concatenate([input_ids[:, k:], jnp.zeros((b, min(k, t)), input_ids.dtype)], axis=1)
-                h, lg, m_aux, c = self.mtp_step(k, shifted, h, consts[:-1] + (mtp_valid[k - 1],), mtp_cache[k - 1])
+                h, lg, m_aux, c = self.mtp_step(k, shifted, h, consts[:-1] + (mtp_valid[k - 1],), mtp_cache[k - 1],
+                                                return_logits)
                 mtp_caches.append(c)
                 all_logits.append(lg)
                 counts.append(m_aux["expert_counts"])
                 balance.append(m_aux["balance_loss"])
                 affinity.append(m_aux["expert_affinity"])
-            mtp_logits = jnp.stack(all_logits)
+            mtp_logits = jnp.stack(all_logits)  # (M, B, T, V), or (M, B, T, D) normed without logits
             aux["mtp_expert_counts"] = jnp.stack(counts)
             aux["mtp_balance_loss"] = jnp.stack(balance)
             aux["mtp_expert_affinity"] = jnp.stack(affinity)
             new_cache["mtp"] = mtp_caches
         aux["router_counts"] = self.router_counts(aux)
         hs = jnp.concatenate([h for h in hidden_states if h is not None]) if return_hidden_states else None
-        return ModelOutput(logits, mtp_logits, aux, hidden, new_cache if cache else None, hs)
+        if return_logits:
+            return ModelOutput(logits, mtp_logits, aux, hidden, new_cache if cache else None, hs)
+        return ModelOutput(None, None, aux, hidden, new_cache if cache else None, hs, normed, mtp_logits)
 
     def router_counts(self, aux: dict) -> dict:
         """The expert counts of `aux` in the structure of `nnx.to_pure_dict(nnx.state(self, RouterBias))`: each
@@ -255,13 +267,37 @@ class Transformer(nnx.Module):
             return jnp.stack([block.mlp.bias[...] for block in self.moe_layers])
         return self.moe_layers.mlp.bias[...]
 
-    def mtp_step(self, k: int, next_ids_bt: jax.Array, h_btd: jax.Array, consts: tuple, cache=None):
+    def mtp_step(self, k: int, next_ids_bt: jax.Array, h_btd: jax.Array, consts: tuple, cache=None,
+                 return_logits: bool = True):
         """MTP depth k (1-based) at every position t: from h^{k-1}_t and the token t+k (next_ids_bt), the new
         hidden h^k_t and the logits of token t+k+1 through the shared head. The training forward and speculative
-        drafting both call this. Returns (h^k (B, T, D), logits (B, T, V), aux, cache)."""
+        drafting both call this. Returns (h^k (B, T, D), logits (B, T, V), aux, cache); without logits the head's
+        input (B, T, D) in their place."""
         module = self.mtp[k - 1]
         h_btd, aux, cache = module(self.embed(next_ids_bt), h_btd, consts, cache=cache)
-        return h_btd, self.head(module.norm(h_btd)), aux, cache
+        normed = module.norm(h_btd)
+        return h_btd, self.head_logits(normed) if return_logits else normed, aux, cache
+
+    def head_logits(self, normed_btd: jax.Array) -> jax.Array:
+        """(B, T, V) logits through the untied head, its weight gathered whole where it came in on shards."""
+        w = self.head.weight
+        axes = w.get_metadata().get(GATHER)
+        return precision.einsum(self.head.spec, normed_btd, gather(w.get_value(), axes) if axes else w[...],
+                                self.head.policy)
+
+    def head_cross_entropy(self, normed_btd: jax.Array, targets_bt: jax.Array,
+                           mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`losses.cross_entropy_sum` of the head's logits on `normed_btd` (sum, count), computed over
+        `impl.vocab_chunk` columns at a time (kernels/chunked_ce.py): no (B, T, V) logits, and a head that came in on
+        D shards (the data-parallel region) gathered one chunk of columns at a time."""
+        w = self.head.weight
+        axes = w.get_metadata().get(GATHER) or ((), ())
+        w_dv = gather(w.get_value(), ((), axes[1]))  # whole over V: the chunks slice it; the D shards stay
+        d = normed_btd.shape[-1]
+        mask = mask_bt.astype(jnp.float32)
+        total = chunked_cross_entropy(normed_btd.reshape(-1, d), w_dv, targets_bt.reshape(-1), mask.reshape(-1),
+                                      self.impl.vocab_chunk or self.cfg.vocab_size, self.head.policy, tuple(axes[0]))
+        return total, mask.sum()
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> dict:
         """Empty latent caches for every layer (and MTP module): (c_kv, k_rope) per token and layer."""

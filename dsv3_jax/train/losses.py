@@ -42,17 +42,20 @@ def cross_entropy_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax
     return (nll_bt * mask).sum(), mask.sum()
 
 
-def next_token_loss(logits_btv: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
-    """(sum, count) of the main next-token cross-entropy; logits (B, T, V) for tokens[:, :T]."""
-    return cross_entropy_sum(logits_btv, tokens[:, 1:], same_document_mask(segment_ids, 0))
+def next_token_loss(logits_btv: jax.Array, tokens: jax.Array, segment_ids: jax.Array, ce=cross_entropy_sum):
+    """(sum, count) of the main next-token cross-entropy; logits (B, T, V) for tokens[:, :T]. `ce` (x_bt., targets,
+    mask) -> (sum, count) takes what stands in place of the logits (e.g. the head's input for
+    `Transformer.head_cross_entropy`)."""
+    return ce(logits_btv, tokens[:, 1:], same_document_mask(segment_ids, 0))
 
 
-def mtp_losses(mtp_logits_mbtv: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
-    """Per-depth (sums (M,), counts (M,)): depth k at column t predicts token t+k+1 within one document."""
+def mtp_losses(mtp_logits_mbtv: jax.Array, tokens: jax.Array, segment_ids: jax.Array, ce=cross_entropy_sum):
+    """Per-depth (sums (M,), counts (M,)): depth k at column t predicts token t+k+1 within one document. `ce` as in
+    `next_token_loss`."""
     sums, counts = [], []
     for k in range(1, mtp_logits_mbtv.shape[0] + 1):
         n = tokens.shape[1] - 1 - k
-        s, c = cross_entropy_sum(mtp_logits_mbtv[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k))
+        s, c = ce(mtp_logits_mbtv[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k))
         sums.append(s)
         counts.append(c)
     return jnp.stack(sums), jnp.stack(counts)

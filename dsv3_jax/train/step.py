@@ -52,14 +52,23 @@ def update_router_bias(bias: dict, counts: dict, gamma: jax.Array) -> dict:
 
 def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
     """The model on the input columns [:, :-1] of a packed batch; MTP counts only positions with a target."""
+    return run_model(graphdef, params, bias, batch, mtp)[1]
+
+
+def run_model(graphdef, params, bias, batch: dict, mtp: bool = True, return_logits: bool = True):
+    """(model, `forward`'s output): without logits, the model's `head_cross_entropy` takes the output's `normed`
+    and `mtp_normed`."""
     model = nnx.merge(graphdef, params, bias)
     # in a data-parallel region under impl.gather_weights=layer: the top-level weights whole (the layer scan
-    # gathers its own slices); elsewhere nothing is tagged and this is the identity
-    nnx.update(model, data_parallel.gather_params(nnx.state(model, nnx.Param), stacked=False))
+    # gathers its own slices; the embedding and the head use their shards, Embed and Transformer.head_*);
+    # elsewhere nothing is tagged and this is the identity
+    top = nnx.All(nnx.Param, lambda path, _: path[0] not in ("embed", "head"))
+    nnx.update(model, data_parallel.gather_params(nnx.state(model, top), stacked=False))
     depth = len(model.mtp)
     mtp_valid = losses.mtp_target_mask(batch["segment_ids"], depth) if mtp and depth else None
-    return model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                 segment_ids=batch["segment_ids"][:, :-1], mtp=mtp, mtp_valid=mtp_valid)
+    return model, model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                        segment_ids=batch["segment_ids"][:, :-1], mtp=mtp, mtp_valid=mtp_valid,
+                        return_logits=return_logits)
 
 
 def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTransformation,
@@ -117,12 +126,16 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
     divided by `shards` so that the sum over devices counts them once."""
     tcfg, depth, m = cfg.train, cfg.model.num_nextn_predict_layers, cfg.train.micro_batches
 
+    chunked = cfg.impl.vocab_chunk > 0  # the head's cross-entropy over vocabulary chunks, no (B, T, V) logits
+
     def micro_loss(params, mb):
-        out = forward(graphdef, params, bias, mb)
-        ce_sum, _ = losses.next_token_loss(out.logits, mb["tokens"], mb["segment_ids"])
+        model, out = run_model(graphdef, params, bias, mb, return_logits=not chunked)
+        x, mtp_x, ce_fn = ((out.normed, out.mtp_normed, model.head_cross_entropy) if chunked
+                           else (out.logits, out.mtp_logits, losses.cross_entropy_sum))
+        ce_sum, _ = losses.next_token_loss(x, mb["tokens"], mb["segment_ids"], ce_fn)
         ce = ce_sum / n_tok
         if depth:
-            mtp_sums, _ = losses.mtp_losses(out.mtp_logits, mb["tokens"], mb["segment_ids"])
+            mtp_sums, _ = losses.mtp_losses(mtp_x, mb["tokens"], mb["segment_ids"], ce_fn)
             mtp_ce = mtp_sums / n_mtp
             mtp_counts = out.aux["mtp_expert_counts"]
         else:
