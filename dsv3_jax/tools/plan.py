@@ -28,8 +28,11 @@ import time
 
 from dsv3_jax.config import Config, MeshConfig
 from dsv3_jax.errors import ArgumentParser, ConfigError, run_command
-from dsv3_jax.presets import load_config
-from dsv3_jax.tools import hardware, traffic
+from dsv3_jax.tools import hardware
+
+# jax and the model (presets, traffic) load inside the functions that use them: `python -m dsv3_jax.tools.plan`
+# imports this module before `main` installs the error path, and Ctrl-C during an import of jax would be a
+# traceback, or be lost in jax's gc callback
 
 GIB = 2**30
 
@@ -153,7 +156,7 @@ def plan(cfg: Config, mesh, hbm_bytes: float, hw: hardware.Hardware | None = Non
     import jax  # noqa: PLC0415
 
     from dsv3_jax.parallel.sharding import logical_size, mesh_axes, mesh_size, rules_for, use_rules
-    from dsv3_jax.tools import hlo
+    from dsv3_jax.tools import hlo, traffic
     from dsv3_jax.train import loop, metrics
     from dsv3_jax.train.step import jit_train_step
 
@@ -374,6 +377,7 @@ def format_ranking(fit: list[dict]) -> str:
 
 def run(args: argparse.Namespace, hw: hardware.Hardware | None) -> int:
     from dsv3_jax.parallel.sharding import make_mesh
+    from dsv3_jax.presets import load_config
 
     hbm = args.hbm_gib * GIB if args.hbm_gib is not None else (hw.hbm_bytes if hw else 80 * GIB)
     emit = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -405,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from dsv3_jax.presets import load_config  # noqa: PLC0415
+
     cfg = load_config(args.config, args.overrides)  # input errors before jax starts
     if args.devices <= 0:
         raise ConfigError(f"--devices must be positive, got {args.devices}")
