@@ -67,6 +67,19 @@ def test_ctrl_c_at_start_up(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("tool", [
+    ["dsv3_jax.tools.plan", "--config", "tiny", "--devices", "1"],
+    ["dsv3_jax.tools.bench", "--quick", "--config", "tiny", "--only", "compile"],
+    ["dsv3_jax.tools.bench_decode", "--quick", "--new-tokens", "4", "--batches", "1", "--checkpoint", "absent"],
+], ids=lambda tool: tool[0].rsplit(".", 1)[-1])
+def test_ctrl_c_at_start_up_of_a_tool(tmp_path, tool):
+    """1 s in, while the tool imports jax: one line and 130. A tool whose module imported jax (or numpy) before its
+    error path was installed printed a KeyboardInterrupt traceback, or lost the interrupt in jax's gc callback and
+    ran on to the end with status 0."""
+    code, out = interrupt([sys.executable, "-m", *tool], tmp_path, after_s=1.0)
+    assert_one_line(code, out)
+
+
 def test_ctrl_c_while_preparing_keeps_finished_shards_only(tmp_path):
     """prepare with 2 worker processes, interrupted after its first shard: one line (the workers leave Ctrl-C to
     the parent), no temporary, no manifest; a rerun resumes and finishes."""

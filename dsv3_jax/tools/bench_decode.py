@@ -20,12 +20,13 @@ import pathlib
 import sys
 import tempfile
 
-import numpy as np
-
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ArgumentParser, require, run_command
-from dsv3_jax.presets import load_config
 from dsv3_jax.tools.timing import paired_medians_s, row
+
+# numpy, jax and the model load inside the functions that use them: `python -m dsv3_jax.tools.bench_decode` imports
+# this module before `main` installs the error path, and an import interrupted by Ctrl-C would be a traceback (or,
+# inside jax's gc callback, swallowed)
 
 PROMPT_LEN = 16
 
@@ -35,10 +36,14 @@ SPEC_PROMPT = "def main("
 
 def bench_config() -> ModelConfig:
     """Issue 12's benchmark model (`configs/bench.yaml`), the one `dsv3_jax.bench` trains."""
+    from dsv3_jax.presets import load_config
+
     return load_config("bench").model
 
 
 def prompts_for(cfg: ModelConfig, batch: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     return rng.integers(2, min(cfg.vocab_size, 256), (batch, PROMPT_LEN)).tolist()
 
