@@ -173,23 +173,34 @@ def test_position_buckets_match_a_naive_per_position_loop(corpus):
     assert sum(n) == res["tokens"]  # buckets covering every position hold every predicted token once
 
 
-def test_model_fields_change_rope_but_never_shapes():
+YARN_FIELDS = ["model.rope_scaling={factor: 8, original_max_position_embeddings: 64}",
+               "model.max_position_embeddings=1024"]
+
+
+@pytest.fixture(scope="module")
+def plain_model():
+    return model_lib.create(load_config("tiny", ["model.rope_scaling=null"]).model, seed=0)
+
+
+def test_model_fields_change_rope_but_never_shapes(plain_model):
+    yarn = evaluation.with_model_fields(plain_model, YARN_FIELDS)
+    assert yarn.cfg == load_config("tiny", ["model.rope_scaling=null"] + YARN_FIELDS).model
+    with pytest.raises(ConfigError, match=r"^--model model.kv_lora_rank=8 changes parameter shapes: \d+ of"):
+        evaluation.with_model_fields(plain_model, ["model.kv_lora_rank=8"])
+    with pytest.raises(ConfigError, match="model.KEY=VALUE"):
+        evaluation.with_model_fields(plain_model, ["train.steps=3"])
+
+
+@pytest.mark.slow
+def test_model_fields_compute_what_a_model_built_with_them_computes(plain_model):
     """The same weights under YaRN compute what a model built with YaRN from the same seed computes (rope scaling
     creates no parameter, so the two share every array), and not what the plain model computes."""
-    fields = ["model.rope_scaling={factor: 8, original_max_position_embeddings: 64}",
-              "model.max_position_embeddings=1024"]
-    model = model_lib.create(load_config("tiny", ["model.rope_scaling=null"]).model, seed=0)
-    native = model_lib.create(load_config("tiny", ["model.rope_scaling=null"] + fields).model, seed=0)
-    yarn = evaluation.with_model_fields(model, fields)
-    assert yarn.cfg == native.cfg and yarn.cfg.rope_scaling.factor == 8
+    native = model_lib.create(load_config("tiny", ["model.rope_scaling=null"] + YARN_FIELDS).model, seed=0)
+    yarn = evaluation.with_model_fields(plain_model, YARN_FIELDS)
     ids = (np.arange(100, dtype=np.int32)[None] * 7) % 250
     out = np.asarray(yarn(ids).logits)
     np.testing.assert_array_equal(out, np.asarray(native(ids).logits))
-    assert not np.array_equal(out, np.asarray(model(ids).logits))
-    with pytest.raises(ConfigError, match=r"^--model model.kv_lora_rank=8 changes parameter shapes: \d+ of"):
-        evaluation.with_model_fields(model, ["model.kv_lora_rank=8"])
-    with pytest.raises(ConfigError, match="model.KEY=VALUE"):
-        evaluation.with_model_fields(model, ["train.steps=3"])
+    assert not np.array_equal(out, np.asarray(plain_model(ids).logits))
 
 
 @pytest.mark.parametrize("text", ["0,256,100", "5", "a,b", "-1,3"])
