@@ -299,7 +299,7 @@ def problems(case: Case, got: dict) -> list[str]:
         bad.append(f"{len(lines)} answer lines")
     elif not re.search(case.expect, lines[0]) or not lines[0].startswith("warning:" if case.code == 0 else "error:"):
         bad.append(f"line {lines[0]!r} does not match {case.expect!r}")
-    for marker in ("Traceback", "Exception ignored", "Future exception was never retrieved"):
+    for marker in ("Traceback", "Exception ignored", "Future exception was never retrieved", "<bound method"):
         if marker in got["stderr"]:
             bad.append(f"stderr holds {marker!r}")
     if len(got["stderr"].splitlines()) > 3:  # the answer, plus at most "preparing ..." / sample's cache and timing
