@@ -129,6 +129,7 @@ def test_ctrl_c_while_the_planner_compiles(tmp_path):
     assert '"seq_len": 32' in out and '"seq_len": 64' not in out  # the second plan was stopped, not finished
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_benchmark_compiles(tmp_path):
     """bench's compile section (the train step lowered and compiled at two depths), interrupted 0.5 s after the
     matmul line: one line, status 130, no table."""
