@@ -48,15 +48,18 @@ def merge(fine: list[dict], edges: tuple[int, ...]) -> list[dict]:
     return out
 
 
-def train_stage(name: str, run_dir: pathlib.Path, overrides: list[str]) -> float:
-    """Train (or resume to the end of) one stage; returns its wall seconds."""
+def train_stage(name: str, run_dir: pathlib.Path, overrides: list[str]) -> float | str:
+    """Train (or resume to the end of) one stage; returns its wall seconds, or "reused" when it had finished."""
     from dsv3_jax.presets import load_config
+    from dsv3_jax.train import checkpoint
     from dsv3_jax.train.loop import train
 
     print(f"[context_extension] stage {name} -> {run_dir}", flush=True)
+    cfg = load_config("small", QUIET + overrides + [f"train.run_dir={run_dir}", "train.checkpoint_every=100000"])
+    done = cfg.train.steps in checkpoint.existing_steps(run_dir)
     t0 = time.perf_counter()
-    train(load_config("small", QUIET + overrides + [f"train.run_dir={run_dir}", "train.checkpoint_every=100000"]))
-    return time.perf_counter() - t0
+    train(cfg)
+    return "reused" if done else time.perf_counter() - t0
 
 
 def evaluate(run_dir: pathlib.Path, fields: list[str], batch_size: int, batches: int) -> list[dict]:
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--control", action="store_true", help="also extend without YaRN (the same training)")
     p.add_argument("--eval-batch", type=int, default=4)
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of rows of 2,048 per condition")
+    p.add_argument("--eval-batches", type=int, default=0,
+                   help="held-out batches of rows of 2,048 per condition (0: the whole held-out split)")
     p.add_argument("--replot", action="store_true", help="only redraw table.md and buckets.png from results.json")
     a = p.parse_args(argv)
     if a.replot:
