@@ -72,3 +72,30 @@ def test_checkpoint_dir_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert err.startswith("error: --checkpoint") and "neither a run dir" in err and "\n" not in err
     assert evaluation.main(["--checkpoint", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_position_buckets_under_changed_rope_add_up_to_the_loss(corpus, tmp_path, capsys):
+    """`--position-buckets` covering every position under `--model` rope fields: the buckets' token-weighted mean is
+    the overall loss (computed by another pass, `batch_sums`), and their tokens add up to the predicted tokens."""
+    import json
+
+    from dsv3_jax.train import checkpoint, loop
+    from dsv3_jax.train.state import init_state
+
+    cfg = load_config("tiny", ["model.rope_scaling=null", "model.max_position_embeddings=32",
+                               f"data.cache_dir={tmp_path / 'cache'}",
+                               f"train.run_dir={tmp_path / 'run'}"])
+    state, _, _ = init_state(cfg, loop.mesh_of(cfg))
+    ckpt = checkpoint.Checkpointer(cfg.train.run_dir, 1, 1, async_save=False)
+    ckpt.save(1, state._asdict(), None, cfg, force=True)
+    ckpt.close()
+    argv = ["--checkpoint", cfg.train.run_dir, "--data", corpus.source, "--seq-len", "32", "--batch-size", "2",
+            "--batches", "2", "--position-buckets", "0,8,20,32", "--json", "--model",
+            "model.rope_scaling={factor: 2, original_max_position_embeddings: 16}"]
+    assert evaluation.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    buckets = res["position_buckets"]
+    assert [(b["lo"], b["hi"]) for b in buckets] == [(0, 8), (8, 20), (20, 32)]
+    assert sum(b["tokens"] for b in buckets) == res["tokens"]
+    mean = sum(b["loss"] * b["tokens"] for b in buckets) / res["tokens"]
+    np.testing.assert_allclose(mean, res["loss"], rtol=1e-6)
