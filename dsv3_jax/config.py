@@ -207,6 +207,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    context: int = 1  # splits the sequence (parallel/context_parallel.py); the mesh has this axis only when > 1
     tensor: int = 1
     rules: tuple = ()
 

@@ -7,7 +7,11 @@ dimension of the small model has, so a shape with two block-count dimensions is 
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import pytest
@@ -16,6 +20,7 @@ from dsv3_jax.parallel.sharding import make_mesh, rules_for, use_rules
 from dsv3_jax.presets import load_config
 from dsv3_jax.tools.plan import abstract_inputs
 from dsv3_jax.train.step import jit_train_step
+from tests import xla_env
 
 BLOCK = 128
 
@@ -61,9 +66,124 @@ def test_compiled_step_holds_no_buffer_over_block_pairs(remat):
 def test_compiled_step_temporaries_grow_linearly_with_length(remat):
     """Bytes per extra token from 1K to 4K at most 1.2x those from one block to 1K. The temporaries have a large
     length-independent part (gradients and optimizer update of the whole model), so the ratio of the totals would
-    hide a quadratic term; the per-token growth does not: the pairs buffers made it 1.6x (remat none) and 18x
+    hide a quadratic term; the per-token growth does not: the pairs buffers made it 1.6x (remat none) and 5.3x
     (remat full) here."""
     lengths = (BLOCK, 1024, 4096)
     temp = [_compiled_step(t, remat).memory_analysis().temp_size_in_bytes for t in lengths]
     per_token = [(temp[i + 1] - temp[i]) / (lengths[i + 1] - lengths[i]) for i in range(2)]
     assert per_token[1] <= 1.2 * per_token[0], (lengths, temp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context parallelism: the sequence split over `context` on 8 fake devices against the unsplit step on one device.
+
+CONTEXT_SCRIPT = textwrap.dedent(r"""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding
+    from tests.checks import outcome
+    from dsv3_jax.presets import load_config
+    from dsv3_jax.parallel.sharding import logical_spec, make_mesh, rules_for, use_rules
+    from dsv3_jax.tools import hlo
+    from dsv3_jax.train import losses
+    from dsv3_jax.train.state import init_state
+    from dsv3_jax.train.step import _accumulate, jit_train_step, mtp_lambda
+
+    SEQ, B, C, R = 64, 4, 20, 6  # tiny: kv_lora_rank 20, qk_rope_head_dim 6
+    BASE = [f"data.seq_len={SEQ}", f"train.global_batch_size={B}", "train.micro_batches=2", "train.bias_gamma=0.01",
+            "train.balance_alpha=0.01", "train.warmup_steps=1", "impl.attention=blocked",
+            "impl.attention_block_size=8"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 258, size=(B, SEQ + 1)).astype(np.int32)
+    seg = np.ones((B, SEQ + 1), np.int32)
+    pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (B, 1))
+    for r in range(B):  # packed documents crossing the chunk borders (chunks of 8 or 16 tokens); padding at the end
+        for k, cut in enumerate((5 + 3 * r, 23 + r, 41 - 2 * r)):
+            seg[r, cut:] = k + 2
+            pos[r, cut:] = np.arange(SEQ + 1 - cut)
+    seg[-1, -6:] = 0
+    BATCH = {"tokens": tokens, "segment_ids": seg, "positions": pos}
+
+    def sums(cfg, graphdef):  # the step's (loss, aux, gradients) before the optimizer, as train_step computes them
+        def f(state, batch):
+            m, depth, s = cfg.train.micro_batches, cfg.model.num_nextn_predict_layers, batch["segment_ids"]
+            n_tok = jnp.maximum(losses.same_document_mask(s, 0).sum(), 1).astype(jnp.float32)
+            n_mtp = jnp.stack([losses.same_document_mask(s, k).sum() for k in range(1, depth + 1)])
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+            return _accumulate(state.params, state.bias, micro, n_tok, jnp.maximum(n_mtp, 1).astype(jnp.float32),
+                               mtp_lambda(state.step, cfg.train), graphdef=graphdef, cfg=cfg)
+        return f
+
+    def run(overrides, devices=None):
+        cfg = load_config("tiny", [*BASE, *overrides])
+        mesh = make_mesh(cfg.mesh, devices=devices)
+        with use_rules(rules_for(cfg.mesh)):
+            state, graphdef, tx = init_state(cfg, mesh)
+            placed = {k: jax.device_put(v, NamedSharding(mesh, logical_spec(("batch",)))) for k, v in BATCH.items()}
+        grads = jax.jit(sums(cfg, graphdef))
+        step = jit_train_step(cfg, graphdef, tx, mesh, state, donate=False)
+        with jax.set_mesh(mesh), use_rules(rules_for(cfg.mesh)):
+            out = jax.device_get(grads(state, placed))
+            new, metrics = step(state, placed)
+            text = grads.lower(state, placed).compile().as_text()
+        return out, jax.device_get(metrics), jax.device_get(new.bias), text, mesh
+
+    def check_equal(ref, got):
+        (total, aux, grads), metrics, bias = ref[:3]
+        (g_total, g_aux, g_grads), g_metrics, g_bias = got[:3]
+        np.testing.assert_allclose(g_total, total, rtol=1e-6)
+        for k in ("counts", "mtp_counts", "router_counts"):  # expert counts exact
+            for a, b in zip(jax.tree.leaves(aux[k]), jax.tree.leaves(g_aux[k])):
+                np.testing.assert_array_equal(b, a, err_msg=k)
+        for k in ("ce", "mtp_ce", "balance"):
+            np.testing.assert_allclose(g_aux[k], aux[k], rtol=1e-6, err_msg=k)
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(g_grads)):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        for k in ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm", "maxvio"):
+            np.testing.assert_allclose(g_metrics[k], metrics[k], rtol=1e-6, err_msg=k)
+        for a, b in zip(jax.tree.leaves(bias), jax.tree.leaves(g_bias)):
+            np.testing.assert_allclose(b, a, atol=1e-6, err_msg="router bias after the step")
+
+    def check_latent_only(got):
+        text, mesh = got[3], got[4]
+        # (the all-reduces that name it sum kv_b_proj's gradient over the chunks, merged with the other weights')
+        ops = [o for o in hlo.analyze(text, mesh.size, None, mesh.device_ids, mesh.axis_names)["collective_ops"]
+               if "context_parallel" in o["op_name"] and o["kind"] != "all-reduce"]
+        # forward all-gathers, their transposes in the backward reduce-scatters, over `context` only
+        assert {(o["kind"], o["axes"]) for o in ops} == {("all-gather", ("context",)),
+                                                         ("reduce-scatter", ("context",))}, ops
+        # every array moved is the latent (B, ., c) or (B, ., r), or the segment ids (B, T): no per-head K or V
+        for o in ops:
+            for dtype, dims in hlo.arrays(o["shape"]):
+                assert (len(dims) == 3 and dims[-1] in (C, R)) or (dims[-1] == SEQ and dtype == "s32"), o["shape"]
+
+    results = {}
+    ref = run(["mesh.data=1"], devices=jax.devices()[:1])
+    split8 = run(["mesh.data=1", "mesh.context=8"])
+    results["context8"] = outcome(check_equal, ref, split8)
+    results["latent8"] = outcome(check_latent_only, split8)
+    results["data2-context4"] = outcome(check_equal, ref, run(["mesh.data=2", "mesh.context=4"]))
+    print("CP_RESULTS", json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def context_results():
+    proc = subprocess.run([sys.executable, "-c", CONTEXT_SCRIPT], capture_output=True, text=True, timeout=1200,
+                          env=xla_env.env(8), cwd=xla_env.REPO)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CP_RESULTS ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line.removeprefix("CP_RESULTS "))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["context8", "data2-context4"])
+def test_context_split_step_equals_the_unsplit_step(context_results, case):
+    """Loss, gradients, expert counts and the router bias update: packed documents crossing the chunk borders, MTP
+    on, two micro-batches, blocked attention in blocks of 8 (one query block a device at context 8)."""
+    assert context_results[case] == "ok", context_results[case]
+
+
+@pytest.mark.slow
+def test_context_split_attention_moves_only_the_latent(context_results):
+    assert context_results["latent8"] == "ok", context_results["latent8"]

@@ -20,6 +20,7 @@ from dsv3_jax.kernels.precision import einsum as policy_einsum
 from dsv3_jax.kernels.precision import policy
 from dsv3_jax.model.layers import Linear, RMSNorm
 from dsv3_jax.model.rope import apply_rope
+from dsv3_jax.parallel import context_parallel
 from dsv3_jax.parallel.sharding import constrain
 
 
@@ -85,12 +86,22 @@ class MLA(nnx.Module):
         scale, pol, b, t = self.cfg.softmax_scale(), self.kv_b_proj.policy, x_btd.shape[0], x_btd.shape[1]
         fp32 = pol.compute_dtype == jnp.float32
         if cache is None:
-            kv_bthk = self.kv_b_proj(c_kv)
-            k_nope, v = jnp.split(kv_bthk, [self.cfg.qk_nope_head_dim], axis=-1)  # (B, T, H, n), (B, T, H, v)
-            idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # causal by index within segments
             name = attention_ops.resolve(self.impl.attention, t, self_attention=True, fp32=fp32)
-            out_bthv = attention_ops.attend(name, q_nope, q_rope, k_nope, k_rope, v, segment_ids_bt, segment_ids_bt,
-                                            idx_bt, idx_bt, scale, pol, self.impl.attention_block_size)
+
+            def attend(q_nope, q_rope, c_kv, k_rope, w_kvb, seg_q, seg_k, pos_q, pos_k):
+                kv_bshk = policy_einsum("bsc,chk->bshk", c_kv, w_kvb, pol)  # as kv_b_proj
+                k_nope, v = jnp.split(kv_bshk, [self.cfg.qk_nope_head_dim], axis=-1)  # (B, S, H, n), (B, S, H, v)
+                return attention_ops.attend(name, q_nope, q_rope, k_nope, k_rope, v, seg_q, seg_k, pos_q, pos_k,
+                                            scale, pol, self.impl.attention_block_size)
+
+            mesh = jax.sharding.get_abstract_mesh()
+            if context_parallel.active(mesh):  # the sequence split over `context`: gather the latent, not K/V
+                out_bthv = context_parallel.attend_split(attend, q_nope, q_rope, c_kv, k_rope, segment_ids_bt,
+                                                         self.kv_b_proj.weight[...], mesh)
+            else:
+                idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # causal by index within segments
+                out_bthv = attend(q_nope, q_rope, c_kv, k_rope, self.kv_b_proj.weight[...], segment_ids_bt,
+                                  segment_ids_bt, idx_bt, idx_bt)
             return self.o_proj(out_bthv), None
         # Decode / prefill on the latent cache: scatter the new latents to their slots, then attend over the slots
         # with c_kv as the shared key (absorbed query) and the shared value (absorbed output); slot s is visible to

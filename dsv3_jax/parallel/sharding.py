@@ -15,7 +15,8 @@ Logical axes used by parameters:
 Logical axes used by activations:
   batch, seq, act_embed, act_heads, act_mlp, act_vocab
 Mesh axes: data (pure data parallel), fsdp (data parallel with sharded parameters), expert (expert parallel;
-also carries batch outside the MoE layers), tensor (tensor parallel over heads / FFN width / vocab).
+also carries batch outside the MoE layers), context (splits the sequence: `seq` maps to it when mesh.context > 1;
+the mesh has this axis only then), tensor (tensor parallel over heads / FFN width / vocab).
 
 Every large weight is sharded over the data-parallel axes that hold a parameter shard (fsdp and expert) as well as
 its model axis: `embed` (and the low-rank `q_lora` / `kv_lora`) map to ("fsdp", "expert"), and a mesh axis that an
@@ -41,7 +42,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from dsv3_jax.config import MeshConfig
 from dsv3_jax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated)
@@ -85,8 +86,9 @@ def use_rules(rules: dict):
 
 
 def rules_for(cfg: MeshConfig) -> dict:
-    """The default table with `mesh.rules` overrides applied; unknown logical or mesh axes are ConfigErrors."""
-    rules = dict(RULES)
+    """The default table with `mesh.rules` overrides applied; unknown logical or mesh axes are ConfigErrors. Under
+    mesh.context > 1 the sequence is split over `context` unless `mesh.rules` says otherwise."""
+    rules = dict(RULES, seq="context") if cfg.context > 1 else dict(RULES)
     for name, value in cfg.rules:
         if name not in RULES:
             raise ConfigError(f"mesh.rules: unknown logical axis {name!r}; known: {', '.join(RULES)}")
@@ -134,6 +136,7 @@ def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partiti
     replicated; 576 rows on fsdp=32 x expert=8 keep fsdp)."""
     out = []
     for dim, names in zip(shape, dims_axes(PartitionSpec(*spec, *(None,) * (len(shape) - len(spec))))):
+        names = tuple(n for n in names if n in mesh.shape)  # `context` exists only when it splits
         while names and dim % math.prod(mesh.shape[a] for a in names):
             names = names[:-1]
         out.append(names[0] if len(names) == 1 else (names or None))
@@ -197,11 +200,12 @@ def logical_size(mesh, logical: str, rules: dict | None = None) -> int:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh over all devices; one axis may be -1 (takes the rest)."""
+    """A (data, fsdp, expert, [context,] tensor) mesh over all devices; one axis may be -1 (takes the rest). The
+    context axis is left out at size 1, so meshes without context parallelism are as before."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.context, cfg.tensor]
     if sizes.count(-1) > 1:
-        raise ConfigError("mesh: at most one of data/fsdp/expert/tensor may be -1")
+        raise ConfigError("mesh: at most one of data/fsdp/expert/context/tensor may be -1")
     if any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
@@ -212,5 +216,6 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     if math.prod(sizes) != len(devices):
         raise ConfigError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                           f"have {len(devices)}")
-    grid = np.asarray(devices).reshape(sizes)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    names = [a for a, s in zip(MESH_AXES, sizes) if a != "context" or s > 1]
+    grid = np.asarray(devices).reshape([s for a, s in zip(MESH_AXES, sizes) if a in names])
+    return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
