@@ -10,7 +10,7 @@ compressed latent (c_kv after its norm, k_rope after rotation: c + r values a to
 `context`, expands it to per-head keys and values itself, and attends its t queries to all T keys, with query
 positions offset by its chunk start and the segment ids gathered too (packed documents stay exact). The backward
 of the all-gather is a reduce-scatter of the latent's gradient: the same bytes. Sending the latent instead of the
-expanded keys and values (H x (n + r + v) values a token, 40,960 in DeepSeek-V3) is the whole point: 71x fewer
+expanded keys and values (H x (n + v) + r values a token, 32,832 in DeepSeek-V3) is the whole point: 57x fewer
 bytes than a ring or all-gather of K and V (docs/long_context.md).
 """
 
