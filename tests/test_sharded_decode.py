@@ -114,8 +114,9 @@ for name, mesh_cfg, rows in (("expert8", MeshConfig(data=1, expert=8), 16),
     model = hf.load(ckpt, mesh=mesh, keep_fp8=True, rules=sampling.DECODE_RULES)
     programs = sampling.Programs()
     got = sampling.generate(model, prompts[:rows], new, mesh=mesh, programs=programs)
-    # the per-layer view the loop reads: one E4M3 array per layer and kept weight
-    q_leaves = [a for a in jax.tree.leaves(programs.decode_state(model)[1]) if a.dtype == jnp.float8_e4m3fn]
+    # the arrays plain decoding reads: one E4M3 array per kept weight (stacked over layers) outside the MTP module
+    q_leaves = [a for path, v in nnx.to_flat_state(programs.decode_state(model)[1][0]) if path[0] != "mtp"
+                for a in jax.tree.leaves(v.get_value()) if a.dtype == jnp.float8_e4m3fn]
     loops = [exe for key, exe in programs.executables.items() if key[0] is sampling._chunk_fn]
 
     def tokens():

@@ -44,9 +44,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import GenerateError
-from dsv3_jax.kernels.fp8_weights import Fp8Weight
 from dsv3_jax.kernels.shapes import round_up
-from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.routing import RouterBias
 from dsv3_jax.model.transformer import block_consts, unstacked
 from dsv3_jax.parallel.sharding import RULES, constrain, logical_size, use_rules
@@ -132,19 +130,63 @@ def prefill(model, ids_bt: jax.Array, lens_b: jax.Array, slots: int):
     cache = split_rows(cache)
     mtp_cache = cache.pop("mtp", [])
     seg_bt = (pos_bt < lens_b[:, None]).astype(jnp.int32)  # 0 marks padding (kept out of the expert counts)
-    out = model(ids_bt, positions=pos_bt, segment_ids=seg_bt, cache=cache, mtp=False)
-    return out.logits, out.hidden, out.cache, mtp_cache
+    logits, hidden, cache = main_forward(model, ids_bt, pos_bt, seg_bt, cache)
+    return logits, hidden, cache, mtp_cache
 
 
 def split_rows(cache):
-    """Every cache array (B, S, .) split over the batch axes (a no-op without a mesh): each device holds its rows."""
-    return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), cache)
+    """Every cache array ([L,] B, S, .) split over the batch axes (a no-op without a mesh): each device holds its
+    rows."""
+    return jax.tree.map(lambda a: constrain(a, (None,) * (a.ndim - 3) + ("batch", None, None)), cache)
 
 
 def decode_step(model, ids_bt: jax.Array, pos_bt: jax.Array, cache: dict):
     """T new tokens per row at their own positions on the cache. Returns (logits (B, T, V), hidden, cache)."""
-    out = model(ids_bt, positions=pos_bt, cache=cache, mtp=False)
-    return out.logits, out.hidden, out.cache
+    return main_forward(model, ids_bt, pos_bt, jnp.ones(ids_bt.shape, jnp.int32), cache)
+
+
+def has_fp8(model) -> bool:
+    """Whether the model holds FP8 weights kept as E4M3 (`hf.load(keep_fp8=True)`)."""
+    return any(x.dtype == jnp.float8_e4m3fn for x in jax.tree.leaves(nnx.state(model)))
+
+
+def main_forward(model, ids_bt: jax.Array, pos_bt: jax.Array, seg_bt: jax.Array, cache: dict):
+    """The main model on the cache, without MTP: (logits (B, T, V), pre-norm hidden (B, T, D), cache).
+
+    A model with FP8 weights decodes on its stacked layers in a rolled `lax.scan` (`_scan_layers`), compiled with
+    `FP8_COMPILER_OPTIONS`: each layer's weights are dequantised inside the loop body, one layer's copies live at
+    a time. Unrolled (as `Transformer.__call__` runs layers on the cache), each dequantisation depends on the
+    weights alone and XLA schedules them all first, every copy live at once (the 671B decode step compiled to
+    ~5x its weights in temporaries)."""
+    if model.per_layer or not has_fp8(model):
+        out = model(ids_bt, positions=pos_bt, segment_ids=seg_bt, cache=cache, mtp=False)
+        return out.logits, out.hidden, out.cache
+    consts = block_consts(pos_bt, seg_bt, model.cfg)
+    x_btd = constrain(model.embed(ids_bt), ("batch", "seq", "act_embed"))
+    new_cache = {}
+    for name, stack in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if stack is not None:
+            x_btd, new_cache[name] = _scan_layers(stack, x_btd, consts, cache[name])
+    return model.head(model.norm(x_btd)), x_btd, new_cache
+
+
+def _scan_layers(stack, x_btd: jax.Array, consts: tuple, cache):
+    """A stacked Block over its layers in a rolled loop, layer i on cache[i]; returns (x, new stacked cache)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer):
+        layer_state, layer_cache = layer
+        x, _, layer_cache = nnx.merge(graphdef, layer_state)(x, *consts, cache=layer_cache)
+        return x, layer_cache
+
+    return jax.lax.scan(body, x_btd, (state, cache))
+
+
+# XLA options for programs on FP8 weights: no loop-invariant code motion. The conversions of the E4M3 weights
+# depend on loop-invariant inputs alone, and hoisted out of the decode loop (and the layer loop) they would keep a
+# dequantised copy of every weight live for the whole loop: the 671B decode step compiled to 4x its weights in
+# temporaries with it, and to one layer's dequantised copies without it (docs/sampling.md).
+FP8_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def mtp_draft(model, next_ids_bt: jax.Array, hidden_btd: jax.Array, pos_bt: jax.Array, mtp_cache):
@@ -253,7 +295,6 @@ def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_ids, n_step
     the width of the output buffer."""
     step = _speculative_step if speculative else _plain_step
     n = carry.out_bu.shape[1]
-    fp8 = any(x.dtype == jnp.float8_e4m3fn for x in jax.tree.leaves(state))
 
     def cond(ci):
         c, i = ci
@@ -261,10 +302,7 @@ def _chunk_fn(graphdef, rule, speculative, state, carry: Carry, stop_ids, n_step
 
     def body(ci):
         c, i = ci
-        # FP8 weights pass a barrier with the loop state: their dequantisation then depends on the step, and XLA
-        # cannot hoist it out of the loop (which would keep a dequantised copy of every weight resident)
-        st, c = jax.lax.optimization_barrier((state, c)) if fp8 else (state, c)
-        return step(nnx.merge(graphdef, *st), c, rule, stop_ids, n), i + 1
+        return step(nnx.merge(graphdef, *state), c, rule, stop_ids, n), i + 1
 
     return jax.lax.while_loop(cond, body, (carry, jnp.zeros((), jnp.int32)))[0]
 
@@ -306,11 +344,12 @@ class Programs:
         t0 = time.perf_counter()
         values = tuple(v.value if isinstance(v, _Hashed) else v for v in static)
         jitted = jax.jit(functools.partial(fn, *values), donate_argnums=donate)
+        options = FP8_COMPILER_OPTIONS if any(x.dtype == jnp.float8_e4m3fn for x in leaves) else None
         if mesh is None:
-            exe = jitted.lower(*args).compile()
+            exe = jitted.lower(*args).compile(options)
         else:
             with jax.set_mesh(mesh), use_rules(rules or RULES):
-                exe = jitted.lower(*args).compile()
+                exe = jitted.lower(*args).compile(options)
         if len(self.executables) > self.max_programs:
             self.executables.clear()
         self.executables[key] = exe
@@ -319,14 +358,13 @@ class Programs:
     def decode_state(self, model):
         """graphdef (as a `_Hashed`) and (params, router bias, rest) of `unstacked(model)`: per-layer weight arrays,
         which the compiled loop reads in place (from the stacked weights it would copy each layer's slice on every
-        step). The view is made once per model and reused while the model's arrays are the same objects."""
+        step); a model with FP8 weights as it is (`main_forward`). The view is made once per model and reused while
+        the model's arrays are the same objects."""
         leaves = jax.tree.leaves(nnx.state(model))
         if self._view and len(self._view[0]) == len(leaves) and all(a is b for a, b in zip(self._view[0], leaves)):
             return self._view[1], self._view[2]
-        view = unstacked(model)
-        for mla in [m for _, m in nnx.iter_graph(view) if isinstance(m, MLA)]:
-            if isinstance(mla.kv_b_proj.weight.get_value(), Fp8Weight):  # absorbed per step from the FP8 weight
-                mla.w_kb_hnc, mla.w_vb_hcv = nnx.data(None), nnx.data(None)
+        # FP8 weights stay stacked (`main_forward` scans them) and W_kb / W_vb are sliced from the FP8 kv_b_proj
+        view = model if has_fp8(model) else unstacked(model)
         graphdef, *state = nnx.split(view, nnx.Param, RouterBias, ...)
         self._view = (leaves, _Hashed(graphdef), tuple(state))
         return self._view[1], self._view[2]

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import re
 import struct
 import sys
 
@@ -26,6 +25,7 @@ import numpy as np
 from dsv3_jax.config import ImplConfig
 from dsv3_jax.errors import ConfigError, HFError
 from dsv3_jax.interop.fp8_blocks import dequantize_blocks, quantize_blocks
+from dsv3_jax.interop.fp8_layout import FP8_QUANTISED
 from dsv3_jax.interop.hf_config import from_hf_config, to_hf_config
 from dsv3_jax.interop.hf_format import F8_DTYPE, LAYER_KEY, SCALE_SUFFIX, Entry, entries, listing
 from dsv3_jax.interop.hf_sliced import fill_sharded
@@ -295,10 +295,6 @@ def _fill(root, reader: _Reader, leaves: dict, main: list[Entry], copies: list[E
         raise HFError(f"{root}: parameters not covered by the checkpoint: {listing(unfilled)}")
 
 
-_FP8_QUANTISED = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
-                            r"down_proj)\.weight$")  # what the released FP8 checkpoint quantises (not eh_proj, head)
-
-
 _FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
@@ -330,7 +326,7 @@ def save(model, path, dtype: str = "float32", shard_size_mb: float = 4096, fp8: 
     todo = main + copies
 
     def quantised(entry):
-        return fp8 and _FP8_QUANTISED.search(entry.key) is not None
+        return fp8 and FP8_QUANTISED.search(entry.key) is not None
 
     def dtype_of(entry):  # the router and its bias stay float32, as in the released weights
         if quantised(entry):

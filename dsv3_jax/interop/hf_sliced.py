@@ -17,9 +17,10 @@ import math
 import numpy as np
 
 from dsv3_jax.errors import HFError
+from dsv3_jax.interop.fp8_layout import blocking, scale_spec
 from dsv3_jax.interop.hf_format import F8_DTYPE, SCALE_SUFFIX, listing, same, transpose
 from dsv3_jax.kernels.fp8 import FP8_BLOCK
-from dsv3_jax.kernels.fp8_weights import Fp8Weight, blocked_axes, compress_scale, scale_shape
+from dsv3_jax.kernels.fp8_weights import Fp8Weight, compress_scale, scale_shape
 from dsv3_jax.kernels.shapes import cdiv
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -114,13 +115,6 @@ def _is_fp8(reader, parts) -> bool:
     return bool(parts) and all(reader.info(e.key)["dtype"] == F8_DTYPE for e, _ in parts)
 
 
-def _block_ids(shape: tuple[int, int], to_ours) -> np.ndarray:
-    """Our layout of an [out, in] matrix's 128x128 block ids (which checkpoint scale each element takes)."""
-    nb_in = cdiv(shape[1], FP8_BLOCK)
-    rows = (np.arange(shape[0], dtype=np.int32) // FP8_BLOCK)[:, None]
-    return to_ours(rows * nb_in + np.arange(shape[1], dtype=np.int32)[None] // FP8_BLOCK)
-
-
 def _scale_part(reader, entry, target, blocked) -> np.ndarray:
     """The scale of one FP8 tensor in our layout, kept per 128 elements along `blocked` (a transpose keeps the
     checkpoint's block grid as it is)."""
@@ -136,17 +130,14 @@ def fp8_leaf(reader, path, leaf, parts, sharding):
     (as `block` does, without dequantising) and the scale in our layout (small: built whole on the host, then
     placed with the values' sharding where its blocks line up with the values' shards, else replicated)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from dsv3_jax.parallel.sharding import dims_axes, fit_spec
+    from jax.sharding import NamedSharding
 
     shape, lead = tuple(leaf.shape), len(parts[0][1].index)
     entry0, t0 = parts[0]
     if len(entry0.shape) != 2:
         raise HFError(f"{reader.where[entry0.key]}: {entry0.key}: FP8 weights kept in memory need [out, in] "
                       f"matrices, got shape {list(entry0.shape)}")
-    blocked = ((-2, -1) if t0.to_ours is transpose and len(shape) - lead == 2
-               else blocked_axes(_block_ids(entry0.shape, t0.to_ours), 0))
+    blocked = blocking(entry0.shape, t0.to_ours, len(shape) - lead)
     blocks = {}
     for index in sharding.addressable_devices_indices_map(shape).values():
         key = _ranges(index, shape)
@@ -157,12 +148,7 @@ def fp8_leaf(reader, path, leaf, parts, sharding):
     scale = np.empty(shape[:lead] + scale_shape(shape[lead:], blocked), np.float32)
     for entry, t in parts:
         scale[t.index] = _scale_part(reader, entry, t, blocked)
-    spec = []
-    for ax, axes in enumerate(dims_axes(PartitionSpec(*sharding.spec, *(None,) * (len(shape) - len(sharding.spec))))):
-        size = math.prod(sharding.mesh.shape[a] for a in axes)
-        aligned = (ax - len(shape)) not in blocked or shape[ax] % (FP8_BLOCK * size) == 0
-        spec.append((axes[0] if len(axes) == 1 else axes) if axes and aligned else None)
-    spec = fit_spec(PartitionSpec(*spec), scale.shape, sharding.mesh)
+    spec = scale_spec(sharding.spec, shape, blocked, sharding.mesh)
     return Fp8Weight(q, jax.device_put(scale, NamedSharding(sharding.mesh, spec)), blocked, leaf.dtype)
 
 
