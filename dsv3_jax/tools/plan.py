@@ -50,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-compiles", type=int, default=8, help="--search compiles at most this many meshes")
     p.add_argument("--require-fit", action="store_true", help="exit with an error when the step does not fit")
     p.add_argument("--json", action="store_true", help="print one JSON object per plan instead of the table")
+    p.add_argument("--mode", choices=["train", "decode"], default="train",
+                   help="decode: the sampling plan (tools/plan_decode.py; --mode decode --help for its flags)")
     return p.parse_intermixed_args(argv)
 
 
@@ -408,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from dsv3_jax.tools import plan_decode  # noqa: PLC0415
+
+    if plan_decode.requested(argv):  # --mode decode: the sampling plan, its own flags
+        return plan_decode.main(argv)
     args = parse_args(argv)
     from dsv3_jax.presets import load_config  # noqa: PLC0415
 
