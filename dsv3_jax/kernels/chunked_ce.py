@@ -4,7 +4,7 @@ The forward keeps an online logsumexp per row (running max m, rescaled sum s) an
 chunks; the backward recomputes each chunk's logits from h and the saved logsumexp, so only one (N, C) block of
 logits and one (D, C) block of the head are alive at a time. The head may come in as this device's rows of a
 D-sharded weight (inside the train step's data-parallel region): each chunk's columns are all-gathered just in time
-and their gradient reduce-scattered back, the transpose of that gather.
+(in the matmul's operand dtype) and their gradient reduce-scattered back (in the weight's dtype).
 
 The logits are those the head returns (`precision.einsum` under its policy: bf16 operands with float32 accumulation
 under bf16/fp8, HIGHEST under fp32, cast to the activation dtype) taken to float32 as `losses.cross_entropy_sum`
@@ -29,6 +29,13 @@ def chunked_cross_entropy(h_nd: jax.Array, w_dv: jax.Array, targets_n: jax.Array
     h_nd (N, D) after the final norm; w_dv (D/S, V): the head, or this device's rows of it when `gather_axes` (mesh
     axes, inside shard_map) shard its D dimension over S devices; targets_n int (N,); mask_n (N,) weights (0 = no
     target). A last chunk of V % chunk columns covers a vocabulary that `chunk` does not divide."""
+    return chunked_token_losses(h_nd, w_dv, targets_n, mask_n, chunk, policy, gather_axes).sum()
+
+
+def chunked_token_losses(h_nd: jax.Array, w_dv: jax.Array, targets_n: jax.Array, mask_n: jax.Array, chunk: int,
+                         policy: precision.Policy, gather_axes: tuple[str, ...] = ()) -> jax.Array:
+    """The terms of `chunked_cross_entropy`, (N,) float32: rows of several losses (main and MTP) in one pass over
+    the vocabulary, each summed on its own."""
     if policy.precision == "fp8":
         raise ValueError("the head runs under policy.high(): bf16 or fp32 operands, not fp8")
     return _ce(chunk, policy, tuple(gather_axes), h_nd, w_dv, targets_n.astype(jnp.int32),
@@ -40,9 +47,10 @@ def _spans(v: int, chunk: int) -> tuple[int, int]:
     return v // chunk, v % chunk
 
 
-def _columns(w_dv, start, size: int, axes):
-    """Columns start..start+size of the head, all-gathered over `axes` along D: (D, size)."""
-    w_dc = jax.lax.dynamic_slice_in_dim(w_dv, start, size, axis=1)
+def _columns(w_dv, start, size: int, axes, policy):
+    """Columns start..start+size of the head in the matmul's operand dtype (the cast the einsum makes anyway, before
+    the gather: half the bytes under bf16), all-gathered over `axes` along D: (D, size)."""
+    w_dc = jax.lax.dynamic_slice_in_dim(w_dv, start, size, axis=1).astype(policy.compute_dtype)
     return jax.lax.all_gather(w_dc, axes, axis=0, tiled=True) if axes else w_dc
 
 
@@ -65,7 +73,7 @@ def _forward(chunk, policy, axes, h_nd, w_dv, targets_n):
 
     def step(carry, start, size):
         m, s, t = carry
-        z = _logits(h_nd, _columns(w_dv, start, size, axes), policy)
+        z = _logits(h_nd, _columns(w_dv, start, size, axes, policy), policy)
         m_new = jnp.maximum(m, z.max(axis=1))
         s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)  # rescale the old sum to the new max
         return m_new, s, t + _target_logit(z, targets_n, start, size)
@@ -84,12 +92,12 @@ def _forward(chunk, policy, axes, h_nd, w_dv, targets_n):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _ce(chunk, policy, axes, h_nd, w_dv, targets_n, mask_n):
     lse, t = _forward(chunk, policy, axes, h_nd, w_dv, targets_n)
-    return ((lse - t) * mask_n).sum()
+    return (lse - t) * mask_n
 
 
 def _ce_fwd(chunk, policy, axes, h_nd, w_dv, targets_n, mask_n):
     lse, t = _forward(chunk, policy, axes, h_nd, w_dv, targets_n)
-    return ((lse - t) * mask_n).sum(), (h_nd, w_dv, targets_n, mask_n, lse)
+    return (lse - t) * mask_n, (h_nd, w_dv, targets_n, mask_n, lse)
 
 
 def _ce_bwd(chunk, policy, axes, res, g):
@@ -98,18 +106,19 @@ def _ce_bwd(chunk, policy, axes, res, g):
     h_nd, w_dv, targets_n, mask_n, lse = res
     n_full, tail = _spans(w_dv.shape[1], chunk)
     dt, prec = policy.compute_dtype, policy.lax_precision
-    scale_n = g * mask_n
+    scale_n = g * mask_n  # g (N,): each row's loss weight
 
     def step(carry, start, size):
         dh, dw = carry
-        w_dc = _columns(w_dv, start, size, axes)
+        w_dc = _columns(w_dv, start, size, axes, policy)
         z = _logits(h_nd, w_dc, policy)
         onehot = (targets_n - start)[:, None] == jnp.arange(size)[None, :]
         # the logits' cotangent in the dtype the head returned them in, as autodiff of the full path has it
         dz = (scale_n[:, None] * (jnp.exp(z - lse[:, None]) - onehot)).astype(policy.out_dtype).astype(dt)
-        dh = dh + jnp.einsum("nc,dc->nd", dz, w_dc.astype(dt), precision=prec, preferred_element_type=jnp.float32)
+        dh = dh + jnp.einsum("nc,dc->nd", dz, w_dc, precision=prec, preferred_element_type=jnp.float32)
         dw_dc = jnp.einsum("nd,nc->dc", h_nd.astype(dt), dz, precision=prec, preferred_element_type=jnp.float32)
         dw_dc = dw_dc.astype(dt).astype(w_dv.dtype)  # the cotangent of the weight's cast to the operand dtype
+        # reduce-scattered in the weight's dtype, as the transpose of today's gather of the whole weight
         if axes:
             dw_dc = jax.lax.psum_scatter(dw_dc, axes, scatter_dimension=0, tiled=True)
         return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_dc, start, axis=1)

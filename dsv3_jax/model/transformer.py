@@ -16,7 +16,7 @@ from flax import nnx
 
 from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.kernels import precision
-from dsv3_jax.kernels.chunked_ce import chunked_cross_entropy
+from dsv3_jax.kernels.chunked_ce import chunked_token_losses
 from dsv3_jax.kernels.latent_attention import LatentCache
 from dsv3_jax.kernels.precision import policy
 from dsv3_jax.model.layers import MLP, Embed, Linear, RMSNorm
@@ -290,14 +290,24 @@ class Transformer(nnx.Module):
         """`losses.cross_entropy_sum` of the head's logits on `normed_btd` (sum, count), computed over
         `impl.vocab_chunk` columns at a time (kernels/chunked_ce.py): no (B, T, V) logits, and a head that came in on
         D shards (the data-parallel region) gathered one chunk of columns at a time."""
+        return self.head_cross_entropies([(normed_btd, targets_bt, mask_bt)])[0]
+
+    def head_cross_entropies(self, items: list[tuple]) -> list[tuple[jax.Array, jax.Array]]:
+        """`head_cross_entropy` of several (normed (B, T_i, D), targets, mask) items (the main loss and each MTP
+        depth) in one pass over the vocabulary: the head's chunks are gathered once for all of them."""
         w = self.head.weight
         axes = w.get_metadata().get(GATHER) or ((), ())
         w_dv = gather(w.get_value(), ((), axes[1]))  # whole over V: the chunks slice it; the D shards stay
-        d = normed_btd.shape[-1]
-        mask = mask_bt.astype(jnp.float32)
-        total = chunked_cross_entropy(normed_btd.reshape(-1, d), w_dv, targets_bt.reshape(-1), mask.reshape(-1),
-                                      self.impl.vocab_chunk or self.cfg.vocab_size, self.head.policy, tuple(axes[0]))
-        return total, mask.sum()
+        d = items[0][0].shape[-1]
+        flat = [(x.reshape(-1, d), t.reshape(-1), m.reshape(-1).astype(jnp.float32)) for x, t, m in items]
+        h_nd, targets_n, mask_n = (jnp.concatenate(c) for c in zip(*flat))
+        per_row = chunked_token_losses(h_nd, w_dv, targets_n, mask_n, self.impl.vocab_chunk or self.cfg.vocab_size,
+                                       self.head.policy, tuple(axes[0]))
+        out, start = [], 0
+        for _, _, m in flat:
+            out.append((per_row[start:start + m.shape[0]].sum(), m.sum()))
+            start += m.shape[0]
+        return out
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> dict:
         """Empty latent caches for every layer (and MTP module): (c_kv, k_rope) per token and layer."""

@@ -46,16 +46,29 @@ def next_token_loss(logits_btv: jax.Array, tokens: jax.Array, segment_ids: jax.A
     """(sum, count) of the main next-token cross-entropy; logits (B, T, V) for tokens[:, :T]. `ce` (x_bt., targets,
     mask) -> (sum, count) takes what stands in place of the logits (e.g. the head's input for
     `Transformer.head_cross_entropy`)."""
-    return ce(logits_btv, tokens[:, 1:], same_document_mask(segment_ids, 0))
+    return ce(*next_token_item(logits_btv, tokens, segment_ids))
+
+
+def next_token_item(x_bt_: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> tuple:
+    """(x, targets (B, T), mask (B, T)) of the main loss: column t predicts token t+1."""
+    return x_bt_, tokens[:, 1:], same_document_mask(segment_ids, 0)
+
+
+def mtp_items(mtp_x_mbt_: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> list[tuple]:
+    """Per MTP depth k, (x (B, T-k, ...), targets, mask): column t predicts token t+k+1 within one document."""
+    items = []
+    for k in range(1, mtp_x_mbt_.shape[0] + 1):
+        n = tokens.shape[1] - 1 - k
+        items.append((mtp_x_mbt_[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k)))
+    return items
 
 
 def mtp_losses(mtp_logits_mbtv: jax.Array, tokens: jax.Array, segment_ids: jax.Array, ce=cross_entropy_sum):
     """Per-depth (sums (M,), counts (M,)): depth k at column t predicts token t+k+1 within one document. `ce` as in
     `next_token_loss`."""
     sums, counts = [], []
-    for k in range(1, mtp_logits_mbtv.shape[0] + 1):
-        n = tokens.shape[1] - 1 - k
-        s, c = ce(mtp_logits_mbtv[k - 1][:, :n], tokens[:, k + 1:], same_document_mask(segment_ids, k))
+    for item in mtp_items(mtp_logits_mbtv, tokens, segment_ids):
+        s, c = ce(*item)
         sums.append(s)
         counts.append(c)
     return jnp.stack(sums), jnp.stack(counts)

@@ -130,13 +130,15 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
 
     def micro_loss(params, mb):
         model, out = run_model(graphdef, params, bias, mb, return_logits=not chunked)
-        x, mtp_x, ce_fn = ((out.normed, out.mtp_normed, model.head_cross_entropy) if chunked
-                           else (out.logits, out.mtp_logits, losses.cross_entropy_sum))
-        ce_sum, _ = losses.next_token_loss(x, mb["tokens"], mb["segment_ids"], ce_fn)
-        ce = ce_sum / n_tok
+        x, mtp_x = (out.normed, out.mtp_normed) if chunked else (out.logits, out.mtp_logits)
+        items = [losses.next_token_item(x, mb["tokens"], mb["segment_ids"])]
+        items += losses.mtp_items(mtp_x, mb["tokens"], mb["segment_ids"]) if depth else []
+        # chunked: the main and MTP rows in one pass over the vocabulary (the head's chunks gathered once)
+        sums = [s for s, _ in (model.head_cross_entropies(items) if chunked
+                               else [losses.cross_entropy_sum(*item) for item in items])]
+        ce = sums[0] / n_tok
         if depth:
-            mtp_sums, _ = losses.mtp_losses(mtp_x, mb["tokens"], mb["segment_ids"], ce_fn)
-            mtp_ce = mtp_sums / n_mtp
+            mtp_ce = jnp.stack(sums[1:]) / n_mtp
             mtp_counts = out.aux["mtp_expert_counts"]
         else:
             mtp_ce, mtp_counts = jnp.zeros((0,)), jnp.zeros((0, cfg.model.n_routed_experts))
