@@ -205,3 +205,33 @@ def _fp8_ragged_bwd(res, dy_rn):
 
 
 fp8_ragged_dot.defvjp(_fp8_ragged_fwd, _fp8_ragged_bwd)
+
+
+# FP8 rows on the wire (the expert-parallel dispatch under precision "fp8", as DeepSeek-V3 dispatches): each row
+# quantised per 1x128 tile along D, as the expert GEMM's left operand will be, and sent as bytes: the E4M3 values
+# then the float32 scales, (R, Dp + 4 Dp / c) uint8 for Dp = D padded to the tile width c. The expert GEMM
+# quantises the unpacked rows again and gets the same E4M3 values back (each tile's amax is its old amax).
+
+
+def pack_rows(x_rd: jax.Array) -> jax.Array:
+    """(R, D) -> (R, W) uint8: E4M3 values and float32 scales of 1x128 tiles."""
+    c = _chunk(x_rd.shape[1])
+    q, scale = quantize(_pad(x_rd, 1, c), (1, c))
+    as_bytes = jax.lax.bitcast_convert_type
+    return jnp.concatenate([as_bytes(q, jnp.uint8), as_bytes(scale, jnp.uint8).reshape(x_rd.shape[0], -1)], 1)
+
+
+def packed_width(d: int) -> int:
+    """Bytes per row of `pack_rows` for rows of width d."""
+    c = _chunk(d)
+    dp = round_up(d, c)
+    return dp + 4 * dp // c
+
+
+def unpack_rows(p_rw: jax.Array, d: int) -> jax.Array:
+    """Inverse of `pack_rows`: (R, W) uint8 -> (R, d) float32."""
+    c = _chunk(d)
+    dp = round_up(d, c)
+    q = jax.lax.bitcast_convert_type(p_rw[:, :dp], FP8)
+    scale = jax.lax.bitcast_convert_type(p_rw[:, dp:].reshape(p_rw.shape[0], dp // c, 4), jnp.float32)
+    return dequantize(q, scale, (1, c))[:, :d]

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.kernels.fp8 import pack_rows, packed_width, unpack_rows
 from dsv3_jax.kernels.grouped_matmul import (
     block_grid,
     block_layout,
@@ -36,7 +37,13 @@ from dsv3_jax.kernels.precision import einsum as policy_einsum
 from dsv3_jax.kernels.shapes import cdiv, group_of_rows
 from dsv3_jax.kernels.varying import like
 from dsv3_jax.model.routing import Routing
-from dsv3_jax.parallel.expert_parallel import all_to_all_exchange, exchange_plans, pair_capacity, ragged_exchange
+from dsv3_jax.parallel.expert_parallel import (
+    ExchangePlan,
+    all_to_all_exchange,
+    exchange_plans,
+    pair_capacity,
+    ragged_exchange,
+)
 
 
 class ExpertWeights(NamedTuple):
@@ -194,6 +201,28 @@ def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: Mo
     return combine(y_nkd, routing.gates_nk, pol)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 2))
+def fp8_dispatch(send, x_rd: jax.Array, m: int, forward: ExchangePlan, back: ExchangePlan) -> jax.Array:
+    """The dispatch of rows as E4M3 bytes with float32 scales per 1x128 tile (`fp8.pack_rows`): (R, D) -> the
+    (M, D) float32 rows received. The expert GEMM quantises them again to the same E4M3 values. Straight-through:
+    the gradient of the rows is the received gradient sent back (the return exchange, in the rows' dtype)."""
+    d = x_rd.shape[1]
+    return unpack_rows(send(pack_rows(x_rd), jnp.zeros((m, packed_width(d)), jnp.uint8), forward), d)
+
+
+def _fp8_dispatch_fwd(send, x_rd, m, forward, back):
+    return fp8_dispatch(send, x_rd, m, forward, back), (jnp.zeros((0,), x_rd.dtype), x_rd.shape, forward, back)
+
+
+def _fp8_dispatch_bwd(send, m, res, dx_md):
+    like_x, shape, forward, back = res
+    dx_rd = send(dx_md.astype(like_x.dtype), jnp.zeros(shape, like_x.dtype), back)
+    return dx_rd, None, None
+
+
+fp8_dispatch.defvjp(_fp8_dispatch_fwd, _fp8_dispatch_bwd)
+
+
 def _expert_parallel_backend(exchange):
     def one_shot(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> tuple[jax.Array, jax.Array]:
         axes, (n, k), d = ctx.expert_axes, routing.idx_nk.shape, x_nd.shape[1]
@@ -206,14 +235,19 @@ def _expert_parallel_backend(exchange):
                                        None if cap == r else cap)
         # dispatch: rows and their local expert ids (E_l marks a slot nobody filled); a shard receives <= S*R rows.
         # Under bf16 the rows travel both ways in bf16, as the expert matmuls read them and as DeepSeek combines
-        # (half the bytes of float32); fp8 and fp32 keep the activation dtype (fp8 quantizes 1x128 tiles on arrival)
-        bf16 = ctx.policy.precision == "bf16"
-        x_nd = x_nd.astype(ctx.policy.compute_dtype) if bf16 else x_nd
-        x_md = exchange(x_nd[order // k], jnp.zeros((s * cap, d), x_nd.dtype), forward, axes, cap)
+        # (half the bytes of float32); under fp8 they go as E4M3 bytes with their 1x128 scales (as DeepSeek
+        # dispatches) and come back as bf16; fp32 keeps float32
+        narrow = ctx.policy.precision in ("bf16", "fp8")
+        x_nd = x_nd.astype(ctx.policy.compute_dtype) if ctx.policy.precision == "bf16" else x_nd
+        send = functools.partial(exchange, axes=axes, capacity=cap)
+        if ctx.policy.precision == "fp8":
+            x_md = fp8_dispatch(send, x_nd[order // k], s * cap, forward, back)
+        else:
+            x_md = send(x_nd[order // k], jnp.zeros((s * cap, d), x_nd.dtype), forward)
         local_m = exchange(sorted_e % e_l, jnp.full((s * cap,), e_l, jnp.int32), forward, axes, cap)
         order_m, _, sizes_m = sort_rows(local_m, e_l + 1)  # unfilled slots (id E_l) sort last, past every group
         y_md = LOCAL_FFN[ctx.local](x_md[order_m], sizes_m[:e_l], w, ctx)[jnp.argsort(order_m)]
-        y_md = y_md.astype(ctx.policy.compute_dtype) if bf16 else y_md
+        y_md = y_md.astype(ctx.policy.compute_dtype) if narrow else y_md
         y_rd = exchange(y_md, jnp.zeros((r, d), y_md.dtype), back, axes, cap)  # dropped rows stay 0
         return _unsort_combine(y_rd, order, routing, ctx.policy), r - forward.send_sizes.sum()
 
