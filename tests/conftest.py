@@ -60,6 +60,10 @@ FILE_SECONDS = {
     "test_attention.py": (66, 66), "test_multiprocess.py": (61, 0), "test_moe.py": (55, 55), "test_hf.py": (49, 23),
     "test_sample_cli.py": (44, 28), "test_counts.py": (36, 0), "test_precision.py": (33, 33),
     "test_bench_decode.py": (25, 0), "test_parity.py": (22, 20), "test_prepare.py": (9, 3),
+    "test_data_parallel.py": (900, 30), "test_long_context.py": (420, 1), "test_vocab_memory.py": (250, 15), "test_cli_faults.py": (154, 10),
+    "test_ctrl_c.py": (149, 24), "test_context_extension.py": (105, 50), "test_loss_units.py": (86, 0),
+    "test_plan_decode.py": (50, 2), "test_sharded_decode.py": (45, 20), "test_lowering.py": (45, 45),
+    "test_peak.py": (1, 1),
 }
 
 
