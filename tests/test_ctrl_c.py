@@ -71,6 +71,7 @@ def test_ctrl_c_at_start_up(tmp_path):
     ["dsv3_jax.tools.plan", "--config", "tiny", "--devices", "1"],
     ["dsv3_jax.tools.bench", "--quick", "--config", "tiny", "--only", "compile"],
     ["dsv3_jax.tools.bench_decode", "--quick", "--new-tokens", "4", "--batches", "1", "--checkpoint", "absent"],
+    ["dsv3_jax.tools.plot", "absent", "--out", "plots"],
 ], ids=lambda tool: tool[0].rsplit(".", 1)[-1])
 def test_ctrl_c_at_start_up_of_a_tool(tmp_path, tool):
     """1 s in, while the tool imports jax: one line and 130. A tool whose module imported jax (or numpy) before its

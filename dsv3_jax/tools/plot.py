@@ -14,23 +14,31 @@ import argparse
 import json
 import pathlib
 import sys
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dsv3_jax.data import atomic
-from dsv3_jax.errors import ArgumentParser, DataError, MissingExtra, UsageError, print_error, require, run_command
-from dsv3_jax.train import metrics
+from dsv3_jax.errors import ArgumentParser, DataError, UsageError, require, run_command
 
-try:
+if TYPE_CHECKING:
+    import numpy as np
+
+# matplotlib, numpy and the metrics module (jax) load inside the functions that use them: a Ctrl-C while the
+# command starts up then lands inside errors.run_command (one line, 130), not in a module-level import
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; MissingExtra (one line) when the `plot` extra is not installed."""
     matplotlib = require("matplotlib", "plot")
-except MissingExtra as missing:
-    if __name__ == "__main__":  # python -m dsv3_jax.tools.plot: the one-line answer, not a traceback
-        raise SystemExit(print_error(missing)) from None
-    raise
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def run_info(run_dir: str | pathlib.Path) -> tuple[list[dict], dict]:
     """(metrics records, saved run config dict) of a run dir; one-line errors for what is missing."""
+    from dsv3_jax.train import metrics
+
     records = metrics.read_records(run_dir)
     cfg_path = pathlib.Path(run_dir) / "run_config.json"
     if not cfg_path.is_file():
@@ -43,6 +51,10 @@ def run_info(run_dir: str | pathlib.Path) -> tuple[list[dict], dict]:
 
 def load_history(records: list[dict], name: str, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """(steps (S,), matrices (S, L, E)) of a logged per-layer metric over the train records."""
+    import numpy as np
+
+    from dsv3_jax.train import metrics
+
     rows = [(r["step"], metrics.layer_matrix(r, name, num_experts)) for r in records
             if r.get("kind") == "train" and f"{name}/0" in r]
     if not rows:
@@ -53,6 +65,8 @@ def load_history(records: list[dict], name: str, num_experts: int) -> tuple[np.n
 def _line_plot(ax, runs: dict, kind: str, key: str, style: str = "-", label_suffix: str = "",
                mtp_only: bool = False) -> bool:
     """One line per run (colour C<i> by run order, so a run keeps its colour across panels)."""
+    from dsv3_jax.train import metrics
+
     drawn = False
     for i, (label, (records, cfg)) in enumerate(runs.items()):
         if mtp_only and not cfg["model"].get("num_nextn_predict_layers"):
@@ -66,9 +80,7 @@ def _line_plot(ax, runs: dict, kind: str, key: str, style: str = "-", label_suff
 
 def plot_runs(run_dirs: list[str], out: str | pathlib.Path, labels: list[str] | None = None) -> list[pathlib.Path]:
     """Write the PNGs for these runs into `out`; returns their paths."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = labels or [pathlib.Path(d).name for d in run_dirs]
     runs = {label: run_info(d) for label, d in zip(labels, run_dirs)}
     out = pathlib.Path(out)
@@ -129,8 +141,7 @@ def plot_position_buckets(rows: dict[str, list[dict]], path: str | pathlib.Path,
     """One line per evaluated condition: held-out loss against in-document position (the buckets of
     `eval.evaluate_model(position_buckets=...)`, drawn as steps over each bucket's [lo, hi)); `mark` draws a
     dashed line at a position (the trained context length)."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (label, buckets) in enumerate(rows.items()):
@@ -160,6 +171,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--labels", help="comma-separated labels, one per run (default: the run dir names)")
     args = p.parse_args(argv)
+    pyplot()  # the missing extra before anything else
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.run_dirs):
         raise UsageError(f"--labels has {len(labels)} names for {len(args.run_dirs)} run dirs")
