@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import time
 from dsv3_jax.config import Config, MeshConfig
 from dsv3_jax.errors import ArgumentParser, ConfigError, run_command
 from dsv3_jax.tools import hardware
+from dsv3_jax.tools.fake_devices import use_fake_devices  # noqa: F401  (plan.use_fake_devices: tools/context_bytes.py)
 
 # jax and the model (presets, traffic) load inside the functions that use them: `python -m dsv3_jax.tools.plan`
 # imports this module before `main` installs the error path, and Ctrl-C during an import of jax would be a
@@ -53,20 +53,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", choices=["train", "decode"], default="train",
                    help="decode: the sampling plan (tools/plan_decode.py; --mode decode --help for its flags)")
     return p.parse_intermixed_args(argv)
-
-
-def use_fake_devices(n: int) -> None:
-    """Make jax see `n` CPU devices: XLA reads XLA_FLAGS when its backends start, so set it before they do."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "jax" in sys.modules:
-        import jax  # noqa: PLC0415
-        from jax._src import xla_bridge  # noqa: PLC0415
-
-        if xla_bridge.backends_are_initialized() and (jax.default_backend() != "cpu" or jax.device_count() != n):
-            raise ConfigError(f"jax already started with {jax.device_count()} {jax.default_backend()} devices in "
-                              f"this process; run `python -m dsv3_jax.tools.plan --devices {n} ...` in a fresh process")
 
 
 def check_mesh(cfg: Config, n_devices: int) -> None:

@@ -249,7 +249,7 @@ def format_plan(p: dict) -> str:
 def main(argv: list[str]) -> int:
     """The decode plan (called by tools/plan.py for `--mode decode`, on its error path)."""
     from dsv3_jax.presets import load_config
-    from dsv3_jax.tools.plan import use_fake_devices
+    from dsv3_jax.tools.fake_devices import use_fake_devices
 
     args = parse_args(argv)
     load_config(args.config, args.overrides)  # input errors before jax starts
