@@ -6,9 +6,6 @@ the compiled program's gradient collectives at two micro-batch counts, expert-we
 optimizer steps (AdamW, micro-batches, MTP) on experts-resident layouts against the same steps on one device.
 """
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
@@ -202,11 +199,7 @@ STEP_SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def region_steps() -> dict[str, str]:
-    r = subprocess.run([sys.executable, "-c", STEP_SCRIPT], capture_output=True, text=True, env=xla_env.env(8),
-                       timeout=1500)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("DP_RESULTS "))
-    return json.loads(line.removeprefix("DP_RESULTS "))
+    return xla_env.script_results(STEP_SCRIPT, "DP_RESULTS", timeout=1500)
 
 
 @pytest.mark.slow

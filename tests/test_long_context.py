@@ -7,10 +7,7 @@ dimension of the small model has, so a shape with two block-count dimensions is 
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -169,11 +166,7 @@ CONTEXT_SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def context_results():
-    proc = subprocess.run([sys.executable, "-c", CONTEXT_SCRIPT], capture_output=True, text=True, timeout=1200,
-                          env=xla_env.env(8), cwd=xla_env.REPO)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CP_RESULTS ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(line.removeprefix("CP_RESULTS "))
+    return xla_env.script_results(CONTEXT_SCRIPT, "CP_RESULTS", timeout=1200)
 
 
 @pytest.mark.slow

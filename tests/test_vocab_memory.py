@@ -6,10 +6,7 @@ the whole-logits cross-entropy, values and gradients; the embedding lookup into 
 The 8-device checks run in one subprocess (SHARDED_SCRIPT) that prints one JSON line, "ok" or the failure per check.
 """
 
-import json
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -207,11 +204,7 @@ SHARDED_SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def sharded_checks() -> dict[str, str]:
-    r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=xla_env.env(8),
-                       timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("VOCAB_RESULTS "))
-    return json.loads(line.removeprefix("VOCAB_RESULTS "))
+    return xla_env.script_results(SHARDED_SCRIPT, "VOCAB_RESULTS", timeout=600)
 
 
 @pytest.mark.parametrize("check", ["lookup-expert", "lookup-two-axes"])

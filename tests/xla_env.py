@@ -22,3 +22,18 @@ def env(devices: int | None = None, **extra: str) -> dict:
     if devices:
         e["JAX_PLATFORMS"] = "cpu"
     return e
+
+
+def script_results(script: str, tag: str, timeout: float, devices: int = 8) -> dict:
+    """Run a test's check script in a fresh process on `devices` fake devices and return the JSON it printed on
+    the line starting with `tag` (each check's "ok" or traceback); a crash or a missing line fails with its
+    output."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(devices),
+                       cwd=REPO, timeout=timeout)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith(tag + " ")), None)
+    assert r.returncode == 0 and line, (r.stdout[-2000:], r.stderr[-4000:])
+    return json.loads(line.removeprefix(tag + " "))
