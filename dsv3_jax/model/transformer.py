@@ -16,6 +16,7 @@ from flax import nnx
 
 from dsv3_jax.config import ImplConfig, ModelConfig
 from dsv3_jax.kernels import precision
+from dsv3_jax.kernels.accumulating_scan import accumulating_scan
 from dsv3_jax.kernels.chunked_ce import chunked_token_losses
 from dsv3_jax.kernels.latent_attention import LatentCache
 from dsv3_jax.kernels.precision import policy
@@ -100,9 +101,14 @@ def stacked(make, n: int, rngs: nnx.Rngs):
     return nnx.merge(graphdef, state)
 
 
-def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, impl: ImplConfig, keep_hidden: bool):
+def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, impl: ImplConfig, keep_hidden: bool,
+                grad_acc: dict | None = None):
     """Run a stacked Block over its layer axis with lax.scan: compile time independent of depth; unrolled on the
-    cache and when `impl.scan_layers` is false."""
+    cache and when `impl.scan_layers` is false. With `grad_acc` (a pure dict like this stack's parameters; training
+    under `impl.remat: full`), the weights' gradient comes out as `grad_acc` plus their gradient, added layer by
+    layer in place (kernels/accumulating_scan.py)."""
+    if grad_acc is not None and cache is None:
+        return _accumulating_blocks(stack, x_btd, consts, keep_hidden, grad_acc)
     graphdef, state = nnx.split(stack)
 
     def body(x, layer):
@@ -118,6 +124,23 @@ def scan_blocks(stack: Block, x_btd, consts, cache: LatentCache | None, impl: Im
     # the scan's weight slices, stacked residuals and stacked weight gradients are copies, but unrolled, compile
     # time grows with depth.
     return jax.lax.scan(body, x_btd, (state, cache), unroll=cache is not None or not impl.scan_layers)
+
+
+def _accumulating_blocks(stack: Block, x_btd, consts, keep_hidden: bool, grad_acc: dict):
+    graphdef, weights, rest = nnx.split(stack, nnx.Param, ...)
+    flat, tree = jax.tree_util.tree_flatten_with_path(weights)
+    acc_flat, acc_tree = jax.tree_util.tree_flatten_with_path(grad_acc)
+    names = [jax.tree_util.keystr(k).removesuffix(".value") for k, _ in flat]
+    if names != [jax.tree_util.keystr(k) for k, _ in acc_flat]:
+        raise ValueError(f"grad_acc does not match the stack's parameters: {names} vs {acc_tree}")
+    acc = jax.tree.unflatten(tree, [a for _, a in acc_flat])
+
+    def body(x, w, consts, rest_l):
+        layer = nnx.merge(graphdef, gather_params(w), gather_params(rest_l))
+        x, aux, _ = layer(x, *consts, cache=None)
+        return x, (aux, None, x if keep_hidden else None)
+
+    return accumulating_scan(body, x_btd, weights, acc, consts, rest)
 
 
 def unstack(stack: Block) -> nnx.List:
@@ -178,7 +201,7 @@ class Transformer(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None, *, mtp: bool = True,
                  mtp_valid: jax.Array | None = None, return_hidden_states: bool = False,
-                 return_logits: bool = True) -> ModelOutput:
+                 return_logits: bool = True, grad_acc: dict | None = None) -> ModelOutput:
         """input_ids (B, T). positions default to 0..T-1 and segment_ids to all-ones (one document per row;
         0 marks padding). With `cache` (see `init_cache`), new tokens are written at `positions`.
 
@@ -187,7 +210,11 @@ class Transformer(nnx.Module):
         input token t+k exists in the same document (the model cannot see the target column itself).
 
         return_logits=False (training with `impl.vocab_chunk`): no logits; `normed` and `mtp_normed` carry the
-        head's inputs for `head_cross_entropy`."""
+        head's inputs for `head_cross_entropy`.
+
+        grad_acc (training under `impl.remat: full`): gradient accumulators for the stacked layers (`dense_layers`,
+        `moe_layers` of the parameters' pure dict); their weights' gradients come out with the accumulator added
+        (`scan_blocks`)."""
         cfg = self.cfg
         b, t = input_ids.shape
         if positions is None:
@@ -203,7 +230,8 @@ class Transformer(nnx.Module):
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is None:
                 continue
-            run = run_layers if self.per_layer else functools.partial(scan_blocks, impl=self.impl)
+            run = run_layers if self.per_layer else functools.partial(
+                scan_blocks, impl=self.impl, grad_acc=(grad_acc or {}).get(f"{name}_layers"))
             x, (layer_aux, layer_cache, hs) = run(stack, x, consts, cache.get(name), keep_hidden=return_hidden_states)
             new_cache[name] = layer_cache
             hidden_states.append(hs)

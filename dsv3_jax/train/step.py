@@ -28,6 +28,7 @@ from dsv3_jax.train import losses
 from dsv3_jax.train.state import TrainState, learning_rate, split_abstract
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
+STACKS = ("dense_layers", "moe_layers")  # the parameters' scanned layer stacks
 
 
 def mtp_lambda(step: jax.Array, cfg: TrainConfig) -> jax.Array:
@@ -55,9 +56,10 @@ def forward(graphdef, params, bias, batch: dict, mtp: bool = True):
     return run_model(graphdef, params, bias, batch, mtp)[1]
 
 
-def run_model(graphdef, params, bias, batch: dict, mtp: bool = True, return_logits: bool = True):
+def run_model(graphdef, params, bias, batch: dict, mtp: bool = True, return_logits: bool = True,
+              grad_acc: dict | None = None):
     """(model, `forward`'s output): without logits, the model's `head_cross_entropy` takes the output's `normed`
-    and `mtp_normed`."""
+    and `mtp_normed`; `grad_acc` goes to the layer scans (`Transformer.__call__`)."""
     model = nnx.merge(graphdef, params, bias)
     # in a data-parallel region under impl.gather_weights=layer: the top-level weights whole (the layer scan
     # gathers its own slices; the embedding and the head use their shards, Embed and Transformer.head_*);
@@ -68,7 +70,7 @@ def run_model(graphdef, params, bias, batch: dict, mtp: bool = True, return_logi
     mtp_valid = losses.mtp_target_mask(batch["segment_ids"], depth) if mtp and depth else None
     return model, model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
                         segment_ids=batch["segment_ids"][:, :-1], mtp=mtp, mtp_valid=mtp_valid,
-                        return_logits=return_logits)
+                        return_logits=return_logits, grad_acc=grad_acc)
 
 
 def train_step(state: TrainState, batch: dict, graphdef, tx: optax.GradientTransformation,
@@ -128,8 +130,8 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
 
     chunked = cfg.impl.vocab_chunk > 0  # the head's cross-entropy over vocabulary chunks, no (B, T, V) logits
 
-    def micro_loss(params, mb):
-        model, out = run_model(graphdef, params, bias, mb, return_logits=not chunked)
+    def micro_loss(params, mb, held):
+        model, out = run_model(graphdef, params, bias, mb, return_logits=not chunked, grad_acc=held or None)
         x, mtp_x = (out.normed, out.mtp_normed) if chunked else (out.logits, out.mtp_logits)
         items = [losses.next_token_item(x, mb["tokens"], mb["segment_ids"])]
         items += losses.mtp_items(mtp_x, mb["tokens"], mb["segment_ids"]) if depth else []
@@ -152,14 +154,21 @@ def _accumulate(params, bias, micro: dict, n_tok, n_mtp, lam, *, graphdef, cfg: 
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     params = jax.tree.map(lambda p: varying(p, manual), params)
+    # under full remat the layer scans add their weights' gradients into the sums in place (one (L, ...) buffer
+    # per stacked weight, not the sums and a micro-batch's gradient: kernels/accumulating_scan.py)
+    in_place = [k for k in STACKS if k in params] if cfg.impl.remat == "full" and cfg.impl.scan_layers else []
 
     def body(acc, mb):
         mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
-        return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
+        sums, grads = acc
+        out, g = grad_fn(params, mb, {k: grads[k] for k in in_place})
+        rest = lambda t: {k: v for k, v in t.items() if k not in in_place}  # noqa: E731
+        sums, added = jax.tree.map(jnp.add, (sums, rest(grads)), (out, rest(g)))
+        return (sums, {**added, **{k: g[k] for k in in_place}}), None
 
     # the sums start as zeros typed like one micro-batch's results (varying where those are, in the region)
     zeros = jax.tree.map(lambda s: varying(jnp.zeros(s.shape, s.dtype), varying_axes(s)),
-                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), {}))
     ((total, aux), grads), _ = jax.lax.scan(body, zeros, micro)
     return total, aux, grads
 
