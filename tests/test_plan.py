@@ -302,9 +302,14 @@ def test_hardware_lookup_and_roofline_bound():
     h = hardware.TABLE["H800"]
     est = hardware.roofline(h, "bf16", flops=989.5e12, hbm_traffic=3350e9 / 2, intra_link_bytes=0.0,
                             inter_link_bytes=100e9)
-    assert est["bound"] == "collectives" and est["step_s"] == pytest.approx(2.0)
+    assert est["bound"] == "inter_link" and est["step_s"] == pytest.approx(2.0)
     assert est["compute_s"] == pytest.approx(1.0) and est["memory_s"] == pytest.approx(0.5)
     assert est["serial_step_s"] == pytest.approx(3.5)  # no overlap: 1 + 0.5 + 2
+    # the two links are separate resources: busy at once in the overlapped figure, one after the other in serial
+    both = hardware.roofline(h, "bf16", flops=989.5e12, hbm_traffic=0.0, intra_link_bytes=3 * 160e9,
+                             inter_link_bytes=100e9)
+    assert both["bound"] == "intra_link" and both["step_s"] == pytest.approx(3.0)
+    assert both["collectives_s"] == pytest.approx(5.0) and both["serial_step_s"] == pytest.approx(6.0)
     assert hardware.peak_flops(h, "fp8") == 2 * hardware.peak_flops(h, "bf16")
     assert hardware.peak_flops(hardware.TABLE["TPU v6e"], "fp8") == hardware.TABLE["TPU v6e"].bf16_flops
 

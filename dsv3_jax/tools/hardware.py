@@ -30,15 +30,17 @@ def get(name: str) -> Hardware:
 
 def roofline(hw: Hardware, precision: str, flops: float, hbm_traffic: float, intra_link_bytes: float,
              inter_link_bytes: float) -> dict:
-    """Step time per device from compute, HBM traffic and collectives, each at its peak rate, two ways: `step_s`
-    = their max (perfect overlap: the optimistic roofline; names the bound) and `serial_step_s` = their sum (no
-    overlap at all). A real step lands between the two. Collective time adds the intra- and inter-domain bytes at
-    their own rates (no overlap between the two links)."""
+    """Step time per device from compute, HBM traffic and the two links' bytes (inside the scale-up domain, and
+    across domains), each resource at its peak rate, two ways: `step_s` = their max (perfect overlap, the two links
+    busy at once as DeepSeek's dispatch keeps NVLink and InfiniBand: the optimistic roofline; names the bound) and
+    `serial_step_s` = their sum (no overlap at all). A real step lands between the two. `collectives_s` is the two
+    links' time one after the other."""
     times = {
         "compute": flops / peak_flops(hw, precision),
         "memory": hbm_traffic / hw.hbm_bw,
-        "collectives": intra_link_bytes / hw.link_bw + inter_link_bytes / hw.net_bw,
+        "intra_link": intra_link_bytes / hw.link_bw,
+        "inter_link": inter_link_bytes / hw.net_bw,
     }
     bound = max(times, key=times.get)
     return {"step_s": times[bound], "serial_step_s": sum(times.values()), "bound": bound,
-            **{f"{k}_s": v for k, v in times.items()}}
+            "collectives_s": times["intra_link"] + times["inter_link"], **{f"{k}_s": v for k, v in times.items()}}

@@ -303,7 +303,8 @@ def format_plan(p: dict) -> str:
     if "estimate" in p:
         e = p["estimate"]
         lines.append(f"roofline on {e['hardware']}: compute {e['compute_s']:.3g} s, memory {e['memory_s']:.3g} s "
-                     f"(analytic), collectives {e['collectives_s']:.3g} s per step")
+                     f"(analytic), links {e['intra_link_s']:.3g} s inside the node + {e['inter_link_s']:.3g} s "
+                     "across nodes per step")
         lines.append(f"  overlapped (max, {e['bound']} bound): step {e['step_s']:.3g} s, "
                      f"{e['tokens_per_s_per_device']:,.0f} tokens/s per device, MFU {100 * e['mfu']:.1f}%")
         lines.append(f"  serial (sum):                step {e['serial_step_s']:.3g} s, "
