@@ -423,3 +423,49 @@ def test_calibration_deepseek_layout_lands_within_2x_of_its_published_rate():
 # the calibration layout (docs/scale.md): experts over all 64 devices, non-expert weights sharded over the same
 CALIBRATION = ["mesh.data=1", "mesh.fsdp=8", "mesh.expert=8", "mesh.tensor=1", "mesh.rules={experts: [fsdp, expert]}",
                "train.global_batch_size=512", "train.micro_batches=8"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The context axis in the mesh checks and the search candidates.
+
+
+def test_check_mesh_counts_the_context_axis_and_the_sequence_split():
+    cfg = load_config("deepseek-v3-671b", ["mesh.context=8", "mesh.tensor=1", "mesh.expert=8", "mesh.fsdp=-1",
+                                           "data.seq_len=32768"])
+    check_mesh(cfg, 256)  # fsdp resolves to 4: 4 x 8 x 8
+    with pytest.raises(ConfigError, match="'context': 8.*--devices is 96"):
+        check_mesh(cfg, 96)  # 96 / 64 is not whole
+    check_mesh(cfg, 256, [12288])  # 1,536-token chunks: three blocks of 512
+    with pytest.raises(ConfigError, match=r"data.seq_len \(8704\) is not divisible by mesh.context x "
+                                          r"impl.attention_block_size \(8 x 512\)"):
+        check_mesh(cfg, 256, [8704])  # 1,088-token chunks: two blocks and a part
+    check_mesh(cfg, 256, [2048])  # 256-token chunks: one block each, nothing padded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "8", "mesh.data=1", "mesh.context=8", "data.seq_len=60"],
+     "data.seq_len (60) is not divisible by mesh.context x impl.attention_block_size (8 x 512)"),
+    (["--devices", "8", "mesh.data=2", "mesh.context=4", "impl.attention_block_size=8", "--seq-len", "32", "72"],
+     "data.seq_len (72) is not divisible by mesh.context x impl.attention_block_size (4 x 8)"),
+    (["--devices", "8", "mesh.data=2", "mesh.context=2"], "'context': 2, 'tensor': 1} has 4 devices, --devices is 8"),
+])
+def test_bad_context_input_is_one_line(args, message):
+    r = _plan(*MINI, *args)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_search_candidates_split_the_sequence_when_the_config_asks():
+    base = ["train.global_batch_size=8", "data.seq_len=64", "impl.attention_block_size=8"]
+    unsplit = candidate_meshes(load_config("tiny", base), 8)
+    assert {m.context for m in unsplit} == {1}  # no context axis unless asked
+    cands = candidate_meshes(load_config("tiny", [*base, "mesh.context=-1"]), 8)
+    # 64 tokens: chunks of 32 (4 blocks), 16 (2 blocks) and 8 (one block)
+    assert {m.context for m in cands} == {2, 4, 8}
+    for m in cands:
+        assert m.data * m.fsdp * m.expert * m.context * m.tensor == 8 and 8 % (m.data * m.fsdp * m.expert) == 0
+    assert any(m.context == 2 and m.expert == 2 and m.tensor == 1 for m in cands)
+    # 72 tokens = 9 blocks of 8: no context size of 8 devices splits it into whole blocks
+    assert candidate_meshes(load_config("tiny", ["train.global_batch_size=8", "data.seq_len=72",
+                                                 "impl.attention_block_size=8", "mesh.context=-1"]), 8) == []

@@ -47,7 +47,7 @@ AUTO_BLOCKS_PER_STEP = {"cpu": 8}
 
 def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int, block: int, pol: Policy,
            platform: str, chunk_tokens: int = 0, blocks_per_step: int | None = None,
-           capacity_factor: float | None = None) -> tuple[str, MoeContext, bool]:
+           capacity_factor: float | None = None, seq: int = 0) -> tuple[str, MoeContext, bool]:
     """(backend name, context, whether to run inside shard_map) for `impl.moe_impl` on this mesh.
 
     `auto` is expert-parallel whenever the experts are split (ragged all-to-all on TPU/GPU, the dense exchange
@@ -57,7 +57,9 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     every device); so does everything when the batch does not split (decoding one sequence). Expert axes that do
     not split the batch (`tensor` in `experts: [fsdp, expert, tensor]`) split the tokens their devices share
     before the exchange (`token_split_axes`). Inside the train step's data-parallel region the batch axes are
-    manual: the layer sees its device's rows and shard_maps over the remaining axes only."""
+    manual: the layer sees its device's rows and shard_maps over the remaining axes only. Under a mesh that
+    splits the sequence (`seq_axes` of a trace of `seq` tokens a row) those axes split the tokens too: each
+    device routes and computes its own chunk."""
     local = local_impl(platform)
     if blocks_per_step is None:
         blocks_per_step = AUTO_BLOCKS_PER_STEP.get(platform, 0)
@@ -75,8 +77,9 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
     in_region = len(free_batch) < len(batch_axes)
     if batch % mesh_size(mesh, free_batch) or not (auto or BACKENDS[impl].expert_parallel):
         return (local if BACKENDS[impl].expert_parallel else impl), ctx, in_region
+    tok_axes = batch_axes + seq_axes(mesh, rules, seq)
     ffn_axes = tuple(a for a in mesh_axes("expert_mlp", rules)
-                     if a not in batch_axes and a not in ep_axes and mesh.shape[a] > 1)
+                     if a not in tok_axes and a not in ep_axes and mesh.shape[a] > 1)
     ctx = dataclasses.replace(ctx, ffn_axes=ffn_axes if ffn % mesh_size(mesh, ffn_axes) == 0 else ())
     if not BACKENDS[impl].expert_parallel:
         return impl, ctx, True
@@ -85,9 +88,19 @@ def choose(impl: str, mesh, rules: dict, batch: int, num_experts: int, ffn: int,
                           f"{ep} (mesh {'*'.join(ep_axes)})")
     # expert axes that do not split the batch (`tensor` in `experts: [expert, tensor]`) hold the same tokens: each
     # of their devices sends its own slice of them, so no row is exchanged twice
-    split = tuple(a for a in ep_axes if a not in batch_axes and mesh.shape[a] > 1)
+    split = tuple(a for a in ep_axes if a not in tok_axes and mesh.shape[a] > 1)
     return impl, dataclasses.replace(ctx, expert_axes=ep_axes, token_split_axes=split,
                                      chunk_tokens=chunk_tokens, capacity_factor=capacity_factor), True
+
+
+def seq_axes(mesh, rules: dict, seq: int) -> tuple[str, ...]:
+    """The mesh axes that split the sequence of this trace (`seq` tokens a row; `context`), when they divide it and
+    no enclosing shard_map made them manual; () otherwise (each device then sees whole rows)."""
+    if mesh.empty or not seq:
+        return ()
+    axes = tuple(a for a in mesh_axes("seq", rules)
+                 if a in mesh.shape and a not in mesh.manual_axes and mesh.shape[a] > 1)
+    return axes if axes and seq % mesh_size(mesh, axes) == 0 else ()
 
 
 class MoE(nnx.Module):
@@ -119,24 +132,25 @@ class MoE(nnx.Module):
             name, ctx, sharded = choose(self.impl.moe_impl, mesh, rules, x_btd.shape[0], cfg.n_routed_experts,
                                         cfg.moe_intermediate_size, self.impl.moe_block_size, self.policy,
                                         platform(), self.impl.moe_ep_chunk_tokens,
-                                        self.impl.moe_blocks_per_step, self.impl.moe_capacity_factor)
+                                        self.impl.moe_blocks_per_step, self.impl.moe_capacity_factor,
+                                        x_btd.shape[1])
         weights = ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
         routed = functools.partial(_routed, cfg=cfg, backend=BACKENDS[name].fn, ctx=ctx)
         args = (x_btd, valid_bt, self.router[...], self.bias[...], weights)
         if sharded:
-            bat = mesh_axes("batch", rules)
-            routed = functools.partial(routed, reduce_axes=bat)
+            bat, sq = mesh_axes("batch", rules), seq_axes(mesh, rules, x_btd.shape[1])
+            routed = functools.partial(routed, reduce_axes=bat, seq_axes=sq)
             free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
             # over the axes no enclosing shard_map (the train step's data-parallel region) made manual, if any splits
             if any(mesh.shape[a] > 1 for a in free) or not mesh.manual_axes:
                 def spec(axes):
                     return tuple(a for a in axes if a in free) or None
 
-                b, e, f = spec(bat), spec(ctx.expert_axes), spec(ctx.ffn_axes)
+                b, t, e, f = spec(bat), spec(sq), spec(ctx.expert_axes), spec(ctx.ffn_axes)
                 w_in, w_out = P(e, None, f), P(e, f, None)
                 routed = jax.shard_map(routed, mesh=mesh, axis_names=set(free),
-                                       in_specs=(P(b), P(b), P(), P(), ExpertWeights(w_in, w_in, w_out)),
-                                       out_specs=(P(b), P(), P(), P(), P()))
+                                       in_specs=(P(b, t), P(b, t), P(), P(), ExpertWeights(w_in, w_in, w_out)),
+                                       out_specs=(P(b, t), P(), P(), P(), P()))
         y_btd, counts, balance, affinity, dropped = routed(*args)
         y_btd = y_btd.astype(x_btd.dtype)
         if self.shared is not None:
@@ -146,9 +160,10 @@ class MoE(nnx.Module):
 
 
 def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: ModelConfig, backend, ctx,
-            reduce_axes: tuple[str, ...] = ()):
+            reduce_axes: tuple[str, ...] = (), seq_axes: tuple[str, ...] = ()):
     """Route these tokens, run the backend, count: (y (B, T, D), expert counts (E,), balance loss (), affinity sum
-    (E,)). Inside shard_map the counts and the balance-loss and affinity sums are psum'd over the batch axes."""
+    (E,)). Inside shard_map the counts and the balance-loss and affinity sums are psum'd over the batch axes, and
+    over the axes that split the sequence (`seq_axes`): the balance terms' per-sequence sums before their product."""
     b, t, d = x_btd.shape
     x_nd = x_btd.reshape(b * t, d)
     scores = router_scores(x_nd, router_de)  # (N, E) float32
@@ -163,17 +178,17 @@ def _routed(x_btd, valid_bt, router_de, bias_e, weights: ExpertWeights, *, cfg: 
         y_nd = jax.lax.psum(y_nd, ctx.ffn_axes)
     counts = expert_counts(idx, valid_bt.reshape(-1), cfg.n_routed_experts)
     bal_sum, n_seq = sequence_balance_terms(scores.reshape(b, t, -1), idx.reshape(b, t, -1), valid_bt,
-                                            cfg.num_experts_per_tok)
+                                            cfg.num_experts_per_tok, seq_axes)
     affinity = ((scores / scores.sum(-1, keepdims=True)) * valid_bt.reshape(-1, 1)).sum(0)  # (E,)
-    if reduce_axes:
-        counts, bal_sum, n_seq, affinity, dropped = jax.lax.psum((counts, bal_sum, n_seq, affinity, dropped),
-                                                                 reduce_axes)
+    if reduce_axes or seq_axes:  # the balance sums are whole-sequence ones already, alike on every chunk
+        counts, affinity, dropped = jax.lax.psum((counts, affinity, dropped), reduce_axes + seq_axes)
+        bal_sum, n_seq = jax.lax.psum((bal_sum, n_seq), reduce_axes) if reduce_axes else (bal_sum, n_seq)
     return y_nd.reshape(b, t, d), counts, bal_sum / jnp.maximum(n_seq, 1.0), affinity, dropped
 
 
 # The decode path: a handful of tokens on the latent cache (`MoE(..., decoding=True)`). Same routing, same aux; the
 # `decode` backend instead of the training dispatch.
-DECODE_MAX_TOKENS = 64
+DECODE_MAX_TOKENS = 128
 
 
 def decodes(n_tokens: int) -> bool:

@@ -63,17 +63,21 @@ def sequence_balance_loss(scores_bte: jax.Array, idx_btk: jax.Array, valid_bt: j
 
 
 def sequence_balance_terms(scores_bte: jax.Array, idx_btk: jax.Array, valid_bt: jax.Array,
-                           k: int) -> tuple[jax.Array, jax.Array]:
-    """(sum over sequences of sum_i f_i P_i, number of sequences with tokens): sums, so shards can psum them."""
+                           k: int, seq_axes: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
+    """(sum over sequences of sum_i f_i P_i, number of sequences with tokens): sums, so batch shards can psum them.
+    Inside shard_map with the sequence split over `seq_axes`, each sequence's sums over its tokens are psum'd over
+    them first (f_i P_i is a product of whole-sequence sums); the result is then the same on every chunk."""
     b, t, e = scores_bte.shape
     valid = valid_bt.astype(jnp.float32)
-    n_tok = jnp.maximum(valid.sum(-1), 1.0)  # (B,)
     chosen = jax.nn.one_hot(idx_btk, e, dtype=jnp.float32).sum(2) * valid[..., None]  # (B, T, E)
-    f = e / (k * n_tok[:, None]) * chosen.sum(1)  # (B, E)
     s_norm = scores_bte / scores_bte.sum(-1, keepdims=True)
-    p = (s_norm * valid[..., None]).sum(1) / n_tok[:, None]  # (B, E)
+    seq_sums = (valid.sum(-1), chosen.sum(1), (s_norm * valid[..., None]).sum(1))  # (B,), (B, E), (B, E)
+    n_valid, n_chosen, s_sum = jax.lax.psum(seq_sums, seq_axes) if seq_axes else seq_sums
+    n_tok = jnp.maximum(n_valid, 1.0)  # (B,)
+    f = e / (k * n_tok[:, None]) * n_chosen  # (B, E)
+    p = s_sum / n_tok[:, None]  # (B, E)
     per_seq = (f * p).sum(-1)
-    has_tokens = (valid.sum(-1) > 0).astype(jnp.float32)
+    has_tokens = (n_valid > 0).astype(jnp.float32)
     return (per_seq * has_tokens).sum(), has_tokens.sum()
 
 

@@ -37,24 +37,53 @@ def attend_split(attend_local: Callable, q_nope_bthn, q_rope_bthr, c_kv_btc, k_r
     """(B, T, H, v) attention outputs with queries, latents and segment ids split over `context`.
 
     `attend_local(q_nope, q_rope, c_kv_all, k_rope_all, w_kvb, seg_q, seg_k, pos_q, pos_k)` runs on one device:
-    t queries against the T gathered latents, which it expands with `w_kvb` (replicated over `context`; its
-    gradient is summed over the chunks by the shard_map transpose). Positions are token indices in the whole
-    sequence (causal by index within segments, as the unsplit path)."""
+    t queries against the T gathered latents, which it expands with `w_kvb`. Positions are token indices in the
+    whole sequence (causal by index within segments, as the unsplit path).
+
+    The shard_map is manual over `context` only, and no reduction runs inside it (`gather_chunks`' backward is an
+    all-to-all and a local sum; `w_kvb` enters as one copy per chunk whose gradients GSPMD sums outside): the
+    reducer of a collective lowered under a partly manual mesh carries a sharding annotation, which XLA:CPU's
+    all-reduce promotion cannot clone for a 16-bit reduce-scatter ("Invalid binary instruction opcode copy")."""
     chunks = mesh.shape[AXIS]
     t = q_nope_bthn.shape[1]
     if t % chunks:
         raise ConfigError(f"mesh.context ({chunks}) must divide the sequence length ({t})")
 
-    def local(q_nope, q_rope, c_kv, k_rope, seg, w):
+    def local(q_nope, q_rope, c_kv, k_rope, seg, w_1chk):
         b, t_loc = seg.shape
-        gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)  # noqa: E731  (B, t, .) -> (B, T, .)
-        c_all, r_all, seg_all = gather(c_kv), gather(k_rope), gather(seg)
+        c_all, r_all = gather_chunks(c_kv), gather_chunks(k_rope)  # (B, t, .) -> (B, T, .)
+        seg_all = jax.lax.all_gather(seg, AXIS, axis=1, tiled=True)  # integers: no gradient, no reduction
         first = jax.lax.axis_index(AXIS) * t_loc
         pos_q = jnp.broadcast_to(first + jnp.arange(t_loc, dtype=jnp.int32), (b, t_loc))
         pos_k = jnp.broadcast_to(jnp.arange(t_loc * chunks, dtype=jnp.int32), (b, t_loc * chunks))
-        return attend_local(q_nope, q_rope, c_all, r_all, w, seg, seg_all, pos_q, pos_k)
+        return attend_local(q_nope, q_rope, c_all, r_all, w_1chk[0], seg, seg_all, pos_q, pos_k)
 
     split = P(None, AXIS)
+    w_cchk = jnp.broadcast_to(w_kvb[None], (chunks, *w_kvb.shape))  # one copy a chunk: GSPMD sums their gradients
     with jax.named_scope("context_parallel"):  # names its collectives in the compiled HLO (docs/long_context.md)
-        return jax.shard_map(local, mesh=mesh, axis_names={AXIS}, in_specs=(split, split, split, split, split, P()),
-                             out_specs=split)(q_nope_bthn, q_rope_bthr, c_kv_btc, k_rope_btr, segment_ids_bt, w_kvb)
+        return jax.shard_map(local, mesh=mesh, axis_names={AXIS}, in_specs=(split, split, split, split, split,
+                                                                            P(AXIS)),
+                             out_specs=split)(q_nope_bthn, q_rope_bthr, c_kv_btc, k_rope_btr, segment_ids_bt, w_cchk)
+
+
+@jax.custom_vjp
+def gather_chunks(x_btc: jax.Array) -> jax.Array:
+    """(B, t, c) chunk -> (B, T, c) whole sequence: an all-gather over `context` (inside its shard_map)."""
+    return jax.lax.all_gather(x_btc, AXIS, axis=1, tiled=True)
+
+
+def _gather_fwd(x_btc):
+    return gather_chunks(x_btc), None
+
+
+def _gather_bwd(_, ct_bTc):
+    """The reduce-scatter of the gradient as an all-to-all (chunk j of every device's (B, T, c) to device j) and a
+    float32 sum over the C senders: the same bytes, no reducer."""
+    chunks = jax.lax.axis_size(AXIS)
+    b, t_all, c = ct_bTc.shape
+    parts = ct_bTc.reshape(b, chunks, t_all // chunks, c)  # (B, C, t, c): part j goes to device j
+    got = jax.lax.all_to_all(parts, AXIS, 1, 1, tiled=True)  # (B, C, t, c): part from each device
+    return (got.astype(jnp.float32).sum(1).astype(ct_bTc.dtype),)
+
+
+gather_chunks.defvjp(_gather_fwd, _gather_bwd)

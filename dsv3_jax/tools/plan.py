@@ -55,10 +55,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def check_mesh(cfg: Config, n_devices: int) -> None:
-    """Mesh vs device count and the axes the model must divide, as one-line errors naming the fields."""
+def check_mesh(cfg: Config, n_devices: int, seq_lens: list[int] | None = None) -> None:
+    """Mesh vs device count and the axes the model and the sequence (each of `seq_lens`, default data.seq_len)
+    must divide, as one-line errors naming the fields."""
     m, model = cfg.mesh, cfg.model
-    sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.expert, "tensor": m.tensor}
+    sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.expert, "context": m.context, "tensor": m.tensor}
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if list(sizes.values()).count(-1) == 1 and n_devices % fixed == 0:
         sizes[next(k for k, v in sizes.items() if v == -1)] = n_devices // fixed
@@ -71,18 +72,33 @@ def check_mesh(cfg: Config, n_devices: int) -> None:
     if model.num_attention_heads % sizes["tensor"]:
         raise ConfigError(f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by mesh.tensor "
                           f"({sizes['tensor']})")
+    for t in seq_lens or [cfg.data.seq_len]:
+        if not splits_sequence(t, sizes["context"], cfg.impl.attention_block_size):
+            raise ConfigError(f"data.seq_len ({t}) is not divisible by mesh.context x impl.attention_block_size "
+                              f"({sizes['context']} x {cfg.impl.attention_block_size}): each context rank holds "
+                              "whole attention blocks")
+
+
+def splits_sequence(seq_len: int, context: int, block: int) -> bool:
+    """Whether `context` ranks split `seq_len` tokens into equal chunks of whole attention blocks (a chunk of at
+    most one block is one block: nothing is padded either way)."""
+    return seq_len % context == 0 and (seq_len // context <= block or seq_len % (context * block) == 0)
 
 
 def candidate_meshes(cfg: Config, n: int, max_tensor: int = 8) -> list[MeshConfig]:
-    """(data, fsdp, expert, tensor) with product n that the model and batch divide; tensor stays inside a node.
-    Each keeps the config's `mesh.rules` (a preset's sharding strategy is part of what is planned)."""
+    """(data, fsdp, expert, context, tensor) with product n that the model, batch and sequence divide; tensor
+    stays inside a node. `context` stays 1 unless the config splits the sequence (mesh.context > 1, or -1 for any
+    size): then every size > 1 whose chunks are whole attention blocks (`splits_sequence`). Each keeps the
+    config's `mesh.rules` (a preset's sharding strategy is part of what is planned)."""
     divisors = [d for d in range(1, n + 1) if n % d == 0]
+    block, seq = cfg.impl.attention_block_size, cfg.data.seq_len
+    contexts = [1] if cfg.mesh.context == 1 else [c for c in divisors if c > 1 and splits_sequence(seq, c, block)]
     out = []
-    for tensor, expert, fsdp in itertools.product(divisors, repeat=3):
-        if n % (tensor * expert * fsdp) or tensor > max_tensor:
+    for context, tensor, expert, fsdp in itertools.product(contexts, divisors, divisors, divisors):
+        if n % (context * tensor * expert * fsdp) or tensor > max_tensor:
             continue
-        data = n // (tensor * expert * fsdp)
-        mesh = MeshConfig(data=data, fsdp=fsdp, expert=expert, tensor=tensor, rules=cfg.mesh.rules)
+        data = n // (context * tensor * expert * fsdp)
+        mesh = MeshConfig(data=data, fsdp=fsdp, expert=expert, context=context, tensor=tensor, rules=cfg.mesh.rules)
         batch = cfg.train.global_batch_size // cfg.train.micro_batches
         if (cfg.model.n_routed_experts % expert or cfg.model.num_attention_heads % tensor
                 or batch % (data * fsdp * expert)):
@@ -314,7 +330,8 @@ def format_plan(p: dict) -> str:
 
 
 def _mesh_str(m: MeshConfig) -> str:
-    return f"data={m.data} fsdp={m.fsdp} expert={m.expert} tensor={m.tensor}"
+    return f"data={m.data} fsdp={m.fsdp} expert={m.expert} " + (f"context={m.context} " if m.context > 1 else "") + \
+        f"tensor={m.tensor}"
 
 
 def search(cfg: Config, n: int, hbm_bytes: float, hw, max_compiles: int, emit) -> list[dict]:
@@ -354,13 +371,13 @@ def search(cfg: Config, n: int, hbm_bytes: float, hw, max_compiles: int, emit) -
 
 
 def format_ranking(fit: list[dict]) -> str:
-    lines = ["rank  mesh (data fsdp expert tensor)   total GiB   step s  bound         tokens/s/dev    MFU"]
+    lines = ["rank  mesh (data fsdp expert context tensor)  total GiB   step s  bound         tokens/s/dev    MFU"]
     for i, p in enumerate(fit, 1):
         m, e = p["mesh"], p.get("estimate", {})
-        mesh = f"{m['data']:>4} {m['fsdp']:>4} {m['expert']:>6} {m['tensor']:>6}"
+        mesh = f"{m['data']:>4} {m['fsdp']:>4} {m['expert']:>6} {m.get('context', 1):>7} {m['tensor']:>6}"
         est = (f"{e['step_s']:>8.3g}  {e['bound']:<12} {e['tokens_per_s_per_device']:>12,.0f} {100 * e['mfu']:>6.1f}%"
                if e else "       -  -")
-        lines.append(f"{i:>4}  {mesh:<29} {_gib(p['bytes_per_device']['total']):>11} {est}")
+        lines.append(f"{i:>4}  {mesh:<37} {_gib(p['bytes_per_device']['total']):>11} {est}")
     return "\n".join(lines)
 
 
@@ -408,7 +425,7 @@ def _main(argv: list[str]) -> int:
     if args.devices <= 0:
         raise ConfigError(f"--devices must be positive, got {args.devices}")
     if not args.search:
-        check_mesh(cfg, args.devices)
+        check_mesh(cfg, args.devices, args.seq_len)
     hw = hardware.get(args.hardware) if args.hardware else None
     use_fake_devices(args.devices)
     return run(args, hw)
