@@ -152,6 +152,19 @@ def test_fp8_gemms_are_the_exact_products_of_the_tile_quantised_operands(layer):
                                    atol=2e-5 * float(jnp.abs(want).max()))
 
 
+def test_fp8_gemms_looped_over_contraction_chunks_equal_one_pass(layer, monkeypatch):
+    """With `PARTIAL_BYTES` below one chunk's partial products, each GEMM loops over its contraction chunks one at a
+    time (bounded memory at 671B) and gives the one-pass result to float32 summation order."""
+    x, w, dy, fp8, _ = layer
+    monkeypatch.setattr(fp8_lib, "PARTIAL_BYTES", 1)
+    fn = functools.partial(fp8_lib.fp8_einsum, SPEC)
+    assert "while" in jax.jit(fn).lower(x, w).as_text()  # the chunks run in a loop
+    y, vjp = jax.vjp(fn, x, w)
+    for got, want in zip((y, *vjp(dy)), fp8, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                   atol=1e-6 * float(jnp.abs(want).max()))
+
+
 def test_fp8_ragged_dot_and_its_gradients_match_float32_and_spare_idle_experts():
     rng = np.random.default_rng(3)
     x = jnp.asarray(with_outliers(rng, (300, 160)))
