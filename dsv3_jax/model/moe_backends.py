@@ -29,7 +29,6 @@ from dsv3_jax.kernels.grouped_matmul import (
     block_matmul,
     collect_rows,
     dispatch_rows,
-    expert_ranks,
     sort_rows,
 )
 from dsv3_jax.kernels.precision import Policy, ragged_dot
@@ -149,48 +148,25 @@ def _dense_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: Moe
     return combine(y_nkd, routing.gates_nk, pol)
 
 
-def _every_expert(x_nd: jax.Array, routing: Routing, w: ExpertWeights, pol: Policy) -> jax.Array:
-    """Every expert on every token, batched over experts (no weight transpose); each token's K outputs gathered."""
-    n, e = x_nd.shape[0], w.w_gate.shape[0]
-    x_end = jnp.broadcast_to(x_nd, (e, *x_nd.shape))
-    h_enf = jax.nn.silu(policy_einsum("end,edf->enf", x_end, w.w_gate, pol)) * policy_einsum(
-        "end,edf->enf", x_end, w.w_up, pol)
-    y_end = policy_einsum("enf,efd->end", h_enf, w.w_down, pol)
-    return combine(y_end[routing.idx_nk, jnp.arange(n)[:, None]], routing.gates_nk, pol)
-
-
-def _with_capacity(x_nd: jax.Array, routing: Routing, w: ExpertWeights, pol: Policy, rank: jax.Array,
-                   cap: int) -> jax.Array:
-    """Each expert on its own tokens only, gathered expert-major into `cap` slots (E, cap, D): the batched matmuls
-    read every expert's weights in place, as `_every_expert`, for cap/N of its work. Exact when no expert has more
-    than `cap` pairs (the caller checks); empty slots read a zero row."""
-    (n, d), (_, k), e = x_nd.shape, routing.idx_nk.shape, w.w_gate.shape[0]
-    flat = routing.idx_nk.reshape(-1)
-    token = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
-    slot_token = jnp.full((e, cap), n, jnp.int32).at[flat, rank].set(token, mode="drop")  # n: the zero row
-    x_ecd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])[slot_token]
-    h_ecf = jax.nn.silu(policy_einsum("ecd,edf->ecf", x_ecd, w.w_gate, pol)) * policy_einsum(
-        "ecd,edf->ecf", x_ecd, w.w_up, pol)
-    y_ecd = policy_einsum("ecf,efd->ecd", h_ecf, w.w_down, pol)
-    return combine(y_ecd[flat, rank].reshape(n, k, d), routing.gates_nk, pol)
+# Rows per expert-aligned block on the decode path: on XLA:CPU at 16-128 decode tokens of the `bench` model (E 16,
+# K 4) blocks of 8 taken one per loop step beat 4, 16 and 32, several blocks a step, and the experts batched over
+# the stack on a capacity (docs/performance.md#decode).
+DECODE_BLOCK = 8
 
 
 def _decode_backend(x_nd: jax.Array, routing: Routing, w: ExpertWeights, ctx: MoeContext) -> jax.Array:
     """For a handful of tokens (decoding), without the training dispatch. While N*K < E, each (token, choice)
     pair slices its expert's three matrices out of the stack and applies them as plain vector-matrix products,
     reading N*K expert matrices and no sort, padding or scatter (a gathered (N, K, D, F) batched einsum is slower
-    on XLA:CPU). From N*K >= E on every expert is read anyway, and the experts run batched over the stack:
-    on twice the mean number of pairs per expert (`_with_capacity`) when no expert got more than that, else on
-    every token (`_every_expert`); the test is one conditional per layer, so the result is exact either way."""
+    on XLA:CPU). From N*K >= E on (a batch, or a speculative verify step's 2 tokens a row) the pairs go into
+    expert-aligned blocks of DECODE_BLOCK rows (`_blocked_backend`) and a loop runs the used blocks only: each
+    expert some token picked is read from memory once for all of its rows and no expert runs on a token that did
+    not pick it, however skewed the routing (a decode batch often sends most tokens to a few experts: a per-expert
+    capacity then has to grow to N, every expert on every token). Dropless, so exact."""
     n, k = routing.idx_nk.shape
     pol, e = ctx.policy, w.w_gate.shape[0]
     if n * k >= e:
-        cap = 2 * cdiv(n * k, e)
-        if cap >= n:
-            return _every_expert(x_nd, routing, w, pol)
-        rank, counts = expert_ranks(routing.idx_nk, e)
-        return jax.lax.cond(counts.max() <= cap, lambda: _with_capacity(x_nd, routing, w, pol, rank, cap),
-                            lambda: _every_expert(x_nd, routing, w, pol))
+        return _blocked_backend(x_nd, routing, w, dataclasses.replace(ctx, block=DECODE_BLOCK, blocks_per_step=1))
 
     def expert(x_d, e):
         w_df = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False) for m in w]
