@@ -18,7 +18,7 @@ from flax import nnx
 from dsv3_jax import errors
 from dsv3_jax.infer import sampling
 from dsv3_jax.model.routing import RouterBias
-from dsv3_jax.model.transformer import Transformer, create, unstacked
+from dsv3_jax.model.transformer import Transformer, block_consts, create, unstacked
 from dsv3_jax.presets import load_config
 
 PROMPTS = [[5, 9, 33, 2, 7], [100, 3], [4] * 17 + [8]]  # different lengths; the longest spans two 16-buckets
@@ -263,6 +263,35 @@ def test_speculative_greedy_equals_plain_greedy_good_drafter(drafter):
     stops = sorted({row[k] for row in plain.tokens for k in (4, 7)})
     assert (sampling.generate(drafter, PROMPTS, NEW, stop_tokens=stops, speculative="mtp").tokens
             == sampling.generate(drafter, PROMPTS, NEW, stop_tokens=stops).tokens)
+
+
+def test_mtp_draft_at_one_position_matches_the_full_mtp_step(model, cfg):
+    """`mtp_draft` runs the MTP block's FFN and the head on one selected token per row: its logits equal those of
+    the full `mtp_step` over every position at that token, and both write the same cache entries (the block's
+    input latents) at every position, on a cache that already holds entries before them."""
+    graphdef, *state = nnx.split(unstacked(model), nnx.Param, RouterBias, ...)
+    b, t, d, slots = 3, 2, cfg.hidden_size, 16
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(2, cfg.vocab_size, (b, t)), jnp.int32)
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    pos = jnp.asarray([[4, 5], [0, 1], [9, 10]], jnp.int32)
+    sel = jnp.asarray([1, 0, 1], jnp.int32)
+    cache = model.init_cache(b, slots)["mtp"][0]
+    cache = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), cache)  # earlier entries
+
+    @jax.jit
+    def both(state, cache):
+        view = nnx.merge(graphdef, *state)
+        consts = block_consts(pos, jnp.ones((b, t), jnp.int32), cfg)
+        _, full, _, full_cache = view.mtp_step(1, ids, hidden, consts, cache)
+        one, one_cache = sampling.mtp_draft(view, ids, hidden, pos, cache, sel)
+        return full[jnp.arange(b), sel], full_cache, one, one_cache
+
+    full, full_cache, one, one_cache = both(state, cache)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(full), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(full)).max() > 0.1  # logits of order 1: the comparison is not trivial
+    for a, c in zip(jax.tree.leaves(one_cache), jax.tree.leaves(full_cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
 def test_decode_loops_update_the_cache_in_place(model, greedy, cfg):

@@ -25,8 +25,9 @@ hidden state at p-1 and the embedding of the accepted token at p; the main model
 positions [p, p+1] in one 2-token forward on the cache, and the draft is accepted iff it equals the token the main
 model itself picks at p (argmax when greedy; its sample otherwise, which keeps the sampling distribution exact).
 Greedy speculative output is therefore the plain greedy output. The MTP block keeps its own latent cache, indexed
-by the same positions (entry t is built from the main hidden at t and the token at t+1). Batched rows each accept
-or reject on their own.
+by the same positions (entry t is built from the main hidden at t and the token at t+1); both entries of a step
+are written, but the MTP block's FFN and the head run on the one token per row whose draft is used (`mtp_draft`).
+Batched rows each accept or reject on their own.
 """
 
 from __future__ import annotations
@@ -189,12 +190,22 @@ def _scan_layers(stack, x_btd: jax.Array, consts: tuple, cache):
 FP8_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-def mtp_draft(model, next_ids_bt: jax.Array, hidden_btd: jax.Array, pos_bt: jax.Array, mtp_cache):
-    """Depth-1 MTP at positions pos (`Transformer.mtp_step`): from the main pre-norm hidden h_t and the token
-    t+1, the logits of token t+2 (B, T, V); the entries are written to the MTP module's own cache there."""
+def mtp_draft(model, next_ids_bt: jax.Array, hidden_btd: jax.Array, pos_bt: jax.Array, mtp_cache,
+              sel_b: jax.Array):
+    """Depth-1 MTP at positions pos (`Transformer.mtp_step`): from the main pre-norm hidden h_t and the token t+1,
+    the logits of token t+2 at ONE position per row, index sel_b (B,) into T: (B, V). Every position's entry is
+    written to the MTP module's own cache. A cache entry is the latent of the block's input alone, so only the
+    attention runs on all T positions; the MoE, the final norm and the head run on the selected token (half the
+    MoE rows of the 2-token verify step, and none of the prompt's at prefill)."""
+    module, rows = model.mtp[0], jnp.arange(next_ids_bt.shape[0])
     consts = block_consts(pos_bt, jnp.ones(pos_bt.shape, jnp.int32), model.cfg)
-    _, logits, _, mtp_cache = model.mtp_step(1, next_ids_bt, hidden_btd, consts, mtp_cache)
-    return logits, mtp_cache
+    x_btd = module.eh_proj(jnp.concatenate([module.enorm(model.embed(next_ids_bt)), module.hnorm(hidden_btd)], -1))
+    blk = module.block  # Block.__call__, with the FFN on the selected token only
+    h_btd, mtp_cache = blk.attn(blk.attn_norm(x_btd), *consts[:4], mtp_cache)
+    x_b1d = constrain((x_btd + h_btd)[rows, sel_b][:, None], ("batch", "seq", "act_embed"))
+    h_b1d, _ = blk.mlp(blk.mlp_norm(x_b1d), jnp.ones(x_b1d.shape[:2], bool), decoding=True)
+    x_b1d = constrain(x_b1d + h_b1d, ("batch", "seq", "act_embed"))
+    return model.head_logits(module.norm(x_b1d))[:, 0], mtp_cache
 
 
 class Carry(NamedTuple):
@@ -244,9 +255,9 @@ def _prefill_fn(graphdef, rule, speculative, slots, budget, state, ids_bt, lens_
         shifted = jnp.concatenate([ids_bt[:, 1:], jnp.zeros((b, 1), ids_bt.dtype)], axis=1)
         shifted = shifted.at[rows, last_b].set(first_b)
         pos_bt = _not_constant(jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape))
-        mtp_logits, mtp_c = mtp_draft(model, shifted, hidden, pos_bt, mtp_cache[0])
+        mtp_logits, mtp_c = mtp_draft(model, shifted, hidden, pos_bt, mtp_cache[0], last_b)
         mtp_cache = [mtp_c]
-        draft_b = jnp.argmax(mtp_logits[rows, last_b], axis=-1).astype(jnp.int32)
+        draft_b = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
     else:
         mtp_cache = []
     zero = jnp.zeros((), jnp.int32)
@@ -282,8 +293,8 @@ def _speculative_step(model, c: Carry, rule, stop_ids, budget) -> Carry:
     can2_b = active & (budget - c.count_b >= 2)  # a draft only counts when a second token could be emitted
     emit2_b = can2_b & ok_b & ~jnp.isin(y_b2[:, 0], stop_ids)
     # MTP entries p and p+1 pair h_p with y0 (token p+1) and h_{p+1} with y1 (token p+2, junk unless accepted)
-    mtp_logits, mtp_c = mtp_draft(model, y_b2, hidden, pos_b2, c.mtp_cache[0])
-    draft_b = jnp.argmax(mtp_logits[jnp.arange(b), emit2_b.astype(jnp.int32)], axis=-1).astype(jnp.int32)
+    mtp_logits, mtp_c = mtp_draft(model, y_b2, hidden, pos_b2, c.mtp_cache[0], emit2_b.astype(jnp.int32))
+    draft_b = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
     c = c._replace(cache=cache, mtp_cache=[mtp_c], key=key, draft_b=jnp.where(active, draft_b, c.draft_b),
                    forwards=c.forwards + 1, drafts=c.drafts + can2_b.sum(dtype=jnp.int32),
                    accepted=c.accepted + (can2_b & ok_b).sum(dtype=jnp.int32))
