@@ -1,20 +1,22 @@
 """Decode speed side by side with transformers on the same weights, in one run on the current machine.
 
   python -m dsv3_jax.tools.bench_decode [--quick] [--json] [--checkpoint runs/small] [--new-tokens 128]
-      [--batches 1,16] [--attention-block-size 512]
+      [--batches 1,16] [--spec-batches 1,16,64] [--attention-block-size 512]
 
 Rows (`run`): greedy decode tokens/s at batch 1 and 16 (16-token prompts, 128 new tokens, no stop token) for
 `sampling.generate` and for transformers' `DeepseekV3ForCausalLM.generate` loaded from our `hf.save` of the same
 model; both caches' bytes per token (ours: the latent cache, kv_lora + rope dims per layer; transformers: its
-DynamicCache, measured: transformers 5 caches the same latent and expands K and V from it at every step); and MTP
+DynamicCache, measured: transformers 5 caches the same latent and expands K and V from it at every step); MTP
 speculative against plain greedy decoding on a trained checkpoint (the default run's, `runs/small`, when it
-exists), with the acceptance rate. Each figure is the median of several timed calls after one warm-up call
-(compiles excluded), the two sides of a row called alternately; both sides time the whole generate call,
-prefill included.
+exists) at each of `--spec-batches`, on prompts of 16 tokens from the checkpoint's held-out text, with the
+acceptance rate and how many rows decode the same tokens both ways; and the batch-1 bytes bound of speculation
+(`spec_bytes_bound`). Each figure is the median of several timed calls after one warm-up call (compiles
+excluded), the two sides of a row called alternately; both sides time the whole generate call, prefill included.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -29,9 +31,6 @@ from dsv3_jax.tools.timing import paired_medians_s, row
 # inside jax's gc callback, swallowed)
 
 PROMPT_LEN = 16
-
-
-SPEC_PROMPT = "def main("
 
 
 def bench_config() -> ModelConfig:
@@ -94,23 +93,73 @@ def load_hf(model, directory: str, device: str = "cpu"):
     return DeepseekV3ForCausalLM.from_pretrained(directory, attn_implementation="eager").to(device).eval()
 
 
-def speculative_rows(model, prompt: list[int], new: int, repeats: int, source: str) -> list[dict]:
+def text_prompts(run_cfg, batch: int) -> list[list[int]]:
+    """`batch` prompts of PROMPT_LEN tokens: the starts of the checkpoint's held-out rows (its data config's eval
+    split) that hold no padding there, cycled when there are fewer."""
+    import numpy as np
+
+    from dsv3_jax.data.pipeline import make_dataset
+
+    rows = []
+    for chunk in make_dataset(run_cfg.data, "eval", 64):
+        ok = (chunk["segment_ids"][:, :PROMPT_LEN] != 0).all(axis=1)
+        rows += np.asarray(chunk["tokens"][ok, :PROMPT_LEN]).tolist()
+        if len(rows) >= batch:
+            break
+    rows = rows or [[0] * PROMPT_LEN]
+    return [rows[i % len(rows)] for i in range(batch)]
+
+
+def speculative_rows(model, prompts: list[list[int]], new: int, repeats: int, source: str) -> list[dict]:
+    """MTP speculative against plain greedy decoding of the same prompts: tokens/s of each (new tokens over the
+    median seconds of the whole call), the acceptance, and how many rows decode the same tokens both ways."""
     plain, spec = {}, {}
-    s_plain, s_spec = paired_medians_s(ours_call(model, [prompt], new, plain),
-                                       ours_call(model, [prompt], new, spec, speculative="mtp"), repeats, warmup=1)
+    s_plain, s_spec = paired_medians_s(ours_call(model, prompts, new, plain),
+                                       ours_call(model, prompts, new, spec, speculative="mtp"), repeats, warmup=1)
     r = spec["r"]
-    if r.tokens != plain["r"].tokens:
-        raise RuntimeError("speculative greedy output differs from plain greedy output")
-    n = len(r.tokens[0])
-    return [row(f"speculative mtp vs plain decode, batch 1, {new} new tokens ({source})", n / s_spec, n / s_plain,
-                "tokens/s", acceptance=r.acceptance, drafts=r.drafts, accepted=r.accepted)]
+    same = sum(a == b for a, b in zip(r.tokens, plain["r"].tokens))
+    n_spec, n_plain = sum(map(len, r.tokens)), sum(map(len, plain["r"].tokens))
+    return [row(f"speculative mtp vs plain decode, batch {len(prompts)}, {new} new tokens ({source})", n_spec / s_spec,
+                n_plain / s_plain, "tokens/s", acceptance=r.acceptance, drafts=r.drafts, accepted=r.accepted,
+                rows_identical=f"{same}/{len(prompts)}")]
+
+
+def spec_bytes_bound(model, acceptance: float) -> dict:
+    """Why speculation can or cannot pay at batch 1, in weight bytes (a batch-1 step is bound by reading weights):
+    a plain step reads every main-model weight but the embedding (a row gather), with K of the E routed experts per
+    MoE layer; a verify step reads the same for two tokens whose experts are taken as distinct (min(2K, E) per
+    layer), plus the MTP draft: its block with K routed experts (the MoE runs on one token), `eh_proj`, its norms
+    and the head. The ceiling on the speed-up is (1 + acceptance) x plain bytes / (verify + draft bytes)."""
+    from flax import nnx
+
+    cfg, parts = model.cfg, {"main": 0, "experts": 0, "mtp": 0, "mtp_experts": 0, "head": 0}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        keys, a = [str(k) for k in path], var.get_value()
+        routed = keys[-1] in ("w_gate", "w_up", "w_down")
+        if keys[0] == "head":
+            parts["head"] += a.size * a.dtype.itemsize
+        elif keys[0] == "mtp":
+            parts["mtp_experts" if routed else "mtp"] += a.size * a.dtype.itemsize
+        elif keys[0] != "embed":
+            parts["experts" if routed else "main"] += a.size * a.dtype.itemsize
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    per_expert = parts["experts"] / (moe_layers * e)  # one expert's three matrices
+    plain = parts["main"] + parts["head"] + moe_layers * k * per_expert
+    verify = parts["main"] + parts["head"] + moe_layers * min(2 * k, e) * per_expert
+    draft = parts["mtp"] + parts["head"] + k * parts["mtp_experts"] / e
+    return row("speculative mtp, batch 1: ceiling = (1 + acceptance) x plain step bytes / (verify + draft bytes)",
+               (1 + acceptance) * plain / (verify + draft), None, "x", plain_mb=plain / 1e6, verify_mb=verify / 1e6,
+               draft_mb=draft / 1e6, acceptance=acceptance)
 
 
 def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None = "runs/small", new_tokens: int = 128,
         batches: tuple[int, ...] = (1, 16), torch_threads: int | None = None,
-        attention_block_size: int | None = None, hf_device: str = "cpu") -> list[dict]:
-    """The decode rows (see the module docstring). `cfg` replaces the bench config (tests); the speculative row
-    uses `checkpoint` when it exists, else the bench model itself when it has an MTP module, else is left out.
+        attention_block_size: int | None = None, hf_device: str = "cpu",
+        spec_batches: tuple[int, ...] = (1, 16, 64)) -> list[dict]:
+    """The decode rows (see the module docstring). `cfg` replaces the bench config (tests); the speculative rows
+    (one per `spec_batches`, and the bytes bound after batch 1) use `checkpoint` when it exists, else the bench
+    model itself (random prompts) when it has an MTP module, else are left out.
     `torch_threads` sets transformers' intra-op threads (on a CPU shared with other jobs torch's default
     threading collapses: one thread decoded 10x faster on the loaded 2-core machine). `attention_block_size`
     sets our model's impl field (decode reads caches longer than it in blocks, up to the filled part).
@@ -144,15 +193,18 @@ def run(quick: bool, *, cfg: ModelConfig | None = None, checkpoint: str | None =
         rows.append(row("cache bytes per token", ours_bytes, hf_cache_bytes_per_token(hf_model, prompts_for(cfg, 1)[0]),
                         "bytes"))
     if checkpoint and pathlib.Path(checkpoint).is_dir():
-        from dsv3_jax.data.tokenizer import make_tokenizer
         from dsv3_jax.train import checkpoint as ckpt
 
         spec_model, run_cfg = ckpt.load_model(checkpoint)
-        tok = make_tokenizer(run_cfg.data.tokenizer)
-        prompt = [tok.bos_id] + tok.encode(SPEC_PROMPT)
-        rows += speculative_rows(spec_model, prompt, 120, repeats, f"checkpoint {checkpoint}")
+        source, prompts = f"checkpoint {checkpoint}", functools.partial(text_prompts, run_cfg)
     elif cfg.num_nextn_predict_layers:
-        rows += speculative_rows(model, prompts_for(cfg, 1)[0], new_tokens, repeats, "untrained bench model")
+        spec_model, source, prompts = model, "untrained bench model", functools.partial(prompts_for, cfg)
+    else:
+        return rows
+    for b in spec_batches:
+        rows += speculative_rows(spec_model, prompts(b), new_tokens, repeats, source)
+        if b == 1:
+            rows.append(spec_bytes_bound(spec_model, rows[-1]["acceptance"] or 0.0))
     return rows
 
 
@@ -161,8 +213,12 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         ref = "" if r["reference"] is None else f"{r['reference']:,.0f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        extra = f" (acceptance {r['accepted']}/{r['drafts']})" if "acceptance" in r else ""
-        lines.append(f"| {r['name']}{extra} | {r['ours']:,.0f} | {ref} | {ratio} | {r['unit']} |")
+        extra = f" (acceptance {r['accepted']}/{r['drafts']})" if "drafts" in r else ""
+        if "plain_mb" in r:
+            extra = (f" (acceptance {r['acceptance']:.2f}; plain {r['plain_mb']:.2f} MB, verify {r['verify_mb']:.2f} MB"
+                     f" + draft {r['draft_mb']:.2f} MB)")
+        ours = f"{r['ours']:.2f}" if r["unit"] == "x" else f"{r['ours']:,.0f}"
+        lines.append(f"| {r['name']}{extra} | {ours} | {ref} | {ratio} | {r['unit']} |")
     return "\n".join(lines)
 
 
@@ -180,15 +236,15 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--torch-threads", type=int, default=None, help="transformers' intra-op threads (torch default)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row of the greedy rows")
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes of the greedy rows")
+    p.add_argument("--spec-batches", default="1,16,64",
+                   help="comma-separated batch sizes of the speculative rows (empty: none)")
     p.add_argument("--attention-block-size", type=int, default=None,
                    help="our impl.attention_block_size (default 512): caches longer than it are read in blocks")
     args = p.parse_args(argv)
-    try:
-        batches = tuple(int(b) for b in args.batches.split(","))
-    except ValueError:
-        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if args.new_tokens <= 0 or any(b <= 0 for b in batches):
-        p.error("--new-tokens and --batches must be positive")
+    batches, spec_batches = (_batches(p, name, value) for name, value in
+                             (("--batches", args.batches), ("--spec-batches", args.spec_batches)))
+    if args.new_tokens <= 0 or any(b <= 0 for b in batches + spec_batches):
+        p.error("--new-tokens, --batches and --spec-batches must be positive")
     if args.attention_block_size is not None and args.attention_block_size <= 0:
         p.error(f"--attention-block-size must be positive, got {args.attention_block_size}")
     from dsv3_jax.hostmem import reuse_freed_memory
@@ -197,9 +253,16 @@ def _main(argv: list[str]) -> int:
     require("torch", "bench")
     require("transformers", "bench")
     rows = run(args.quick, checkpoint=args.checkpoint, torch_threads=args.torch_threads, new_tokens=args.new_tokens,
-               batches=batches, attention_block_size=args.attention_block_size)
+               batches=batches, attention_block_size=args.attention_block_size, spec_batches=spec_batches)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
+
+
+def _batches(p, name: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in value.split(",") if b.strip())
+    except ValueError:
+        p.error(f"{name} must be comma-separated integers, got {value!r}")
 
 
 if __name__ == "__main__":
