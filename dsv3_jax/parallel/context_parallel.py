@@ -16,6 +16,7 @@ bytes than a ring or all-gather of K and V (docs/long_context.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.errors import ConfigError
+from dsv3_jax.parallel.sharding import mesh_axes
 
 AXIS = "context"
 
@@ -40,30 +42,40 @@ def attend_split(attend_local: Callable, q_nope_bthn, q_rope_bthr, c_kv_btc, k_r
     t queries against the T gathered latents, which it expands with `w_kvb`. Positions are token indices in the
     whole sequence (causal by index within segments, as the unsplit path).
 
-    The shard_map is manual over `context` only, and no reduction runs inside it (`gather_chunks`' backward is an
-    all-to-all and a local sum; `w_kvb` enters as one copy per chunk whose gradients GSPMD sums outside): the
-    reducer of a collective lowered under a partly manual mesh carries a sharding annotation, which XLA:CPU's
-    all-reduce promotion cannot clone for a 16-bit reduce-scatter ("Invalid binary instruction opcode copy")."""
+    The shard_map is manual over `context` and the batch axes, and no reduction runs inside it (`gather_chunks`'
+    backward is an all-to-all and a local sum; `w_kvb` enters as one copy per device whose gradients GSPMD sums
+    outside): the reducer of a collective lowered under a partly manual mesh carries a sharding annotation, which
+    XLA:CPU's all-reduce promotion cannot clone for a 16-bit reduce-scatter ("Invalid binary instruction opcode
+    copy")."""
     chunks = mesh.shape[AXIS]
-    t = q_nope_bthn.shape[1]
+    b, t = q_nope_bthn.shape[:2]
     if t % chunks:
         raise ConfigError(f"mesh.context ({chunks}) must divide the sequence length ({t})")
+    rows = batch_axes(mesh, b)
 
     def local(q_nope, q_rope, c_kv, k_rope, seg, w_1chk):
-        b, t_loc = seg.shape
+        b_loc, t_loc = seg.shape
         c_all, r_all = gather_chunks(c_kv), gather_chunks(k_rope)  # (B, t, .) -> (B, T, .)
         seg_all = jax.lax.all_gather(seg, AXIS, axis=1, tiled=True)  # integers: no gradient, no reduction
         first = jax.lax.axis_index(AXIS) * t_loc
-        pos_q = jnp.broadcast_to(first + jnp.arange(t_loc, dtype=jnp.int32), (b, t_loc))
-        pos_k = jnp.broadcast_to(jnp.arange(t_loc * chunks, dtype=jnp.int32), (b, t_loc * chunks))
+        pos_q = jnp.broadcast_to(first + jnp.arange(t_loc, dtype=jnp.int32), (b_loc, t_loc))
+        pos_k = jnp.broadcast_to(jnp.arange(t_loc * chunks, dtype=jnp.int32), (b_loc, t_loc * chunks))
         return attend_local(q_nope, q_rope, c_all, r_all, w_1chk[0], seg, seg_all, pos_q, pos_k)
 
-    split = P(None, AXIS)
-    w_cchk = jnp.broadcast_to(w_kvb[None], (chunks, *w_kvb.shape))  # one copy a chunk: GSPMD sums their gradients
+    split = P(rows or None, AXIS)  # rows over the batch axes as well: each device attends only its own rows
+    copies = math.prod(mesh.shape[a] for a in (*rows, AXIS))
+    w_nchk = jnp.broadcast_to(w_kvb[None], (copies, *w_kvb.shape))  # one copy a device: GSPMD sums the gradients
     with jax.named_scope("context_parallel"):  # names its collectives in the compiled HLO (docs/long_context.md)
-        return jax.shard_map(local, mesh=mesh, axis_names={AXIS}, in_specs=(split, split, split, split, split,
-                                                                            P(AXIS)),
-                             out_specs=split)(q_nope_bthn, q_rope_bthr, c_kv_btc, k_rope_btr, segment_ids_bt, w_cchk)
+        return jax.shard_map(local, mesh=mesh, axis_names={*rows, AXIS},
+                             in_specs=(split, split, split, split, split, P((*rows, AXIS))),
+                             out_specs=split)(q_nope_bthn, q_rope_bthr, c_kv_btc, k_rope_btr, segment_ids_bt, w_nchk)
+
+
+def batch_axes(mesh, rows: int) -> tuple[str, ...]:
+    """The mesh axes of the logical `batch` that split these `rows` (free, > 1, dividing them): the shard_map makes
+    them manual too, else GSPMD may hand it whole rows and every device would attend all of them."""
+    axes = tuple(a for a in mesh_axes("batch") if a in mesh.shape and a not in mesh.manual_axes and mesh.shape[a] > 1)
+    return axes if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
 @jax.custom_vjp
