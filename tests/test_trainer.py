@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dsv3_jax.kernels import accumulating_scan
+from dsv3_jax.model import transformer
 from dsv3_jax.model.routing import update_bias
 from dsv3_jax.parallel.sharding import make_mesh
 from dsv3_jax.presets import load_config
@@ -226,19 +228,29 @@ def test_optimizer_clips_then_applies_adamw_with_its_betas_and_decay_mask():
 
 
 @pytest.mark.slow
-def test_remat_inside_the_train_step_changes_nothing_but_memory(setup):
-    """impl.remat=full: the step's program holds a remat (checkpoint) region, and its result equals the plain step's."""
+def test_remat_inside_the_train_step_changes_nothing_but_memory(setup, monkeypatch):
+    """impl.remat=full: the layer stacks run through the accumulating scan (each layer recomputed in the backward,
+    kernels/accumulating_scan.py), impl.remat=dots through a checkpoint region, and the results equal the plain
+    step's."""
     cfg, mesh, state, graphdef, tx = setup
     batch = jax.tree.map(jnp.asarray, packed_batch(5, cfg.model.vocab_size))
-    cfg_r = load_config("tiny", [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
-                                 "train.balance_alpha=0.01", "impl.remat=full"])
+    base = [f"data.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "train.bias_gamma=0.01",
+            "train.balance_alpha=0.01"]
+    cfg_r, cfg_d = (load_config("tiny", [*base, f"impl.remat={r}"]) for r in ("full", "dots"))
     graphdef_r, _, _ = train_state.split_abstract(cfg_r)
+    calls = []
+    monkeypatch.setattr(transformer, "accumulating_scan",
+                        lambda *a: calls.append(1) or accumulating_scan.accumulating_scan(*a))
 
     def program(c, g):
+        jax.clear_caches()
         with jax.set_mesh(mesh):
             return str(jax.make_jaxpr(functools.partial(train_step, graphdef=g, tx=tx, cfg=c))(state, batch))
 
-    assert "remat2[" in program(cfg_r, graphdef_r) and "remat2[" not in program(cfg, graphdef)
+    assert "remat2[" not in program(cfg, graphdef) and not calls
+    assert "remat2[" in program(cfg_d, train_state.split_abstract(cfg_d)[0]) and not calls
+    program(cfg_r, graphdef_r)
+    assert len(calls) == 2  # the dense and the MoE stack
     plain, m_plain = run_step(cfg, mesh, state, graphdef, tx, batch)
     remat, m_remat = run_step(cfg_r, mesh, state, graphdef_r, tx, batch)
     chex.assert_trees_all_close(remat.params, plain.params, rtol=1e-5, atol=1e-6)
