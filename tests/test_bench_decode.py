@@ -41,6 +41,9 @@ def test_quick_rows_on_the_tiny_config(tmp_path):
     for spec in (rows[3], rows[5]):
         assert spec["drafts"] > 0 and spec["acceptance"] == spec["accepted"] / spec["drafts"]
         assert spec["rows_identical"] == "1/1" if spec is rows[3] else "2/2"  # greedy speculative == plain greedy
+        f_spec, f_plain = spec["forwards"]
+        assert f_plain == 6 and f_spec <= 6  # 6 tokens a row: the prefill's and 5 decode steps, fewer speculating
+        assert spec["step_cost"] == pytest.approx(spec["ratio"] ** -1 * f_plain / f_spec)
     assert by_name[bound_name]["acceptance"] == rows[3]["acceptance"]
     assert "acceptance" in bench_decode.format_rows(rows)
 

@@ -112,16 +112,20 @@ def text_prompts(run_cfg, batch: int) -> list[list[int]]:
 
 def speculative_rows(model, prompts: list[list[int]], new: int, repeats: int, source: str) -> list[dict]:
     """MTP speculative against plain greedy decoding of the same prompts: tokens/s of each (new tokens over the
-    median seconds of the whole call), the acceptance, and how many rows decode the same tokens both ways."""
+    median seconds of the whole call), the acceptance, how many rows decode the same tokens both ways, and the
+    cost of a speculative step (verify + draft) in plain steps: median seconds per main-model forward of the
+    speculative call over the plain call's (whole calls, so both include their prefill)."""
     plain, spec = {}, {}
     s_plain, s_spec = paired_medians_s(ours_call(model, prompts, new, plain),
                                        ours_call(model, prompts, new, spec, speculative="mtp"), repeats, warmup=1)
     r = spec["r"]
     same = sum(a == b for a, b in zip(r.tokens, plain["r"].tokens))
     n_spec, n_plain = sum(map(len, r.tokens)), sum(map(len, plain["r"].tokens))
+    f_spec, f_plain = r.timing["decode_forwards"] + 1, plain["r"].timing["decode_forwards"] + 1  # + the prefill
     return [row(f"speculative mtp vs plain decode, batch {len(prompts)}, {new} new tokens ({source})", n_spec / s_spec,
                 n_plain / s_plain, "tokens/s", acceptance=r.acceptance, drafts=r.drafts, accepted=r.accepted,
-                rows_identical=f"{same}/{len(prompts)}")]
+                rows_identical=f"{same}/{len(prompts)}", forwards=(f_spec, f_plain),
+                step_cost=(s_spec / f_spec) / (s_plain / f_plain))]
 
 
 def spec_bytes_bound(model, acceptance: float) -> dict:
@@ -214,6 +218,9 @@ def format_rows(rows: list[dict]) -> str:
         ref = "" if r["reference"] is None else f"{r['reference']:,.0f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         extra = f" (acceptance {r['accepted']}/{r['drafts']})" if "drafts" in r else ""
+        if "step_cost" in r:
+            extra = (f" (acceptance {r['accepted']}/{r['drafts']}, rows identical {r['rows_identical']}, a step costs "
+                     f"{r['step_cost']:.2f} plain steps)")
         if "plain_mb" in r:
             extra = (f" (acceptance {r['acceptance']:.2f}; plain {r['plain_mb']:.2f} MB, verify {r['verify_mb']:.2f} MB"
                      f" + draft {r['draft_mb']:.2f} MB)")
