@@ -60,7 +60,7 @@ STEP_SCRIPT = textwrap.dedent(r"""
     # emitter compiles the same partitioned program (the collectives these checks read are unchanged) ~3x faster,
     # and every step, the one-device reference included, runs on it
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
-    from tests.checks import outcome
+    from tests.checks import outcome, packed_rows
     import jax, numpy as np
     from jax.sharding import NamedSharding
     from dsv3_jax.presets import load_config
@@ -90,13 +90,7 @@ STEP_SCRIPT = textwrap.dedent(r"""
 
     rng = np.random.default_rng(0)
 
-    def batch():
-        tokens = rng.integers(2, 258, size=(B, SEQ + 1)).astype(np.int32)
-        seg = np.ones((B, SEQ + 1), np.int32); seg[:, 9:] = 2; seg[-1, -3:] = 0
-        pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (B, 1)); pos[:, 9:] -= 9
-        return {"tokens": tokens, "segment_ids": seg, "positions": pos}
-
-    batches = [batch(), batch()]
+    batches = [packed_rows(rng, B, SEQ), packed_rows(rng, B, SEQ)]
 
     @functools.cache  # each (config, count) compiled once: the steps' layouts are also the programs read below
     def build(overrides, m, one_device=False):

@@ -20,7 +20,7 @@ from dsv3_jax.parallel.sharding import make_mesh
 from dsv3_jax.presets import load_config
 from dsv3_jax.train import state as train_state
 from dsv3_jax.train import step as train_step
-from tests import xla_env
+from tests import checks, xla_env
 
 SEQ, BATCH = 16, 4
 STACKS = train_step.STACKS  # the stacks accumulated in place; () turns that off
@@ -28,14 +28,7 @@ STACKS = train_step.STACKS  # the stacks accumulated in place; () turns that off
 
 def _batch(vocab: int) -> dict:
     """Rows of two documents each, padding at the end of the last row."""
-    rng = np.random.default_rng(3)
-    tokens = rng.integers(2, vocab, size=(BATCH, SEQ + 1)).astype(np.int32)
-    seg = np.ones((BATCH, SEQ + 1), np.int32)
-    seg[:, 7:] = 2
-    seg[-1, -3:] = 0
-    pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (BATCH, 1))
-    pos[:, 7:] -= 7
-    return {"tokens": tokens, "segment_ids": seg, "positions": pos}
+    return checks.packed_rows(np.random.default_rng(3), BATCH, SEQ, vocab, cut=7)
 
 
 def test_accumulating_scan_gradient_is_the_accumulator_plus_the_scan_gradient():
@@ -124,7 +117,7 @@ EP_SCRIPT = r"""
 import json
 import jax, numpy as np
 from jax.sharding import NamedSharding
-from tests.checks import outcome
+from tests.checks import outcome, packed_rows
 from dsv3_jax.presets import load_config
 from dsv3_jax.parallel.sharding import logical_spec, make_mesh, rules_for, use_rules
 from dsv3_jax.train.state import init_state
@@ -139,13 +132,7 @@ EP = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "impl.gather_weights=layer"
       "mesh.rules={experts: [fsdp, expert], embed: [expert, fsdp], q_lora: [expert, fsdp], kv_lora: [expert, fsdp]}"]
 rng = np.random.default_rng(0)
 
-def batch():
-    tokens = rng.integers(2, 258, size=(B, SEQ + 1)).astype(np.int32)
-    seg = np.ones((B, SEQ + 1), np.int32); seg[:, 9:] = 2; seg[-1, -3:] = 0
-    pos = np.tile(np.arange(SEQ + 1, dtype=np.int32), (B, 1)); pos[:, 9:] -= 9
-    return {"tokens": tokens, "segment_ids": seg, "positions": pos}
-
-batches = [batch(), batch()]
+batches = [packed_rows(rng, B, SEQ), packed_rows(rng, B, SEQ)]
 
 def two_steps(overrides, devices=None):
     cfg = load_config("tiny", [*BASE, *overrides])
