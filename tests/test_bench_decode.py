@@ -71,7 +71,9 @@ def test_bytes_bound_counts_the_weights_each_step_reads():
 
 
 @pytest.mark.parametrize("argv, words", [(["--batches", "1,x"], "--batches"), (["--new-tokens", "0"], "positive"),
-                                         (["--attention-block-size", "-4"], "--attention-block-size")])
+                                         (["--attention-block-size", "-4"], "--attention-block-size"),
+                                         (["--spec-batches", "16,0"], "--spec-batches"),
+                                         (["--spec-batches", "1,y"], "--spec-batches")])
 def test_bad_arguments_exit_with_one_line(argv, words, capsys):
     assert bench_decode.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

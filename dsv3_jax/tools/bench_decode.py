@@ -250,8 +250,10 @@ def _main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     batches, spec_batches = (_batches(p, name, value) for name, value in
                              (("--batches", args.batches), ("--spec-batches", args.spec_batches)))
-    if args.new_tokens <= 0 or any(b <= 0 for b in batches + spec_batches):
-        p.error("--new-tokens, --batches and --spec-batches must be positive")
+    if args.new_tokens <= 0 or any(b <= 0 for b in batches):
+        p.error("--new-tokens and --batches must be positive")
+    if any(b <= 0 for b in spec_batches):
+        p.error(f"--spec-batches must be positive, got {args.spec_batches!r}")
     if args.attention_block_size is not None and args.attention_block_size <= 0:
         p.error(f"--attention-block-size must be positive, got {args.attention_block_size}")
     from dsv3_jax.hostmem import reuse_freed_memory
